@@ -1,0 +1,31 @@
+"""Parameter initialisation schemes."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+from flexbert.model.registries import INIT
+
+
+@INIT.register("modernbert")
+def modernbert_init(model: nn.Module, config) -> None:
+    """Truncated normal at ±cutoff·σ: σ = initializer_range for embeddings and input projections,
+    σ/√(2·layers) for the residual output projections (every Linear named ``Wo``); norms at 1 and
+    biases at 0."""
+    std = config.initializer_range
+    out_std = std / math.sqrt(2.0 * config.num_hidden_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            sigma = out_std if name.rsplit(".", 1)[-1] == "Wo" else std
+            nn.init.trunc_normal_(
+                module.weight, mean=0.0, std=sigma,
+                a=-config.initializer_cutoff_factor * sigma, b=config.initializer_cutoff_factor * sigma,
+            )
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            nn.init.zeros_(bias)

@@ -1,0 +1,139 @@
+"""The FlexBERT encoder and its masked-language-model wrapper.
+
+    input_ids [T] ──embeddings──► h [T, H] ──layers (global / local attention)──► final_norm
+              └─► MLM: head ─► tied decoder ─► logits [N, V]   (N = masked tokens when sparse)
+
+Everything runs on the unpadded stream; see :mod:`flexbert.model.layout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from flexbert.model.attention import AttentionContext
+from flexbert.model.backends import resolve_backend
+from flexbert.model.config import FlexBertConfig
+from flexbert.model.layout import DocumentLayout, Unpadding
+from flexbert.model.losses import IGNORE_INDEX
+from flexbert.model.norms import build_norm
+from flexbert.model.registries import ATTENTION_BACKENDS, EMBEDDINGS, HEAD, INIT, LAYER, LOSS
+from flexbert.model.rope import RotaryTables
+
+
+class FlexBertModel(nn.Module):
+    """The encoder: embeddings, a stack of layers, and a final norm."""
+
+    def __init__(self, config: FlexBertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = EMBEDDINGS.get(config.blocks.embeddings)(config)
+        layer_factory = LAYER.get(config.blocks.layer)
+        self.layers = nn.ModuleList(layer_factory(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = build_norm(config) if config.final_norm else nn.Identity()
+        self.rotary = RotaryTables(config.head_dim)
+
+    def attention_contexts(self, layout: DocumentLayout) -> dict[bool, AttentionContext]:
+        """Masks and rotary tables, built once per batch for each attention type (keyed by is_global)."""
+        config = self.config
+        device = layout.doc_ids.device
+        prepare = ATTENTION_BACKENDS.get(resolve_backend(config.attn_backend, device))
+        scale = config.head_dim**-0.5
+        contexts = {}
+        for is_global in sorted({layer.is_global for layer in self.layers}):
+            half_window = None if is_global else config.local_half_window
+            theta = config.global_rope_theta if is_global else config.local_rope_theta
+            cos, sin = self.rotary.lookup(layout.positions, layout.max_seqlen, theta)
+            contexts[is_global] = AttentionContext(prepare(layout, half_window, scale), cos, sin)
+        return contexts
+
+    def forward(self, input_ids: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
+        """input_ids: [T] -> hidden states [T, H]"""
+        if layout.max_seqlen > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a document of {layout.max_seqlen} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        hidden = self.embeddings(input_ids, layout.positions)
+        contexts = self.attention_contexts(layout)
+        for layer in self.layers:
+            hidden = layer(hidden, contexts[layer.is_global])
+        return self.final_norm(hidden)
+
+
+@dataclass
+class MaskedLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # [B, S, V] padded input; [T, V] unpadded; [N, V] at labelled tokens if sparse
+    hidden_states: torch.Tensor  # [B, S, H] or [T, H], the encoder output
+
+
+class FlexBertForMaskedLM(nn.Module):
+    """Encoder + prediction head + vocabulary decoder tied to the token embeddings."""
+
+    def __init__(self, config: FlexBertConfig):
+        super().__init__()
+        self.config = config
+        self.model = FlexBertModel(config)
+        self.head = HEAD.get(config.blocks.head)(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+        self.loss_fn = LOSS.get(config.blocks.loss)(config)
+        INIT.get(config.blocks.init)(self, config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> MaskedLMOutput:
+        """Two input forms:
+
+        * padded: ``input_ids`` [B, S] with ``attention_mask`` [B, S] (1 = real token);
+        * unpadded/packed: ``input_ids`` [T] with ``cu_seqlens`` [docs + 1] (and ``max_seqlen``).
+
+        ``labels`` has the shape of ``input_ids``; -100 marks positions without a target.
+        """
+        unpadding = None
+        if cu_seqlens is None:
+            if input_ids.dim() != 2:
+                raise ValueError("input_ids must be [B, S] (padded) or [T] with cu_seqlens (unpadded)")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            unpadding = Unpadding.from_attention_mask(attention_mask)
+            layout = unpadding.layout
+            input_ids = unpadding.unpad(input_ids)
+            labels = unpadding.unpad(labels) if labels is not None else None
+        else:
+            if input_ids.dim() != 1:
+                raise ValueError("with cu_seqlens, input_ids must be the flat [T] token stream")
+            layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
+
+        hidden = self.model(input_ids, layout)  # [T, H]
+        if labels is not None and self.config.sparse_prediction:
+            predicted = labels != IGNORE_INDEX
+            logits = self.decoder(self.head(hidden[predicted]))  # [N, V]
+            loss = self.loss_fn(logits, labels[predicted])
+        else:
+            logits = self.decoder(self.head(hidden))  # [T, V]
+            loss = self.loss_fn(logits, labels) if labels is not None else None
+            if unpadding is not None:
+                logits = unpadding.repad(logits)
+        if unpadding is not None:
+            hidden = unpadding.repad(hidden)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+
+    def set_rope_theta(self, global_theta: float | None = None, local_theta: float | None = None) -> None:
+        """Change RoPE thetas (e.g. 160k global for context extension); frequencies follow at once."""
+        if global_theta is not None:
+            self.config.global_rope_theta = float(global_theta)
+        if local_theta is not None:
+            self.config.local_rope_theta = float(local_theta)
+        self.config.validate()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
