@@ -63,7 +63,8 @@ class Registry(Generic[F]):
                 f"{self.family} registry: {name!r} is already registered by "
                 f"{_qualname(existing.factory)}"
             )
-        doc = description or (factory.__doc__ or "").strip().split("\n")[0]
+        first_paragraph = (factory.__doc__ or "").strip().split("\n\n")[0]
+        doc = description or " ".join(line.strip() for line in first_paragraph.splitlines())
         self._entries[name] = Entry(name, factory, doc)
 
     def get(self, name: str) -> F:

@@ -1,0 +1,107 @@
+"""The ``flexbert`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flexbert.typed_config import ConfigError
+
+
+def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML file merged with ``key=value`` dotlist overrides, resolved to plain containers."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        config = OmegaConf.load(path)
+    except YAMLError as err:
+        raise ConfigError(str(path), f"is not valid YAML: {err}") from None
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(override, "overrides are written key=value (for example model.hidden_size=512)")
+    try:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(path), f"cannot resolve config: {err}") from None
+
+
+def _cmd_registry(args: argparse.Namespace) -> int:
+    import flexbert.model  # noqa: F401  (registers the built-in blocks)
+    from flexbert.registry import CATALOGUE, import_plugins
+
+    import_plugins(args.plugins, key_path="--plugins")
+    for registry in CATALOGUE:
+        if args.family and registry.family not in args.family:
+            continue
+        print(f"{registry.family}: {registry.description}")
+        print(f"  factory: {registry.signature}")
+        for entry in registry.entries():
+            print(f"  - {entry.name:<20} {entry.description}")
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    import torch
+
+    from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
+
+    raw = load_yaml_config(args.config, args.overrides)
+    config = FlexBertConfig.from_dict(raw.get("model"), path="model")
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = FlexBertForMaskedLM(config)
+    kinds = "".join("G" if config.is_global_layer(i) else "L" for i in range(config.num_hidden_layers))
+    print(f"{args.config}: {model.num_parameters():,} parameters")
+    print(f"  layers {config.num_hidden_layers} (G = global, L = local window {config.local_attention}): {kinds}")
+    print(f"  hidden {config.hidden_size}, heads {config.num_attention_heads}, "
+          f"intermediate {config.intermediate_size}, vocab {config.vocab_size}")
+    print(f"  rope theta: global {config.global_rope_theta:g}, local {config.local_rope_theta:g}")
+    print("  blocks: " + ", ".join(f"{k}={v}" for k, v in vars(config.blocks).items()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexbert",
+        description="FlexBERT: pretrain and fine-tune ModernBERT-style encoders.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    registry = commands.add_parser(
+        "registry", help="list every block registry and its entries",
+        description="List the registered blocks that a config's model.blocks section can name.",
+    )
+    registry.add_argument("family", nargs="*", help="only these registries (default: all)")
+    registry.add_argument("--plugins", nargs="+", default=[], metavar="MODULE",
+                          help="import these modules first, so their blocks are listed too")
+    registry.set_defaults(run=_cmd_registry)
+
+    describe = commands.add_parser(
+        "describe", help="validate a config's model section and summarise the encoder it builds",
+        description="Validate the model: section of a YAML config and print its size and layout.",
+    )
+    describe.add_argument("config", help="YAML file with a model: section")
+    describe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_hidden_layers=4")
+    describe.set_defaults(run=_cmd_describe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ImportError) as err:
+        print(f"flexbert: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

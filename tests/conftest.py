@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from flexbert.model import FlexBertConfig  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def tiny_config(**overrides) -> FlexBertConfig:
+    """A few-layer model with ModernBERT's structure, small enough for fp32 tests on 2 cores."""
+    values = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=1024, local_attention=16,
+        pad_token_id=0, cls_token_id=1, sep_token_id=2, attn_backend="sdpa",
+    )
+    values.update(overrides)
+    return FlexBertConfig.from_dict(values)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

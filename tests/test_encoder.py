@@ -1,0 +1,198 @@
+"""The encoder's architecture, unpadded and packed execution, and backend agreement end to end."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from flexbert.model import FlexBertForMaskedLM
+from flexbert.model.layout import DocumentLayout
+
+
+def stream_and_cu(lengths, vocab_size=256):
+    ids = torch.randint(3, vocab_size, (sum(lengths),))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, cu
+
+
+# --- unpadding and packing --------------------------------------------------------------------
+
+def test_padded_api_equals_unpadded_stream():
+    model = FlexBertForMaskedLM(tiny_config()).eval()
+    lengths = [40, 23, 7]
+    input_ids = torch.zeros(3, 40, dtype=torch.long)
+    attention_mask = torch.zeros(3, 40, dtype=torch.long)
+    stream, cu = stream_and_cu(lengths)
+    for row, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        input_ids[row, : end - start] = stream[start:end]
+        attention_mask[row, : end - start] = 1
+    padded = model(input_ids, attention_mask).logits  # [3, 40, V]
+    unpadded = model(stream, cu_seqlens=cu, max_seqlen=40).logits  # [T, V]
+    torch.testing.assert_close(padded[attention_mask.bool()], unpadded, atol=1e-6, rtol=0)
+
+
+def test_padding_content_and_amount_do_not_change_real_tokens():
+    model = FlexBertForMaskedLM(tiny_config()).eval()
+    ids = torch.randint(3, 256, (1, 30))
+    short = model(ids, torch.ones_like(ids)).logits
+    junk = torch.cat([ids, torch.randint(3, 256, (1, 50))], dim=1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 50, dtype=torch.long)], dim=1)
+    long = model(junk, mask).logits
+    torch.testing.assert_close(long[:, :30], short, atol=1e-6, rtol=0)
+    assert (long[:, 30:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_row_equals_documents_run_alone(backend):
+    """Attention never crosses a document boundary and RoPE positions restart per document."""
+    model = FlexBertForMaskedLM(tiny_config(attn_backend=backend)).eval()
+    lengths = [37, 1, 60, 12, 5]  # longer and shorter than the window of 16, and a 1-token doc
+    stream, cu = stream_and_cu(lengths)
+    packed = model(stream, cu_seqlens=cu).logits
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = model(stream[start:end][None]).logits[0]
+        torch.testing.assert_close(packed[start:end], alone, atol=1e-5, rtol=0)
+
+
+def test_layout_positions_restart_per_document():
+    layout = DocumentLayout.from_cu_seqlens(torch.tensor([0, 3, 4, 8], dtype=torch.int32), None, 8)
+    assert layout.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert layout.doc_ids.tolist() == [0, 0, 0, 1, 2, 2, 2, 2]
+    assert layout.max_seqlen == 4
+
+
+def test_whole_model_backends_agree_on_outputs_and_gradients():
+    lengths = [70, 3, 1, 33, 90]
+    stream, cu = stream_and_cu(lengths)
+    labels = torch.where(torch.rand(stream.shape) < 0.3, stream, torch.full_like(stream, -100))
+    results = {}
+    for backend in ("sdpa", "flex"):
+        torch.manual_seed(1)
+        model = FlexBertForMaskedLM(tiny_config(attn_backend=backend))
+        out = model(stream, labels=labels, cu_seqlens=cu, max_seqlen=90)
+        out.loss.backward()
+        results[backend] = (out.logits, {n: p.grad for n, p in model.named_parameters()})
+    (logits_a, grads_a), (logits_b, grads_b) = results["sdpa"], results["flex"]
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_document_longer_than_max_positions_is_refused():
+    model = FlexBertForMaskedLM(tiny_config(max_position_embeddings=32))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=32"):
+        model(torch.randint(3, 256, (1, 33)))
+
+
+# --- MLM head and sparse prediction -------------------------------------------------------------
+
+def test_sparse_prediction_equals_dense_logits_at_labelled_tokens():
+    ids = torch.randint(3, 256, (2, 50))
+    labels = torch.full_like(ids, -100)
+    labels[0, [3, 17, 40]] = ids[0, [3, 17, 40]]
+    labels[1, [0, 49]] = ids[1, [0, 49]]
+    sparse_model = FlexBertForMaskedLM(tiny_config(sparse_prediction=True)).eval()
+    dense_model = FlexBertForMaskedLM(tiny_config(sparse_prediction=False)).eval()
+    dense_model.load_state_dict(sparse_model.state_dict())
+    sparse = sparse_model(ids, labels=labels)
+    dense = dense_model(ids, labels=labels)
+    assert sparse.logits.shape == (5, 256)
+    torch.testing.assert_close(sparse.logits, dense.logits[labels != -100])
+    torch.testing.assert_close(sparse.loss, dense.loss)
+    expected = torch.nn.functional.cross_entropy(dense.logits[labels != -100], labels[labels != -100])
+    torch.testing.assert_close(sparse.loss, expected)
+
+
+# --- architecture details from the spec ----------------------------------------------------------
+
+def test_modernbert_structure():
+    config = tiny_config(num_hidden_layers=7)
+    model = FlexBertForMaskedLM(config)
+    layers = model.model.layers
+    assert isinstance(layers[0].attn_norm, torch.nn.Identity)
+    assert all(isinstance(layer.attn_norm, torch.nn.LayerNorm) for layer in layers[1:])
+    assert [layer.is_global for layer in layers] == [True, False, False, True, False, False, True]
+    assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
+    biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    assert biases == ["decoder.bias"]
+    assert not [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings != 256]
+    assert model.model.layers[1].mlp.Wi.out_features == 2 * config.intermediate_size
+
+
+def test_geglu_gates_the_second_half():
+    model = FlexBertForMaskedLM(tiny_config())
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(5, 64)
+    hidden = mlp.Wi(x)
+    input, gate = hidden[:, :96], hidden[:, 96:]
+    expected = mlp.Wo(torch.nn.functional.gelu(input) * gate)
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_init_follows_the_spec():
+    config = tiny_config(hidden_size=256, num_attention_heads=4, intermediate_size=512, vocab_size=4096,
+                         num_hidden_layers=8)
+    model = FlexBertForMaskedLM(config)
+    out_std = 0.02 / math.sqrt(2 * 8)
+    checks = {
+        "model.embeddings.tok_embeddings.weight": 0.02,
+        "model.layers.3.attn.Wqkv.weight": 0.02,
+        "model.layers.3.mlp.Wi.weight": 0.02,
+        "head.dense.weight": 0.02,
+        "model.layers.3.attn.Wo.weight": out_std,
+        "model.layers.3.mlp.Wo.weight": out_std,
+    }
+    params = dict(model.named_parameters())
+    for name, sigma in checks.items():
+        weight = params[name]
+        assert weight.abs().max() <= 2 * sigma + 1e-9, name  # truncated at ±2σ
+        # a normal truncated at ±2σ has std ≈ 0.88σ
+        assert weight.std().item() == pytest.approx(0.88 * sigma, rel=0.05), name
+    assert torch.equal(params["model.final_norm.weight"], torch.ones(256))
+    assert torch.equal(params["decoder.bias"], torch.zeros(4096))
+
+
+def test_rope_theta_change_applies_immediately():
+    model = FlexBertForMaskedLM(tiny_config(global_rope_theta=10_000.0, local_rope_theta=10_000.0)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.attn.Wqkv.weight.mul_(8.0)  # sharp attention, so positions matter
+    ids = torch.randint(3, 256, (1, 64))
+    before = model(ids).logits
+    model.set_rope_theta(global_theta=160_000.0)
+    after = model(ids).logits
+    assert (before - after).abs().max() > 1e-3
+    model.set_rope_theta(global_theta=10_000.0)
+    torch.testing.assert_close(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("blocks", [
+    {"norm": "rmsnorm"},
+    {"mlp": "mlp"},
+    {"layer": "postnorm"},
+    {"embeddings": "learned_absolute", "attention": "plain"},
+])
+def test_ablation_blocks_train(blocks):
+    config = tiny_config(blocks=blocks)
+    model = FlexBertForMaskedLM(config)
+    ids = torch.randint(3, 256, (2, 40))
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_learned_positions_restart_per_document():
+    config = tiny_config(blocks={"embeddings": "learned_absolute", "attention": "plain"})
+    model = FlexBertForMaskedLM(config).eval()
+    stream, cu = stream_and_cu([20, 30])
+    packed = model(stream, cu_seqlens=cu).logits
+    torch.testing.assert_close(packed[20:], model(stream[20:][None]).logits[0], atol=1e-5, rtol=0)
+    assert model.model.embeddings.position_embeddings.num_embeddings == 1024
