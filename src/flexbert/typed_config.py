@@ -103,7 +103,3 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
             raise ConfigError(f"{path}.{name}", "missing required key")
     return cls(**kwargs)
 
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """The inverse of :func:`from_dict`: plain containers only, suitable for YAML or JSON."""
-    return dataclasses.asdict(obj)

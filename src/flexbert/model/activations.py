@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+ACTIVATIONS = {
+    "gelu": nn.GELU,  # exact erf form, as ModernBERT uses
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+}
+
 
 def build_activation(name: str) -> nn.Module:
-    if name == "gelu":
-        return nn.GELU()  # exact erf form
-    if name == "gelu_pytorch_tanh":
-        return nn.GELU(approximate="tanh")
-    if name == "silu":
-        return nn.SiLU()
-    if name == "relu":
-        return nn.ReLU()
-    raise ValueError(f"unknown activation {name!r}")
+    return ACTIVATIONS[name]()

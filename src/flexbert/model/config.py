@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from flexbert.model.activations import ACTIVATIONS
 from flexbert.typed_config import ConfigError, from_dict
 
 ATTN_BACKENDS = ("auto", "flash", "flex", "sdpa")
-ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "silu", "relu")
 
 
 @dataclass
@@ -96,9 +95,6 @@ class FlexBertConfig:
         config = from_dict(cls, data, path)
         config.validate(path)
         return config
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def validate(self, path: str = "model") -> None:
         """Raise :class:`ConfigError` naming the first field whose value cannot work."""
