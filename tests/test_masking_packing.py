@@ -1,0 +1,107 @@
+"""MLM masking statistics and rules; packing: no truncation, no loss, fixed budget, efficiency."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from flexbert.data.masking import IGNORE_INDEX, Masker, MaskingConfig
+from flexbert.data.packing import GreedyPacker, collate_rows, split_document
+from flexbert.model import FlexBertForMaskedLM
+from flexbert.typed_config import ConfigError
+
+VOCAB, MASK, CLS, SEP = 1000, 4, 1, 2
+
+
+def make_masker(**overrides):
+    special = np.zeros(VOCAB, dtype=bool)
+    special[[0, CLS, SEP, 3, MASK]] = True
+    return Masker(MaskingConfig(**overrides), MASK, special)
+
+
+def test_masking_rates_and_split():
+    masker = make_masker(mlm_probability=0.3)
+    tokens = np.random.default_rng(0).integers(5, VOCAB, 200_000)
+    corrupted, labels = masker(tokens, (0, 1, 2, 3))
+    selected = labels != IGNORE_INDEX
+    assert selected.mean() == pytest.approx(0.3, abs=0.005)
+    assert np.array_equal(labels[selected], tokens[selected])
+    masked = corrupted[selected] == MASK
+    kept = corrupted[selected] == tokens[selected]
+    assert masked.mean() == pytest.approx(0.8, abs=0.01)
+    assert kept.mean() == pytest.approx(0.1 + 0.1 / VOCAB, abs=0.01)  # random may redraw the same token
+    assert np.array_equal(corrupted[~selected], tokens[~selected])
+    replaced = corrupted[selected & (corrupted != MASK) & (corrupted != tokens)]
+    assert replaced.size and (replaced >= 5).all()  # random replacements are never special tokens
+
+
+def test_special_tokens_are_never_masked():
+    masker = make_masker(mlm_probability=0.9)
+    tokens = np.array([CLS, *range(5, 300), SEP, 0, 3] * 50)
+    _, labels = masker(tokens, (0,))
+    assert (labels[np.isin(tokens, [0, CLS, SEP, 3])] == IGNORE_INDEX).all()
+
+
+def test_masking_is_reproducible_from_seed_and_identity():
+    tokens = np.arange(5, 505)
+    a = make_masker(seed=7)(tokens, (0, 1, 42, 0))
+    b = make_masker(seed=7)(tokens, (0, 1, 42, 0))
+    c = make_masker(seed=7)(tokens, (0, 1, 43, 0))
+    d = make_masker(seed=8)(tokens, (0, 1, 42, 0))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[1], c[1]) and not np.array_equal(a[1], d[1])
+
+
+@pytest.mark.parametrize("overrides,field", [({"mlm_probability": 0.0}, "mlm_probability"),
+                                             ({"mask_fraction": 0.95, "random_fraction": 0.1}, "mask_fraction")])
+def test_bad_masking_config(overrides, field):
+    with pytest.raises(ConfigError, match=f"masking.{field}"):
+        MaskingConfig(**overrides).validate()
+
+
+def test_long_documents_are_chunked_not_truncated():
+    tokens = np.arange(2500)
+    pieces = split_document(0, 9, tokens, row_tokens=1024)
+    assert [p.framed_length for p in pieces] == [1024, 1024, 2500 - 2 * 1022 + 2]
+    assert np.array_equal(np.concatenate([p.tokens for p in pieces]), tokens)
+
+
+def test_packer_fills_rows_within_budget_and_loses_nothing():
+    # Heavy-tailed lengths like real corpora: many short documents, some many rows long.
+    lengths = np.clip(np.random.default_rng(1).lognormal(5.5, 1.2, 2000).astype(int), 1, 20000)
+    packer = GreedyPacker(row_tokens=1024, lookahead=256)
+    rows = []
+    for i, n in enumerate(lengths):
+        packer.add(split_document(0, i, np.arange(n), 1024))
+        while packer.has_full_lookahead():
+            rows.append(packer.pop_row())
+    while packer.pending:
+        rows.append(packer.pop_row())
+    assert all(sum(p.framed_length for p in row) <= 1024 for row in rows)
+    covered = {}
+    for row in rows:
+        for p in row:
+            covered.setdefault(p.sample, []).append((p.start, p.end))
+    for i, n in enumerate(lengths):  # every document's tokens appear exactly once
+        spans = sorted(covered[i])
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    efficiency = sum(p.framed_length for row in rows for p in row) / (1024 * len(rows))
+    assert efficiency >= 0.99
+
+
+def test_collated_batch_runs_in_the_encoder():
+    masker = make_masker()
+    rows = [split_document(0, 0, np.arange(5, 40), 64), split_document(0, 1, np.arange(5, 15), 64)
+            + split_document(0, 2, np.arange(5, 8), 64)]
+    batch = collate_rows(rows, 64, CLS, SEP, masker, epoch=0)
+    assert batch.cu_seqlens.tolist() == [0, 37, 49, 54]
+    assert batch.max_seqlen == 37
+    assert batch.position_ids[37:49].tolist() == list(range(12))
+    assert batch.input_ids[[0, 37, 49]].tolist() == [CLS] * 3 and batch.input_ids[[36, 48, 53]].tolist() == [SEP] * 3
+    assert batch.packing_efficiency == pytest.approx(54 / 128)
+    model = FlexBertForMaskedLM(tiny_config(vocab_size=VOCAB, pad_token_id=3))
+    labels = batch.labels.clone()
+    labels[5] = batch.input_ids[5] if labels[5] == IGNORE_INDEX else labels[5]
+    out = model(batch.input_ids, labels=labels, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+    assert torch.isfinite(out.loss)
