@@ -179,3 +179,37 @@ def test_stale_shared_memory_from_a_killed_run_is_cleaned(corpus, tmp_path):
     assert leaked, "the killed run should have left shared memory behind"
     make_loader(loader_config(corpus))
     assert not leaked & set(os.listdir("/dev/shm"))
+
+
+def test_mixture_recipe_validates():
+    from flexbert.cli import load_yaml_config
+
+    raw = load_yaml_config(Path(__file__).resolve().parents[1] / "yamls" / "data" / "modernbert-mixture.yaml")
+    config = from_dict(LoaderConfig, raw["train_loader"], "train_loader")
+    config.validate()
+    assert set(config.streams) >= {"web_dclm", "code_starcoder", "science_pes2o"}
+    assert sum(s.proportion for s in config.streams.values()) == pytest.approx(1.0)
+    assert all(s.remote.startswith("s3://") for s in config.streams.values())
+
+
+def test_packing_efficiency_on_the_demo_corpus_at_1024(tmp_path):
+    """The issue's target: >= 99% real tokens per row capacity at 1024 on the embedded corpus."""
+    import json
+
+    from streaming import MDSWriter
+
+    from flexbert.data.demo_corpus import build_demo_corpus
+
+    build_demo_corpus(tmp_path / "corpus", progress=False)
+    tokenizer = load_tokenizer(TOKENIZER)
+    streams = {}
+    for source in ("web", "code", "science"):
+        texts = [json.loads(line)["text"] for line in (tmp_path / "corpus" / source / "part-00000.jsonl").open()]
+        with MDSWriter(out=str(tmp_path / "mds" / source), columns={"input_ids": "ndarray:uint16"}) as writer:
+            for ids in tokenizer.encode_batch(texts):
+                writer.write({"input_ids": np.asarray(ids, dtype=np.uint16)})
+        streams[source] = {"local": str(tmp_path / "mds" / source)}
+    loader = make_loader(loader_config(tmp_path, streams, max_seq_len=1024, rows_per_batch=16, sample_batch_size=32))
+    rows = sum(batch.num_rows for batch in loader)
+    assert rows > 1000
+    assert loader.packing_efficiency >= 0.99

@@ -1,0 +1,117 @@
+"""Converting straight to S3 (a moto server on loopback) and streaming the result back."""
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flexbert.data.convert import ConversionError, convert_to_mds
+from test_convert_to_mds import (MODERNBERT, ROOT, assert_same_samples, crash_on_unit, expected_ids, needs_modernbert,
+                                 read_back, write_jsonl)
+
+pytestmark = needs_modernbert
+BUCKET = "corpora"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """A moto S3 server on 127.0.0.1 for this module's tests; it is stopped however they end."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the moto server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture
+def s3(endpoint, monkeypatch):
+    """A boto3 client for the server holding BUCKET, with the environment pointing boto3 and streaming at it."""
+    import boto3
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "S3_ENDPOINT_URL": endpoint,
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def keys(client, prefix: str) -> list[str]:
+    return [item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def command_line():
+    spec = importlib.util.spec_from_file_location("convert_to_mds_cli", ROOT / "data_prep" / "convert_to_mds.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_the_command_line_converts_to_s3_and_streaming_reads_it_back(s3, tmp_path, capsys):
+    documents = [f"Remote document {index}: " + "words " * (index % 11) for index in range(80)]
+    corpus = write_jsonl(tmp_path / "a.jsonl", documents)
+    remote = f"s3://{BUCKET}/demo"
+
+    status = command_line()(["--input", str(corpus), "--output", remote, "--tokenizer", str(MODERNBERT),
+                             "--workers", "2", "--unit-size", "1KB", "--no-progress"])
+
+    assert status == 0
+    assert capsys.readouterr().out.startswith("convert_to_mds: 80 documents,")
+    index = json.loads(s3.get_object(Bucket=BUCKET, Key="demo/index.json")["Body"].read())
+    uploaded = {key.removeprefix("demo/") for key in keys(s3, "demo/")}
+    assert {shard["zip_data"]["basename"] for shard in index["shards"]} <= uploaded
+    assert_same_samples(read_back(remote, tmp_path / "cache"), expected_ids(documents))
+
+
+def test_an_interrupted_upload_resumes_and_a_complete_one_is_kept(s3, tmp_path, monkeypatch):
+    documents = [f"Document {index} " + "text " * (index % 7) for index in range(40)]
+    corpus = write_jsonl(tmp_path / "a.jsonl", documents)
+    remote, settings = f"s3://{BUCKET}/resumed", dict(workers=1, unit_size=256, progress=False)
+
+    with monkeypatch.context() as patch:
+        crash_on_unit(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            convert_to_mds([corpus], remote, MODERNBERT, **settings)
+    assert "resumed/index.json" not in keys(s3, "resumed/")
+
+    summary = convert_to_mds([corpus], remote, MODERNBERT, **settings)
+    assert summary.resumed_units == 2
+    assert_same_samples(read_back(remote, tmp_path / "cache"), expected_ids(documents))
+
+    with pytest.raises(ConversionError, match="already holds a complete dataset"):
+        convert_to_mds([corpus], remote, MODERNBERT, **settings)
+
+
+def test_a_missing_bucket_is_one_clear_error(s3, tmp_path):
+    corpus = write_jsonl(tmp_path / "a.jsonl", ["some text"])
+    with pytest.raises(ConversionError, match="cannot use bucket 'no-such-bucket'"):
+        convert_to_mds([corpus], "s3://no-such-bucket/demo", MODERNBERT, workers=1, progress=False)
