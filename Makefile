@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ test: install
 
 demo: install
 	@echo "make demo: the three-phase toy run arrives with the training issue; nothing to run yet."
+
+# Speed is measured here, never in tests; see BENCHMARKS.md for recorded figures.
+bench: install
+	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_loader.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
