@@ -1,0 +1,1 @@
+"""The training layer: the only part of flexbert that knows Composer."""
