@@ -19,6 +19,9 @@ from flexbert.data.convert import ConversionError, convert_to_mds
 from flexbert.data.sources import SourceError, find_inputs, plan_slices, read_slice
 from flexbert.data.tokenizer import TokenizerError, load_tokenizer
 
+# Reading back builds streaming datasets; see test_remote_streaming.py for why they share a group.
+pytestmark = pytest.mark.xdist_group("streaming")
+
 ROOT = Path(__file__).resolve().parents[1]
 MODERNBERT = ROOT.parent / "shared" / "tokenizers" / "modernbert"
 needs_modernbert = pytest.mark.skipif(not MODERNBERT.is_dir(), reason=f"ModernBERT tokenizer not found at {MODERNBERT}")

@@ -21,7 +21,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TOKENIZER = SHARED / "tokenizers" / "modernbert"
 pytestmark = [
     pytest.mark.skipif(not TOKENIZER.is_dir(), reason=f"needs the ModernBERT tokenizer at {TOKENIZER}"),
-    pytest.mark.xdist_group("streaming"),
+    pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
 ]
 LENGTHS = {"web": random_lengths(120, seed=1), "code": random_lengths(80, seed=2, high=2500)}
 

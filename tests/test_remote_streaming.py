@@ -13,7 +13,9 @@ from flexbert.data.convert import ConversionError, convert_to_mds
 from test_convert_to_mds import (MODERNBERT, ROOT, assert_same_samples, crash_on_unit, expected_ids, needs_modernbert,
                                  read_back, write_jsonl)
 
-pytestmark = needs_modernbert
+# streaming allocates shared-memory names per machine without locking: datasets built at the same
+# moment in two test processes can collide, so every test that builds one runs in one xdist group.
+pytestmark = [needs_modernbert, pytest.mark.xdist_group("streaming")]
 BUCKET = "corpora"
 
 

@@ -7,6 +7,7 @@ is found at start-up, not hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -92,8 +93,10 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"{path}.{unknown[0]}", f"unknown key; valid keys are: {', '.join(sorted(fields))}"
+            f"{path}.{unknown[0]}", f"unknown key; {hint}valid keys are: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, field in fields.items():

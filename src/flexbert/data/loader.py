@@ -9,7 +9,7 @@ result is the exact row sequence an uninterrupted run would produce.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -31,6 +31,7 @@ class RankState:
     epoch: int = 0
     consumed: int = 0  # documents of this epoch's partition pulled into the packer
     pending: tuple[tuple[int, int, int, int], ...] = ()  # (stream, sample, start, end) still unpacked
+    rows_emitted: int = 0  # over the whole run, for the batch-size schedule
 
 
 def _world() -> tuple[int, int]:
@@ -47,7 +48,9 @@ class PackedMLMLoader:
     """Iterates this rank's packed MLM batches; ``state_dict``/``load_state_dict`` resume exactly."""
 
     def __init__(self, config: LoaderConfig, tokenizer: MLMTokenizer, model_vocab_size: int | None = None,
-                 path: str = "train_loader"):
+                 path: str = "train_loader", batch_rows: Callable[[int], int] | None = None):
+        """``batch_rows(global_rows_so_far)`` gives this rank's rows for the next batch (batch-size
+        warmup); by default every batch has ``config.rows_per_batch`` rows."""
         config.validate(path)
         if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
             raise DataError(
@@ -62,6 +65,7 @@ class PackedMLMLoader:
         if self.dataset.num_samples == 0:
             raise DataError(f"{path}.streams: the streams hold no documents")
         self.masker = Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
+        self.batch_rows = batch_rows or (lambda rows_so_far: config.rows_per_batch)
         self.state = RankState()  # as of the last batch handed out
         self._resume: RankState | None = None
         self.real_tokens = 0
@@ -93,7 +97,8 @@ class PackedMLMLoader:
                 f"{state['sample_batch_size']}; this run has {world} and {self.config.sample_batch_size}. "
                 "Exact resumption needs both unchanged."
             )
-        ranks = [RankState(r["epoch"], r["consumed"], tuple(tuple(k) for k in r["pending"])) for r in state["ranks"]]
+        ranks = [RankState(r["epoch"], r["consumed"], tuple(tuple(k) for k in r["pending"]), r["rows_emitted"])
+                 for r in state["ranks"]]
         self._resume = ranks[rank]
         self.state = ranks[rank]
         batch = self.config.sample_batch_size
@@ -143,11 +148,17 @@ class PackedMLMLoader:
             packer.add(self._restore_pending(self._resume.pending))
             consumed = self._resume.consumed
         rows = []
+        _, world = _world()
+        rows_emitted = self.state.rows_emitted
+        wanted = self.batch_rows(rows_emitted * world)
 
         def emit() -> PackedBatch:
+            nonlocal rows_emitted, wanted
             batch = collate_rows(rows, config.max_seq_len, self.tokenizer.cls_id, self.tokenizer.sep_id,
                                  self.masker, epoch)
-            self.state = RankState(epoch, consumed, tuple(p.key() for p in packer.pending))
+            rows_emitted += len(rows)
+            wanted = self.batch_rows(rows_emitted * world)
+            self.state = RankState(epoch, consumed, tuple(p.key() for p in packer.pending), rows_emitted)
             self.real_tokens += batch.num_tokens
             self.capacity_tokens += batch.num_rows * batch.row_tokens
             rows.clear()
@@ -158,16 +169,16 @@ class PackedMLMLoader:
             packer.add(self._pieces(document))
             while packer.has_full_lookahead():
                 rows.append(packer.pop_row())
-                if len(rows) == config.rows_per_batch:
+                if len(rows) == wanted:
                     yield emit()
         self._resume = None
         while packer.pending:
             rows.append(packer.pop_row())
-            if len(rows) == config.rows_per_batch:
+            if len(rows) == wanted:
                 yield emit()
         if rows:
             yield emit()
-        self.state = RankState(epoch + 1, 0, ())
+        self.state = RankState(epoch + 1, 0, (), rows_emitted)
 
     def __iter__(self) -> Iterator[PackedBatch]:
         epoch = self.state.epoch

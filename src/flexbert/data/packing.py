@@ -9,6 +9,7 @@ goes in next, which keeps padding well under 1% on real corpora.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # [T] int64, restarting at 0 in each piece
     num_rows: int
     row_tokens: int
+    row_pieces: torch.Tensor  # [rows + 1] int64: row r holds pieces [row_pieces[r], row_pieces[r+1])
     piece_keys: torch.Tensor  # [pieces, 4] int64: stream, sample, start, end
 
     @property
@@ -96,10 +98,8 @@ class PackedBatch:
     def packing_efficiency(self) -> float:
         return self.num_tokens / (self.num_rows * self.row_tokens)
 
-    def pin_memory(self) -> PackedBatch:
-        for name in ("input_ids", "labels", "cu_seqlens", "position_ids"):
-            setattr(self, name, getattr(self, name).pin_memory())
-        return self
+    def as_dict(self) -> dict:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
 def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, sep_id: int, masker, epoch: int) -> PackedBatch:
@@ -123,5 +123,6 @@ def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, 
         position_ids=position_ids,
         num_rows=len(rows),
         row_tokens=row_tokens,
+        row_pieces=torch.tensor([0, *np.cumsum([len(row) for row in rows])], dtype=torch.int64),
         piece_keys=torch.tensor([piece.key() for piece in pieces], dtype=torch.int64).reshape(-1, 4),
     )

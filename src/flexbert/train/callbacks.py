@@ -1,0 +1,215 @@
+"""What a pretraining run measures besides its loss: throughput and MFU, packing, gradient norm.
+
+Every callback here reads the unpadded batch at ``Event.BATCH_END`` (``input_ids`` [T], ``labels``
+[T], ``cu_seqlens``, ``num_rows``, ``row_tokens``), keeps per-rank counters without waiting for the
+device, and on a logged step sums them over ranks in a single all-reduce: that is the only host
+synchronisation it adds.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from flexbert.model.config import FlexBertConfig
+from flexbert.train.flops import TrainingFlops
+
+# Dense bf16 tensor-core peaks per device, TFLOP/s, from NVIDIA's datasheets (the sparse figures
+# there are twice these). A device matches the first entry whose words all occur in its name.
+GPU_PEAK_TFLOPS: tuple[tuple[frozenset[str], float], ...] = (
+    (frozenset({"h100", "pcie"}), 756.0),
+    (frozenset({"h100"}), 989.0),  # SXM
+    (frozenset({"h200"}), 989.0),
+    (frozenset({"a100"}), 312.0),
+    (frozenset({"l40s"}), 362.0),
+    (frozenset({"l4"}), 121.0),
+)
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Peak FLOP/s of a GPU named like ``torch.cuda.get_device_name()``, or None if unknown."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    for required, tflops in GPU_PEAK_TFLOPS:
+        if required <= words:
+            return tflops * 1e12
+    return None
+
+
+@functools.cache
+def cpu_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a large fp32 GEMM on this CPU: no datasheet peak applies, so measure the best the
+    BLAS achieves (best of ``repeats``, after a warm-up) and take it as the CPU's peak."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def device_peak_flops(state: State) -> float | None:
+    """Peak FLOP/s of one of this run's devices: the GPU table, a measurement on CPU, else None."""
+    if state.device.name == "gpu":
+        return gpu_peak_flops(torch.cuda.get_device_name())
+    if state.device.name == "cpu":
+        return cpu_matmul_flops()
+    return None
+
+
+def sum_over_ranks(state: State, values: Sequence[float | torch.Tensor]) -> list[float]:
+    """Several counters summed over all ranks in one all-reduce; the host waits for it once."""
+    totals = torch.stack([
+        state.device.tensor_to_device(torch.as_tensor(value, dtype=torch.float64)) for value in values
+    ])
+    dist.all_reduce(totals, reduce_operation="SUM")
+    return totals.tolist()
+
+
+def _is_logged_step(state: State, log_every: int) -> bool:
+    return state.timestamp.batch.value % log_every == 0
+
+
+def _sync(state: State) -> None:
+    # Kernels are queued asynchronously: a clock read without a sync times the launch, not the work.
+    if state.device.name == "gpu":
+        torch.cuda.synchronize()
+
+
+class _BatchRecord(NamedTuple):
+    tokens: int
+    rows: int
+    flops: torch.Tensor  # float64 scalar, still on the batch's device
+    seconds: float
+
+
+class ThroughputMonitor(Callback):
+    """Tokens/s, rows/s, model FLOP/s and MFU over the last ``window`` training batches.
+
+    A batch's time runs from the previous ``BATCH_END`` (or the start of training, or the end of an
+    evaluation) to its own, so data loading and checkpoint saving count against throughput and
+    evaluation does not. Tokens are real tokens (``len(input_ids)``), never padding; samples are
+    packed rows. MFU = achieved model FLOP/s ÷ (world size × per-device peak), the peak being
+    ``peak_tflops`` when given, else :data:`GPU_PEAK_TFLOPS` or, on CPU, a measured fp32 GEMM.
+
+    Logs ``throughput/tokens_per_sec``, ``throughput/device/tokens_per_sec``,
+    ``throughput/samples_per_sec``, ``throughput/flops_per_sec`` and ``throughput/mfu`` once the
+    window is full, every ``log_every`` batches.
+    """
+
+    def __init__(self, model_config: FlexBertConfig, peak_tflops: float | None = None, window: int = 10,
+                 log_every: int = 1):
+        self.flops = TrainingFlops.of(model_config)
+        self.peak_flops = None if peak_tflops is None else peak_tflops * 1e12
+        self.log_every = log_every
+        self.history: deque[_BatchRecord] = deque(maxlen=window)
+        self._clock = 0.0
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = device_peak_flops(state)
+            if self.peak_flops is None:
+                device = torch.cuda.get_device_name() if state.device.name == "gpu" else state.device.name
+                warnings.warn(f"no peak FLOP/s known for {device!r}, so MFU is not logged; "
+                              "set logging.peak_tflops to the device's dense peak to log it")
+        self._restart_clock(state)
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        self._restart_clock(state)
+
+    def _restart_clock(self, state: State) -> None:
+        _sync(state)
+        self._clock = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        _sync(state)
+        now = time.perf_counter()
+        batch = state.batch
+        self.history.append(_BatchRecord(
+            tokens=len(batch["input_ids"]), rows=batch["num_rows"],
+            flops=self.flops.of_batch(batch["cu_seqlens"], batch["labels"]), seconds=now - self._clock,
+        ))
+        self._clock = now
+        if len(self.history) < self.history.maxlen or not _is_logged_step(state, self.log_every):
+            return
+        tokens, rows, flops, rank_seconds = sum_over_ranks(state, [
+            sum(r.tokens for r in self.history), sum(r.rows for r in self.history),
+            torch.stack([r.flops for r in self.history]).sum(), sum(r.seconds for r in self.history),
+        ])
+        world = dist.get_world_size()
+        seconds = rank_seconds / world  # ranks step in lockstep; their mean damps clock jitter
+        metrics = {
+            "throughput/tokens_per_sec": tokens / seconds,
+            "throughput/device/tokens_per_sec": tokens / seconds / world,
+            "throughput/samples_per_sec": rows / seconds,
+            "throughput/flops_per_sec": flops / seconds,
+        }
+        if self.peak_flops:
+            metrics["throughput/mfu"] = flops / seconds / (world * self.peak_flops)
+        logger.log_metrics(metrics)
+
+
+class PackingMonitor(Callback):
+    """How full the packed rows are, and how large the global batch is (it grows under batch-size
+    warmup).
+
+    Logs, every ``log_every`` batches: ``packing/efficiency`` (real tokens ÷ rows × row capacity, this
+    batch), ``packing/efficiency_cumulative`` (the same over every batch since training started in
+    this process), ``batch/rows`` and ``batch/tokens`` (real tokens), all over every rank.
+    """
+
+    def __init__(self, log_every: int = 1):
+        self.log_every = log_every
+        self.real_tokens = 0
+        self.capacity_tokens = 0
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        batch = state.batch
+        tokens, rows = len(batch["input_ids"]), batch["num_rows"]
+        capacity = rows * batch["row_tokens"]
+        self.real_tokens += tokens
+        self.capacity_tokens += capacity
+        if not _is_logged_step(state, self.log_every):
+            return
+        tokens, rows, capacity, real_total, capacity_total = sum_over_ranks(
+            state, [tokens, rows, capacity, self.real_tokens, self.capacity_tokens])
+        logger.log_metrics({
+            "packing/efficiency": tokens / capacity,
+            "packing/efficiency_cumulative": real_total / capacity_total,
+            "batch/rows": rows,
+            "batch/tokens": tokens,
+        })
+
+
+class GradNormMonitor(Callback):
+    """The global L2 norm of the gradient as the optimizer saw it, as ``l2_norm/grad/global``.
+
+    Composer's ``OptimizerMonitor`` logs the same figure but also one metric per parameter, each
+    read with its own host sync; this computes only the global norm, with one.
+    """
+
+    def __init__(self, log_every: int = 1):
+        self.log_every = log_every
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not _is_logged_step(state, self.log_every):
+            return
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if state.fsdp_enabled:  # each rank holds a shard of every gradient
+            (squared,) = sum_over_ranks(state, [norm.double() ** 2])
+            norm = torch.tensor(squared).sqrt()
+        logger.log_metrics({"l2_norm/grad/global": norm.item()})

@@ -1,0 +1,92 @@
+"""Model FLOPs of a training step: the numerator of MFU.
+
+A weight used once per token costs 2 FLOPs forward and 4 backward, so a training step costs three
+forward passes. Per real token of a document of length S (the spec's "Efficiency anchors"):
+
+    6·L·(4H² + W_mlp)                                  projections: Wqkv, Wo and the MLP's matrices
+  + 12·H·(n_global·S + n_local·min(window + 1, S))    attention scores and weighted values
+  + 6·p·(H² + V·H)                                     head dense and decoder, on predicted tokens
+
+W_mlp is 3HI for a GLU (Wi: H→2I, Wo: I→H) and 2HI for a plain MLP. S is the length of the
+document a token attends within, never the packed row it shares. p is the fraction of tokens with
+a label under sparse prediction, and 1 otherwise. Embedding lookups, norms and activations are left
+out, as is usual for MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexbert.model.config import FlexBertConfig
+from flexbert.model.losses import IGNORE_INDEX
+from flexbert.model.registries import MLP
+
+
+@dataclass(frozen=True)
+class TrainingFlops:
+    """The formula's coefficients for one model, in FLOPs."""
+
+    per_token: int  # 6·L·(4H² + W_mlp)
+    per_query_key: int  # 12·H: one query scored against, and reading, one key in one layer
+    global_layers: int
+    local_layers: int
+    local_keys: int  # window + 1: both ends of |i - j| <= window / 2 are seen
+    per_prediction: int  # 6·(H² + V·H)
+    sparse_prediction: bool
+
+    @classmethod
+    def of(cls, config: FlexBertConfig) -> TrainingFlops:
+        hidden, layers = config.hidden_size, config.num_hidden_layers
+        global_layers = sum(config.is_global_layer(i) for i in range(layers))
+        return cls(
+            per_token=6 * layers * (4 * hidden**2 + _mlp_weights(config)),
+            per_query_key=12 * hidden,
+            global_layers=global_layers,
+            local_layers=layers - global_layers,
+            local_keys=config.local_attention + 1,
+            per_prediction=6 * (hidden**2 + config.vocab_size * hidden),
+            sparse_prediction=config.sparse_prediction,
+        )
+
+    def per_token_at(self, doc_len: int, masked_fraction: float) -> float:
+        """FLOPs per token when every document is ``doc_len`` tokens long."""
+        keys = self.global_layers * doc_len + self.local_layers * min(self.local_keys, doc_len)
+        predicted = masked_fraction if self.sparse_prediction else 1.0
+        return self.per_token + self.per_query_key * keys + predicted * self.per_prediction
+
+    def of_batch(self, cu_seqlens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Exact FLOPs of one unpadded batch, summed document by document.
+
+        Returns a float64 scalar on the batch's device, so that a training loop can accumulate it
+        without waiting for the device.
+        """
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        # Each of a document's S queries sees S keys in a global layer and min(window + 1, S) in a
+        # local one.
+        keys = (self.global_layers * lengths + self.local_layers * lengths.clamp(max=self.local_keys)) * lengths
+        tokens = labels.shape[0]
+        predicted = (labels != IGNORE_INDEX).sum() if self.sparse_prediction else tokens
+        return (self.per_token * tokens + self.per_query_key * keys.sum()
+                + self.per_prediction * predicted).to(torch.float64)
+
+
+def _mlp_weights(config: FlexBertConfig) -> int:
+    """Weights in one layer's MLP matrices, read off the registered block itself, so a GLU (3HI),
+    a plain MLP (2HI) or a plugin block is counted by what it actually multiplies."""
+    with torch.device("meta"):
+        mlp = MLP.get(config.blocks.mlp)(config)
+    return sum(p.numel() for p in mlp.parameters() if p.dim() >= 2)
+
+
+def training_flops_per_token(config: FlexBertConfig, doc_len: int, masked_fraction: float) -> float:
+    """Training FLOPs per real token when every document is ``doc_len`` tokens long and a
+    ``masked_fraction`` of tokens is predicted (ignored without sparse prediction)."""
+    return TrainingFlops.of(config).per_token_at(doc_len, masked_fraction)
+
+
+def batch_training_flops(config: FlexBertConfig, cu_seqlens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Training FLOPs of one unpadded batch (``cu_seqlens`` [docs + 1], ``labels`` [T], -100 where
+    not predicted), as a float64 scalar on the batch's device."""
+    return TrainingFlops.of(config).of_batch(cu_seqlens, labels)
