@@ -12,14 +12,35 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e '.[dev]'
 	touch $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-demo: install
-	@echo "make demo: the three-phase toy run arrives with the training issue; nothing to run yet."
+# The embedded default: corpus -> tokenizer -> MDS -> three training phases, on CPU, no network.
+# Data steps are file targets, so a second `make demo` reuses them; each phase resumes or reruns.
+DEMO := runs/demo
+DEMO_DATA := $(DEMO)/data
+DEMO_SOURCES := web code science
+
+demo: install $(foreach s,$(DEMO_SOURCES),$(DEMO_DATA)/mds/$(s)/index.json)
+	$(BIN)/python main.py yamls/demo/pretrain.yaml
+	$(BIN)/python main.py yamls/demo/context-extension.yaml
+	$(BIN)/python main.py yamls/demo/decay.yaml
+	$(BIN)/flexbert plot $(DEMO)/demo-pretrain $(DEMO)/demo-context-extension $(DEMO)/demo-decay
+	@echo "demo done: checkpoints in $(DEMO)/demo-*/checkpoints, plots in $(DEMO)/demo-*/plots"
+
+$(DEMO_DATA)/corpus/manifest.json: | install
+	$(BIN)/python data_prep/build_demo_corpus.py $(DEMO_DATA)/corpus --overwrite
+
+$(DEMO_DATA)/tokenizer/tokenizer.json: $(DEMO_DATA)/corpus/manifest.json
+	$(BIN)/python data_prep/train_tokenizer.py --input $(DEMO_DATA)/corpus --output $(DEMO_DATA)/tokenizer \
+		--vocab-size 4096 --overwrite
+
+$(DEMO_DATA)/mds/%/index.json: $(DEMO_DATA)/tokenizer/tokenizer.json
+	$(BIN)/python data_prep/convert_to_mds.py --input $(DEMO_DATA)/corpus/$* --output $(DEMO_DATA)/mds/$* \
+		--tokenizer $(DEMO_DATA)/tokenizer --overwrite
 
 # Speed is measured here, never in tests; see BENCHMARKS.md for recorded figures.
 bench: install

@@ -1,8 +1,11 @@
-"""Training entry point: ``composer main.py <yaml> [key=value ...]``.
+"""Training entry point.
 
-Training itself (Composer trainer, data streams, the three-phase recipe) lands with the training
-issue. Until then this validates the config's model section and summarises the encoder, so a
-recipe's typos are caught today.
+    composer -n 8 main.py yamls/pretrain-base.yaml [key=value ...]   # 8 GPUs, DDP (or FSDP via fsdp_config)
+    python main.py yamls/demo/pretrain.yaml                          # one process
+    python main.py yamls/pretrain-base.yaml --print-config           # resolved config, then exit
+
+Multi-node: composer --world_size 16 --node_rank $NODE_RANK --master_addr $HOST0 --master_port 29500 \\
+    -n 8 main.py RECIPE.yaml
 """
 
 import sys
@@ -12,6 +15,5 @@ from flexbert.cli import main
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
-        print("usage: python main.py CONFIG.yaml [key=value ...]")
-        sys.exit(0 if len(sys.argv) >= 2 else 2)
-    sys.exit(main(["describe", *sys.argv[1:]]))
+        main(["train", "--help"])
+    sys.exit(main(["train", *sys.argv[1:]]))

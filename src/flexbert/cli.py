@@ -8,22 +8,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flexbert.data.loader import DataError
+from flexbert.data.tokenizer import TokenizerError
 from flexbert.typed_config import ConfigError
 
 
-def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A YAML file merged with ``key=value`` dotlist overrides, resolved to plain containers."""
+def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()):
+    """A YAML file as an OmegaConf node, after merging the files its ``include:`` list names
+    (relative to it, in order, each overridden by what follows): recipes share one definition."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
 
-    path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(str(path), "includes itself (through " + " -> ".join(map(str, seen)) + ")")
     try:
-        config = OmegaConf.load(path)
+        node = OmegaConf.load(path)
     except YAMLError as err:
         raise ConfigError(str(path), f"is not valid YAML: {err}") from None
+    includes = node.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    parents = [_load_with_includes(path.parent / str(item), (*seen, path.resolve())) for item in includes]
+    return OmegaConf.merge(*parents, node) if parents else node
+
+
+def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML file (with its includes) merged with ``key=value`` dotlist overrides, resolved to
+    plain containers."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config = _load_with_includes(Path(path))
     for override in overrides:
         if "=" not in override:
             raise ConfigError(override, "overrides are written key=value (for example model.hidden_size=512)")
@@ -68,6 +85,31 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from omegaconf import OmegaConf
+
+    from flexbert.train.config import TrainConfig
+
+    raw = load_yaml_config(args.config, args.overrides)
+    # The composer launcher sets WORLD_SIZE, so batch divisibility is checked before any process
+    # group or model exists.
+    config = TrainConfig.from_dict(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if args.print_config:
+        print(OmegaConf.to_yaml(raw), end="")
+        return 0
+    from flexbert.train.run import build_trainer
+
+    trainer = build_trainer(config, raw)
+    trainer.fit()
+    trainer.close()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run {config.run_name}: checkpoints in {config.checkpoint_folder}, metrics in "
+              f"{config.run_dir / 'metrics.jsonl'} (plot them: flexbert plot {config.run_dir})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexbert",
@@ -91,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     describe.add_argument("config", help="YAML file with a model: section")
     describe.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_hidden_layers=4")
     describe.set_defaults(run=_cmd_describe)
+
+    train = commands.add_parser(
+        "train", help="train from a YAML recipe (what main.py runs)",
+        description="Train a FlexBERT encoder from a YAML recipe. Run it on several GPUs with the "
+        "Composer launcher: composer -n 8 main.py RECIPE.yaml [key=value ...]. The whole config is "
+        "validated before anything is built; the resolved config is written to the run folder.",
+    )
+    train.add_argument("config", help="YAML recipe, e.g. yamls/pretrain-base.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=5e-4")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(run=_cmd_train)
     return parser
 
 
@@ -98,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ImportError) as err:
+    except (ConfigError, DataError, TokenizerError, ImportError) as err:
         print(f"flexbert: error: {err}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flexbert.data.masking import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -88,6 +90,7 @@ class PackedBatch:
     num_rows: int
     row_tokens: int
     row_pieces: torch.Tensor  # [rows + 1] int64: row r holds pieces [row_pieces[r], row_pieces[r+1])
+    num_masked: int  # tokens with a label, counted here so that nobody needs a device sync for it
     piece_keys: torch.Tensor  # [pieces, 4] int64: stream, sample, start, end
 
     @property
@@ -115,14 +118,16 @@ def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, 
     lengths_t = torch.tensor(lengths, dtype=torch.int32)
     cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths_t, 0, dtype=torch.int32), (1, 0))
     position_ids = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))
+    all_labels = np.concatenate(labels)
     return PackedBatch(
         input_ids=torch.from_numpy(np.concatenate(inputs)),
-        labels=torch.from_numpy(np.concatenate(labels)),
+        labels=torch.from_numpy(all_labels),
         cu_seqlens=cu_seqlens,
         max_seqlen=max(lengths),
         position_ids=position_ids,
         num_rows=len(rows),
         row_tokens=row_tokens,
         row_pieces=torch.tensor([0, *np.cumsum([len(row) for row in rows])], dtype=torch.int64),
+        num_masked=int((all_labels != IGNORE_INDEX).sum()),
         piece_keys=torch.tensor([piece.key() for piece in pieces], dtype=torch.int64).reshape(-1, 4),
     )

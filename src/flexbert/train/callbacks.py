@@ -176,19 +176,19 @@ class PackingMonitor(Callback):
 
     def batch_end(self, state: State, logger: Logger) -> None:
         batch = state.batch
-        tokens, rows = len(batch["input_ids"]), batch["num_rows"]
-        capacity = rows * batch["row_tokens"]
-        self.real_tokens += tokens
-        self.capacity_tokens += capacity
+        rank_tokens, rank_rows = len(batch["input_ids"]), batch["num_rows"]
+        rank_capacity = rank_rows * batch["row_tokens"]
+        self.real_tokens += rank_tokens
+        self.capacity_tokens += rank_capacity
         if not _is_logged_step(state, self.log_every):
             return
         tokens, rows, capacity, real_total, capacity_total = sum_over_ranks(
-            state, [tokens, rows, capacity, self.real_tokens, self.capacity_tokens])
+            state, [rank_tokens, rank_rows, rank_capacity, self.real_tokens, self.capacity_tokens])
         logger.log_metrics({
             "packing/efficiency": tokens / capacity,
             "packing/efficiency_cumulative": real_total / capacity_total,
-            "batch/rows": rows,
-            "batch/tokens": tokens,
+            "batch/rows": int(rows),
+            "batch/tokens": int(tokens),
         })
 
 
@@ -211,5 +211,6 @@ class GradNormMonitor(Callback):
         norm = torch.nn.utils.get_total_norm(grads)
         if state.fsdp_enabled:  # each rank holds a shard of every gradient
             (squared,) = sum_over_ranks(state, [norm.double() ** 2])
-            norm = torch.tensor(squared).sqrt()
-        logger.log_metrics({"l2_norm/grad/global": norm.item()})
+            logger.log_metrics({"l2_norm/grad/global": squared**0.5})
+        else:
+            logger.log_metrics({"l2_norm/grad/global": norm.item()})

@@ -50,11 +50,11 @@ class StableAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # Recorded before any scheduler rescales group["lr"] (Composer's LambdaLR already sets it to
-        # the warmup's first value at construction); torch's schedulers keep an existing initial_lr.
+        # The peak lr, recorded before a scheduler rescales group["lr"] (LambdaLR does so as soon as
+        # it is built); torch's schedulers only set initial_lr where it is missing, so they keep it.
         group.setdefault("initial_lr", group["lr"])
         if not group["initial_lr"] > 0:
-            raise ValueError(f"StableAdamW needs a positive peak lr to scale its decay by, got {group['initial_lr']}")
+            raise ValueError(f"decay scales with lr_t / peak lr, so the peak must be > 0, got {group['initial_lr']}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -76,7 +76,9 @@ class StableAdamW(torch.optim.Optimizer):
         return loss
 
 
-def _stable_adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+def _stable_adamw_update(
+    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+) -> None:
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]

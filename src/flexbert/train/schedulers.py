@@ -40,7 +40,10 @@ DECAY_SHAPES: dict[str, Callable[[float], float]] = {
 
 def parse_length(text: str) -> Time:
     """A schedule length from a time string; underscores group digits, as in ``3_000_000_000tok``."""
-    time = Time.from_timestring(text.replace("_", ""))
+    try:
+        time = Time.from_timestring(text.replace("_", ""))
+    except TypeError as err:  # Composer's complaint about a fractional count, such as '1.5ba'
+        raise ValueError(str(err)) from None
     if time.unit not in LENGTH_UNITS:
         raise ValueError(
             f"{text!r} is in {time.unit.value}; give lengths in {', '.join(u.value for u in LENGTH_UNITS)}"

@@ -1,0 +1,116 @@
+"""The training config: one typed dataclass tree, validated before anything heavy happens."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexbert.data.streams import LoaderConfig
+from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
+from flexbert.model import FlexBertConfig
+from flexbert.train.batching import BatchWarmupConfig, parse_time
+from flexbert.train.loggers import LoggingConfig
+from flexbert.train.optimizers import OptimizerConfig
+from flexbert.train.schedulers import SchedulerConfig
+from flexbert.typed_config import ConfigError, from_dict
+
+PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
+
+
+@dataclass
+class TrainConfig:
+    run_name: str
+    model: dict[str, Any]  # a FlexBertConfig mapping, with an optional preset; token ids default to the tokenizer's
+    train_loader: LoaderConfig
+    max_duration: str  # "1_719_000_000_000tok", "5000ba"
+    global_batch_rows: int  # sequences (packed rows) per optimizer step, across all ranks
+    device_microbatch_rows: int  # rows per forward/backward on one device
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    batch_warmup: BatchWarmupConfig | None = None
+    eval_loader: LoaderConfig | None = None
+    eval_interval: str = "1000ba"
+    eval_subset_num_batches: int = -1
+    seed: int = 17
+    precision: str = "auto"  # amp_bf16 on GPU, fp32 on CPU
+    run_root: str = "runs"  # the run folder is run_root/run_name
+    save_folder: str | None = None  # local path or remote URI; default: <run folder>/checkpoints
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = 3
+    autoresume: bool = False
+    # Chaining phases: the previous phase's checkpoint, weights only (fresh optimizer, time at 0).
+    load_path: str | None = None
+    load_weights_only: bool = True
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fsdp_config: dict[str, Any] | None = None
+    compile: bool = False
+    dist_timeout: float = 600.0
+    vars: dict[str, Any] = field(default_factory=dict)  # free values for ${vars.NAME} interpolation
+    # Resolved at validation, absent from recipes.
+    model_config: FlexBertConfig | None = field(default=None, init=False, repr=False)
+    tokenizer: MLMTokenizer | None = field(default=None, init=False, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.run_name
+
+    @property
+    def checkpoint_folder(self) -> str:
+        return self.save_folder or str(self.run_dir / "checkpoints")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], world_size: int = 1) -> TrainConfig:
+        config = from_dict(cls, data, "config")
+        config.validate(world_size)
+        return config
+
+    def validate(self, world_size: int = 1) -> None:
+        self.train_loader.validate("train_loader")
+        self.tokenizer = load_tokenizer(self.train_loader.tokenizer)
+        self.model_config = FlexBertConfig.from_dict(self._model_with_tokenizer_ids(), path="model")
+        if self.tokenizer.vocab_size > self.model_config.vocab_size:
+            raise ConfigError("model.vocab_size", f"{self.model_config.vocab_size} is smaller than the "
+                              f"{self.tokenizer.vocab_size} tokens of {self.tokenizer.path}")
+        if self.eval_loader is not None:
+            self.eval_loader.validate("eval_loader")
+        self.optimizer.validate("optimizer")
+        self.scheduler.validate("scheduler")
+        for key in ("max_duration", "eval_interval", "save_interval"):
+            parse_time(getattr(self, key), key)
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for key in ("global_batch_rows", "device_microbatch_rows", "save_num_checkpoints_to_keep"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"must be positive, got {getattr(self, key)}")
+        if self.global_batch_rows % world_size:
+            raise ConfigError("global_batch_rows", f"{self.global_batch_rows} rows cannot be split evenly over "
+                              f"{world_size} processes")
+        per_device = self.global_batch_rows // world_size
+        if per_device % self.device_microbatch_rows:
+            raise ConfigError("device_microbatch_rows", f"{self.device_microbatch_rows} does not divide the "
+                              f"{per_device} rows each of the {world_size} processes gets per step")
+        if self.batch_warmup is not None:
+            parse_time(self.batch_warmup.duration, "batch_warmup.duration")
+            if not 0 < self.batch_warmup.start_rows <= self.global_batch_rows:
+                raise ConfigError("batch_warmup.start_rows", f"must be in (0, global_batch_rows="
+                                  f"{self.global_batch_rows}], got {self.batch_warmup.start_rows}")
+        if self.train_loader.max_seq_len > self.model_config.max_position_embeddings:
+            raise ConfigError("train_loader.max_seq_len", f"{self.train_loader.max_seq_len} exceeds "
+                              f"model.max_position_embeddings={self.model_config.max_position_embeddings}")
+        if self.load_path is not None and "://" not in self.load_path and not os.path.exists(self.load_path):
+            raise ConfigError("load_path", f"checkpoint not found: {self.load_path}")
+        if self.autoresume and self.save_folder is not None and "{" in self.save_folder:
+            raise ConfigError("save_folder", "autoresume needs a save_folder without format fields")
+
+    def _model_with_tokenizer_ids(self) -> dict[str, Any]:
+        """The model section, with special-token ids taken from the tokenizer unless given; given
+        ids must agree with it (a silently wrong pad id is a classic pretraining bug)."""
+        tokenizer_ids = {"pad_token_id": self.tokenizer.pad_id, "cls_token_id": self.tokenizer.cls_id,
+                         "sep_token_id": self.tokenizer.sep_id}
+        for key, token_id in tokenizer_ids.items():
+            if key in self.model and self.model[key] != token_id:
+                raise ConfigError(f"model.{key}", f"{self.model[key]} disagrees with the tokenizer "
+                                  f"{self.tokenizer.path}, whose id is {token_id}")
+        return {**self.model, **tokenizer_ids}

@@ -1,0 +1,101 @@
+"""Assembling and running a Composer Trainer from a validated TrainConfig."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from composer import Evaluator, Trainer
+from composer.utils import dist, reproducibility
+
+from flexbert.data.loader import PackedMLMLoader
+from flexbert.model import FlexBertForMaskedLM
+from flexbert.train.batching import BatchSizeSchedule, data_spec
+from flexbert.train.composer_model import ComposerMLM
+from flexbert.train.config import TrainConfig
+from flexbert.train.lifecycle import LoaderCheckpoint, SigtermCheckpoint
+from flexbert.train.loggers import build_callbacks, build_loggers
+from flexbert.train.optimizers import build_optimizer
+from flexbert.train.schedulers import build_scheduler
+from flexbert.typed_config import ConfigError
+
+
+def check_checkpoint_matches(path: str, model: torch.nn.Module) -> None:
+    """Refuse, with the first differences named, a checkpoint saved from another architecture."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        saved = checkpoint["state"]["model"]
+    except Exception as err:  # a truncated file fails in many ways inside torch.load
+        raise ConfigError("load_path", f"{path} is not a readable Composer checkpoint ({err})") from None
+    expected = {f"model.{name}": tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in saved.items()}
+    problems = [f"{name}: checkpoint {found[name]} vs model {shape}" for name, shape in expected.items()
+                if name in found and found[name] != shape]
+    problems += [f"{name}: missing from the checkpoint" for name in expected if name not in found]
+    problems += [f"{name}: not in this model" for name in found if name not in expected]
+    if problems:
+        listed = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ConfigError("load_path", f"{path} was saved from a different architecture: {listed}")
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "amp_bf16" if torch.cuda.is_available() else "fp32"
+
+
+def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
+    """Everything but ``fit``; ``resolved`` is the plain config written into the run folder."""
+    world = dist.get_world_size()
+    reproducibility.seed_all(config.seed)
+    model_config = config.model_config
+    tokenizer = config.tokenizer
+    model = FlexBertForMaskedLM(model_config)
+    if config.load_path is not None and "://" not in config.load_path:
+        check_checkpoint_matches(config.load_path, model)
+
+    schedule = BatchSizeSchedule(config.global_batch_rows, config.device_microbatch_rows, world,
+                                 config.train_loader.max_seq_len, config.batch_warmup)
+    train_loader = PackedMLMLoader(config.train_loader, tokenizer, model_config.vocab_size, batch_rows=schedule)
+    evaluators = []
+    if config.eval_loader is not None:
+        eval_loader = PackedMLMLoader(config.eval_loader, tokenizer, model_config.vocab_size, path="eval_loader")
+        evaluators.append(Evaluator(label="eval", dataloader=data_spec(eval_loader, restart_each_pass=True),
+                                    metric_names=["MaskedAccuracy", "LanguageCrossEntropy", "LanguagePerplexity"],
+                                    device_eval_microbatch_size=config.eval_loader.rows_per_batch))
+
+    sigterm = SigtermCheckpoint(config.save_interval)
+    run_dir = config.run_dir
+    if dist.get_global_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    return Trainer(
+        model=ComposerMLM(model),
+        run_name=config.run_name,
+        train_dataloader=data_spec(train_loader),
+        max_duration=config.max_duration.replace("_", ""),
+        optimizers=build_optimizer(model, config.optimizer),
+        schedulers=build_scheduler(config.scheduler),
+        step_schedulers_every_batch=True,
+        eval_dataloader=evaluators or None,
+        eval_interval=config.eval_interval.replace("_", ""),
+        eval_subset_num_batches=config.eval_subset_num_batches,
+        device_train_microbatch_size=config.device_microbatch_rows,
+        accumulate_train_batch_on_tokens=True,
+        spin_dataloaders=False,  # the loader resumes itself; never replay batches
+        callbacks=[*build_callbacks(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm],
+        loggers=build_loggers(config.logging, run_dir, config.run_name),
+        progress_bar=config.logging.progress_bar,
+        log_to_console=not config.logging.progress_bar,
+        save_folder=config.checkpoint_folder,
+        save_interval=sigterm.save_interval(),
+        save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
+        autoresume=config.autoresume,
+        load_path=config.load_path,
+        load_weights_only=config.load_weights_only,
+        precision=resolve_precision(config.precision),
+        seed=config.seed,
+        dist_timeout=config.dist_timeout,
+        parallelism_config={"fsdp": config.fsdp_config} if config.fsdp_config else None,
+        compile_config={} if config.compile else None,
+    )
