@@ -69,10 +69,11 @@ class TrainConfig:
     def validate(self, world_size: int = 1) -> None:
         self.train_loader.validate("train_loader")
         self.tokenizer = load_tokenizer(self.train_loader.tokenizer)
-        self.model_config = FlexBertConfig.from_dict(self._model_with_tokenizer_ids(), path="model")
-        if self.tokenizer.vocab_size > self.model_config.vocab_size:
-            raise ConfigError("model.vocab_size", f"{self.model_config.vocab_size} is smaller than the "
+        vocab_size = self.model.get("vocab_size", FlexBertConfig.__dataclass_fields__["vocab_size"].default)
+        if isinstance(vocab_size, int) and self.tokenizer.vocab_size > vocab_size:
+            raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the "
                               f"{self.tokenizer.vocab_size} tokens of {self.tokenizer.path}")
+        self.model_config = FlexBertConfig.from_dict(self._model_with_tokenizer_ids(), path="model")
         if self.eval_loader is not None:
             self.eval_loader.validate("eval_loader")
         self.optimizer.validate("optimizer")

@@ -1,0 +1,190 @@
+"""Training end to end: recipes, bad input before training, a tiny run, phase chaining, resume, DDP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
+
+from flexbert.cli import load_yaml_config, main as cli_main
+from flexbert.train.config import TrainConfig
+from flexbert.typed_config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.skipif(not TOKENIZER.is_dir(), reason=f"needs the ModernBERT tokenizer at {TOKENIZER}"),
+    pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def train(recipe: dict):
+    from flexbert.train.run import build_trainer
+
+    trainer = build_trainer(TrainConfig.from_dict(recipe), recipe)
+    trainer.fit()
+    trainer.close()
+    return trainer
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [row["loss/train/total"] for row in rows if "loss/train/total" in row]
+
+
+# --- recipes --------------------------------------------------------------------------------------
+
+SPEC = {  # recipe: (preset, seq len, global rows, lr, global theta)
+    "pretrain-base": ("modernbert-base", 1024, 4608, 8e-4, 10_000.0),
+    "pretrain-large": ("modernbert-large", 1024, 4928, 5e-4, 10_000.0),
+    "context-extension-base": ("modernbert-base", 8192, 576, 3e-4, 160_000.0),
+    "context-extension-large": ("modernbert-large", 8192, 624, 5e-5, 160_000.0),
+    "decay-base": ("modernbert-base", 8192, 576, 3e-4, 160_000.0),
+    "decay-large": ("modernbert-large", 8192, 624, 5e-5, 160_000.0),
+}
+
+
+@pytest.mark.parametrize("name", SPEC)
+def test_recipes_validate_with_the_spec_numbers(name):
+    raw = load_yaml_config(ROOT / "yamls" / f"{name}.yaml", [f"vars.tokenizer_dir={TOKENIZER}", "load_path=null"])
+    config = TrainConfig.from_dict(raw, world_size=8)
+    preset, seq_len, rows, lr, theta = SPEC[name]
+    assert raw["model"]["preset"] == preset
+    assert (config.train_loader.max_seq_len, config.global_batch_rows, config.optimizer.lr) == (seq_len, rows, lr)
+    assert (config.model_config.global_rope_theta, config.model_config.local_rope_theta) == (theta, 10_000.0)
+    assert config.model_config.pad_token_id == 50283
+    if name.startswith("decay"):
+        assert (config.scheduler.decay_shape, config.scheduler.final_lr_ratio) == ("1-sqrt", 0.001)
+
+
+def test_demo_recipes_validate(tmp_path):
+    for phase in ("pretrain", "context-extension", "decay"):
+        raw = load_yaml_config(ROOT / "yamls" / "demo" / f"{phase}.yaml")
+        # The demo's data does not exist before `make demo`, so check the structure alone.
+        assert TrainConfig.__dataclass_fields__.keys() >= raw.keys()
+
+
+# --- bad input, each caught before training ---------------------------------------------------------
+
+def test_bad_inputs_give_one_clear_error(corpus, tmp_path, capsys):
+    def error_for(recipe: dict, world: str = "1") -> str:
+        path = write_recipe(tmp_path / "recipe.yaml", recipe)
+        os.environ["WORLD_SIZE"] = world
+        try:
+            assert cli_main(["train", str(path)]) == 2
+        finally:
+            del os.environ["WORLD_SIZE"]
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err  # one line, no traceback
+        return err
+
+    base = tiny_recipe(corpus, tmp_path / "runs")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {preset: [\n")
+    assert cli_main(["train", str(broken)]) == 2 and "not valid YAML" in capsys.readouterr().err
+    assert "optimizer.lrr: unknown key; did you mean 'lr'?" in error_for(tiny_recipe(corpus, tmp_path, **{"optimizer.lrr": 1.0}))
+    assert "global_batch_rows: 4 rows cannot be split evenly over 3 processes" in error_for(base, world="3")
+    assert "load_path: checkpoint not found" in error_for(tiny_recipe(corpus, tmp_path, load_path=str(tmp_path / "nope.pt")))
+    assert "model.vocab_size: 1000 is smaller than the 50368 tokens" in error_for(tiny_recipe(corpus, tmp_path, **{"model.vocab_size": 1000}))
+    assert "model.pad_token_id: 0 disagrees with the tokenizer" in error_for(tiny_recipe(corpus, tmp_path, **{"model.pad_token_id": 0}))
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+# --- a tiny run, then phase 2 from its weights --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phase1(corpus, tmp_path_factory):
+    run_root = tmp_path_factory.mktemp("runs")
+    recipe = tiny_recipe(corpus, run_root, max_duration="30ba", save_interval="10ba", save_num_checkpoints_to_keep=2)
+    train(recipe)
+    return run_root / "tiny"
+
+
+def test_tiny_run_learns_and_writes_its_run_folder(phase1):
+    curve = losses(phase1)
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 1.0
+    assert json.loads((phase1 / "config.json").read_text())["run_name"] == "tiny"
+    assert (phase1 / "checkpoints" / "latest-rank0.pt").exists()
+    assert sorted(p.name for p in (phase1 / "checkpoints").glob("ep*")) == ["ep0-ba20-rank0.pt", "ep0-ba30-rank0.pt"]
+
+
+def test_phase_two_loads_weights_with_the_new_theta(corpus, phase1, tmp_path):
+    from flexbert.train.run import build_trainer
+
+    checkpoint = phase1 / "checkpoints" / "latest-rank0.pt"
+    recipe = tiny_recipe(corpus, tmp_path, run_name="phase2", load_path=str(checkpoint), max_duration="2ba",
+                         **{"model.global_rope_theta": 160_000.0, "train_loader.max_seq_len": 256})
+    trainer = build_trainer(TrainConfig.from_dict(recipe), recipe)
+    model = trainer.state.model.model
+    saved = torch.load(checkpoint, weights_only=False)["state"]["model"]
+    assert all(torch.equal(saved[f"model.{k}"], v) for k, v in model.state_dict().items())
+    assert int(trainer.state.timestamp.batch) == 0  # time reset, optimizer fresh
+    assert not trainer.state.optimizers[0].state
+    # The new theta really applies: the same weights give other outputs under 10k.
+    ids = torch.randint(5, 400, (1, 200))
+    model.eval()
+    with torch.no_grad():
+        extended = model(ids).logits
+        model.set_rope_theta(global_theta=10_000.0)
+        original = model(ids).logits
+    assert (extended - original).abs().max() > 1e-4
+
+
+def test_checkpoint_from_another_architecture_is_refused(corpus, phase1, tmp_path):
+    from flexbert.train.run import build_trainer
+
+    recipe = tiny_recipe(corpus, tmp_path, load_path=str(phase1 / "checkpoints" / "latest-rank0.pt"),
+                         **{"model.hidden_size": 64})
+    with pytest.raises(ConfigError, match="was saved from a different architecture: model.model.embeddings"):
+        build_trainer(TrainConfig.from_dict(recipe), recipe)
+
+
+def test_autoresume_continues_exactly(corpus, tmp_path):
+    full = tiny_recipe(corpus, tmp_path / "a", max_duration="6ba", save_interval="3ba", autoresume=True)
+    train(full)
+    first_half = tiny_recipe(corpus, tmp_path / "b", max_duration="3ba", save_interval="3ba", autoresume=True)
+    train(first_half)
+    train(tiny_recipe(corpus, tmp_path / "b", max_duration="6ba", save_interval="3ba", autoresume=True))
+    a, b = losses(tmp_path / "a" / "tiny"), losses(tmp_path / "b" / "tiny")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    final = [torch.load(tmp_path / d / "tiny" / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
+             for d in ("a", "b")]
+    assert all(torch.allclose(final[0][k], final[1][k], atol=1e-6, rtol=0) for k in final[0])
+
+
+# --- DDP -------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    # Every document fills exactly one row, so a step's global batch is the same set of documents
+    # whether one process or two build it.
+    corpus = write_corpus(tmp_path / "corpus", {"web": [62] * 48, "code": [62] * 48})
+    results = {}
+    for nproc in (1, 2):
+        recipe = tiny_recipe(corpus, tmp_path / f"runs{nproc}", max_duration="8ba", save_interval="1000ba",
+                             global_batch_rows=8, device_microbatch_rows=2,
+                             **{"train_loader.sample_batch_size": 4, "train_loader.rows_per_batch": 8 // nproc})
+        path = write_recipe(tmp_path / f"recipe{nproc}.yaml", recipe)
+        command = [str(Path(sys.executable).with_name("composer")), "-n", str(nproc), "--master_port",
+                   str(_free_port()), str(ROOT / "main.py"), str(path)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        results[nproc] = losses(tmp_path / f"runs{nproc}" / "tiny")
+    assert len(results[1]) == len(results[2]) == 8
+    assert max(abs(a - b) for a, b in zip(results[1], results[2])) <= 1e-5, results
