@@ -25,7 +25,7 @@ from flexbert.train.loggers import (
     JSONLinesLogger, LoggingConfig, build_callbacks, build_loggers, build_wandb_logger, read_metrics,
     resolve_wandb_mode,
 )
-from flexbert.train.plotting import add_plot_command, plot_run
+from flexbert.train.plotting import plot_run
 from flexbert.typed_config import ConfigError
 
 
@@ -307,14 +307,12 @@ def test_plot_run_draws_loss_throughput_and_lr(tmp_path):
 
 
 def test_plot_command_reports_a_missing_run(tmp_path, capsys):
-    import argparse
-    parser = argparse.ArgumentParser()
-    add_plot_command(parser.add_subparsers())
-    args = parser.parse_args(["plot", str(tmp_path)])
-    assert args.run(args) == 2
+    from flexbert.cli import main as cli_main
+
+    assert cli_main(["plot", str(tmp_path)]) == 2
     assert "no metrics file" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "tokens": 0, "time/batch": 1}\n')
-    assert args.run(args) == 2
+    assert cli_main(["plot", str(tmp_path)]) == 2
     assert "nothing to plot" in capsys.readouterr().err
 
 

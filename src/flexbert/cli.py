@@ -53,6 +53,8 @@ def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[st
 
 def _cmd_registry(args: argparse.Namespace) -> int:
     import flexbert.model  # noqa: F401  (registers the built-in blocks)
+    import flexbert.train.optimizers  # noqa: F401  (and the optimizers and schedulers)
+    import flexbert.train.schedulers  # noqa: F401
     from flexbert.registry import CATALOGUE, import_plugins
 
     import_plugins(args.plugins, key_path="--plugins")
@@ -110,6 +112,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from flexbert.train.plotting import plot_run
+
+    try:
+        paths = [path for run_dir in args.run_dirs for path in plot_run(run_dir)]
+    except (FileNotFoundError, ValueError) as err:  # no metrics file, or nothing in it to plot
+        print(f"flexbert: error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexbert",
@@ -144,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=5e-4")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(run=_cmd_train)
+
+    plot = commands.add_parser(
+        "plot", help="draw loss, throughput and learning-rate curves of runs",
+        description="Read RUN_DIR/metrics.jsonl and write loss.png, throughput.png and lr.png to RUN_DIR/plots.",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's folder (holding metrics.jsonl)")
+    plot.set_defaults(run=_cmd_plot)
     return parser
 
 

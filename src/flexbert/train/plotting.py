@@ -6,9 +6,7 @@ needs a display nor changes the backend of the process it runs in.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,24 +85,3 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         raise ValueError(f"{run_dir / 'metrics.jsonl'}: none of loss/train/total, throughput/tokens_per_sec "
                          "or lr-* was logged, so there is nothing to plot")
     return written
-
-
-def _cmd_plot(args: argparse.Namespace) -> int:
-    try:
-        paths = plot_run(args.run_dir)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"flexbert: error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
-
-
-def add_plot_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``flexbert plot RUN_DIR`` on the main command's subparsers."""
-    plot = subparsers.add_parser(
-        "plot", help="draw loss, throughput and learning-rate curves of a run",
-        description="Read RUN_DIR/metrics.jsonl and write loss.png, throughput.png and lr.png to RUN_DIR/plots.",
-    )
-    plot.add_argument("run_dir", help="the run's directory (holding metrics.jsonl)")
-    plot.set_defaults(run=_cmd_plot)
