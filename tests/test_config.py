@@ -81,12 +81,11 @@ def test_yaml_overrides_and_errors(tmp_path):
         load_yaml_config(good, ["model.num_hidden_layers"])
 
 
-def test_main_validates_a_recipe(tmp_path):
-    ok = subprocess.run([sys.executable, "main.py", "yamls/model/modernbert-base.yaml",
-                         "model.num_hidden_layers=2"], cwd=ROOT, capture_output=True, text=True)
+def test_describe_validates_a_model_section():
+    describe = [sys.executable, "-m", "flexbert.cli", "describe", "yamls/model/modernbert-base.yaml"]
+    ok = subprocess.run([*describe, "model.num_hidden_layers=2"], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "layers 2 (G = global, L = local window 128): GL" in ok.stdout
-    bad = subprocess.run([sys.executable, "main.py", "yamls/model/modernbert-base.yaml", "model.hiden_size=2"],
-                         cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run([*describe, "model.hiden_size=2"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2
-    assert "model.hiden_size: unknown key" in bad.stderr
+    assert "model.hiden_size: unknown key; did you mean 'hidden_size'?" in bad.stderr
