@@ -188,3 +188,46 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         results[nproc] = losses(tmp_path / f"runs{nproc}" / "tiny")
     assert len(results[1]) == len(results[2]) == 8
     assert max(abs(a - b) for a, b in zip(results[1], results[2])) <= 1e-5, results
+
+
+# --- batch-size warmup and SIGTERM ---------------------------------------------------------------------
+
+def test_batch_size_warmup_schedule():
+    from flexbert.train.batching import BatchSizeSchedule, BatchWarmupConfig
+
+    # ModernBERT-base on 8 GPUs: 768 -> 4608 rows over 50B tokens, microbatches of 96 rows.
+    schedule = BatchSizeSchedule(4608, 96, 8, 1024, BatchWarmupConfig(768, "50_000_000_000tok"))
+    rows_for_tokens = lambda tokens: schedule(tokens // 1024)  # noqa: E731
+    assert rows_for_tokens(0) == 96  # 768 / 8 ranks
+    assert rows_for_tokens(25_000_000_000) == 2688 // 8 // 96 * 96  # halfway: 2688 global rows
+    assert rows_for_tokens(50_000_000_000) == rows_for_tokens(10**12) == 576
+    assert BatchSizeSchedule(4608, 96, 8, 1024, None)(0) == 576
+
+
+def test_batch_size_grows_in_a_run(corpus, tmp_path):
+    recipe = tiny_recipe(corpus, tmp_path, max_duration="12ba", global_batch_rows=8, device_microbatch_rows=2,
+                         batch_warmup={"start_rows": 2, "duration": "2_000tok"},
+                         **{"train_loader.rows_per_batch": 8})
+    train(recipe)
+    rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").open()]
+    sizes = [row["batch/rows"] for row in rows if "batch/rows" in row]
+    assert sizes[0] == 2 and sizes[-1] == 8 and sizes == sorted(sizes)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
+    import signal
+    import time
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, max_duration="100000ba",
+                                                                save_interval="100000ba"))
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), str(recipe)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "tiny" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-2000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    saved = list((tmp_path / "tiny" / "checkpoints").glob("ep0-ba*-rank0.pt"))
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-ba")[1].split("-")[0]) < 100000
