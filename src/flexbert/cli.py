@@ -125,6 +125,36 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from flexbert.hf import export_hf, model_from_checkpoint
+
+    training_config = load_yaml_config(args.config) if args.config else None
+    try:
+        model, trained_tokenizer = model_from_checkpoint(args.checkpoint, training_config)
+        tokenizer = args.tokenizer or trained_tokenizer
+        out_dir = export_hf(model, args.out_dir, tokenizer, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"flexbert: error: {err}", file=sys.stderr)
+        return 2
+    if tokenizer is None:
+        print(f"flexbert: note: no tokenizer is known for {args.checkpoint}, so {out_dir} holds none; "
+              "add one with --tokenizer DIR", file=sys.stderr)
+    print(out_dir)
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from flexbert.hf import import_hf
+
+    try:
+        checkpoint = import_hf(args.hf_dir, args.out_checkpoint, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"flexbert: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{checkpoint} (train from it with load_path: {checkpoint} and load_weights_only: true)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexbert",
@@ -166,6 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's folder (holding metrics.jsonl)")
     plot.set_defaults(run=_cmd_plot)
+
+    export_hf = commands.add_parser(
+        "export-hf", help="write a checkpoint as a transformers ModernBERT directory",
+        description="Write a Composer checkpoint of this project as config.json, model.safetensors and "
+        "tokenizer files that transformers' AutoModelForMaskedLM loads. The model config comes from "
+        "--config, else from the checkpoint (import-hf stores it), else from the run folder's config.json.",
+    )
+    export_hf.add_argument("checkpoint", metavar="CHECKPOINT",
+                           help="Composer checkpoint, e.g. runs/NAME/checkpoints/latest-rank0.pt")
+    export_hf.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to write")
+    export_hf.add_argument("--config", metavar="RECIPE.yaml",
+                           help="the recipe the checkpoint was trained with (or its run's config.json)")
+    export_hf.add_argument("--tokenizer", metavar="DIR", help="tokenizer to ship (default: the training one)")
+    export_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    export_hf.set_defaults(run=_cmd_export_hf)
+
+    import_hf = commands.add_parser(
+        "import-hf", help="turn a transformers ModernBERT directory into a checkpoint to train from",
+        description="Write the weights of a ModernBertForMaskedLM directory as a Composer-style checkpoint "
+        "that a recipe loads with load_path and load_weights_only: true.",
+    )
+    import_hf.add_argument("hf_dir", metavar="HF_DIR", help="a local ModernBERT directory (config.json, weights)")
+    import_hf.add_argument("out_checkpoint", metavar="OUT_CHECKPOINT",
+                           help="the checkpoint file to write, e.g. modernbert-base.pt")
+    import_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_CHECKPOINT")
+    import_hf.set_defaults(run=_cmd_import_hf)
     return parser
 
 

@@ -1,12 +1,24 @@
-"""Interop with transformers' ModernBERT: config translation and weight import.
+"""Interop with transformers' ModernBERT: config translation, export to a Hugging Face directory,
+and import into a checkpoint that a training recipe's ``load_path`` accepts.
 
-FlexBERT's default blocks use ModernBERT's parameter names, so weights move across unchanged.
+FlexBERT's default blocks use ModernBERT's parameter names, so weights move across unchanged: the
+whole translation is in the config, and every way it can go wrong (a theta, an activation, a window
+that transformers reads differently) shows up as different logits, which the tests check.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
 
@@ -15,7 +27,15 @@ _MODERNBERT_BLOCKS = {
     "embeddings": "token", "attention": "rope", "mlp": "glu", "norm": "layernorm",
     "layer": "prenorm", "head": "mlm",
 }
+# The decoder shares the token embeddings; like save_pretrained, an export stores the matrix once.
+_TIED_DECODER_KEY = "decoder.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Where an imported checkpoint keeps its model config. Composer reads only the "state" (and "rng")
+# entries of a checkpoint file, so this one travels along unread by training.
+MODEL_CONFIG_KEY = "flexbert_model_config"
 
+
+# --- configs --------------------------------------------------------------------------------------
 
 def flexbert_config_from_hf(hf_config: Any, attn_backend: str = "auto") -> FlexBertConfig:
     """Translate a ``transformers.ModernBertConfig``."""
@@ -56,10 +76,9 @@ def flexbert_config_from_hf(hf_config: Any, attn_backend: str = "auto") -> FlexB
     )
 
 
-def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
-    """Translate to a ``transformers.ModernBertConfig``; refuse what ModernBERT cannot represent."""
-    from transformers import ModernBertConfig
-
+def _refuse_unrepresentable(config: FlexBertConfig) -> None:
+    """Raise naming the first feature transformers' ModernBERT has no equivalent for: an export
+    would load without error there and silently compute something else."""
     for slot, supported in _MODERNBERT_BLOCKS.items():
         chosen = getattr(config.blocks, slot)
         if chosen != supported:
@@ -75,6 +94,37 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
             f"model.attention_probs_dropout={config.attention_probs_dropout} differs from "
             f"model.attention_output_dropout={config.attention_output_dropout}"
         )
+
+
+def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
+    """Alternating attention under both vocabularies transformers has used. 4.x reads only the first
+    four names and 5.x only the last two, so a config.json with one set silently gets default
+    thetas in the other version."""
+    for key in ("global_rope_theta", "local_rope_theta"):
+        theta = getattr(config, key)
+        # A None or -1 theta loads without complaint and gives NaN logits (ModernBERT issue #209).
+        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise ValueError(f"model.{key}={theta!r} is not a positive RoPE theta")
+    layer_types = ["full_attention" if config.is_global_layer(i) else "sliding_attention"
+                   for i in range(config.num_hidden_layers)]
+    return dict(
+        global_attn_every_n_layers=config.global_attn_every_n_layers,
+        local_attention=config.local_attention,
+        global_rope_theta=float(config.global_rope_theta),
+        local_rope_theta=float(config.local_rope_theta),
+        layer_types=layer_types,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": float(config.global_rope_theta)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(config.local_rope_theta)},
+        },
+    )
+
+
+def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
+    """Translate to a ``transformers.ModernBertConfig``; refuse what ModernBERT cannot represent."""
+    from transformers import ModernBertConfig
+
+    _refuse_unrepresentable(config)
     kwargs = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -93,10 +143,6 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
         embedding_dropout=config.embedding_dropout,
         attention_dropout=config.attention_output_dropout,
         mlp_dropout=config.mlp_dropout,
-        global_attn_every_n_layers=config.global_attn_every_n_layers,
-        local_attention=config.local_attention,
-        global_rope_theta=config.global_rope_theta,
-        local_rope_theta=config.local_rope_theta,
         initializer_range=config.initializer_range,
         initializer_cutoff_factor=config.initializer_cutoff_factor,
         pad_token_id=config.pad_token_id,
@@ -107,21 +153,103 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
         sparse_prediction=config.sparse_prediction,
         tie_word_embeddings=True,
         reference_compile=False,
+        **_attention_pattern(config),
     )
     kwargs.update(overrides)
     return ModernBertConfig(**kwargs)
 
 
+def _config_json(model: FlexBertForMaskedLM) -> dict[str, Any]:
+    """The config.json of an export: every ModernBertConfig field, and the attention pattern under
+    both versions' names whichever transformers is installed here."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {
+        **hf_config_from_flexbert(model.config).to_dict(),
+        **_attention_pattern(model.config),
+        "architectures": ["ModernBertForMaskedLM"],
+        "model_type": "modernbert",
+        # transformers renamed torch_dtype to dtype in 4.56; each version reads one of them.
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _tokenizer_files(tokenizer_dir: str | os.PathLike, config: FlexBertConfig) -> list[Path]:
+    """The files to ship with the model, once the tokenizer is known to fit it."""
+    from flexbert.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
+                         f"model's vocab_size={config.vocab_size}")
+    for key, token_id in (("pad_token_id", tokenizer.pad_id), ("cls_token_id", tokenizer.cls_id),
+                          ("sep_token_id", tokenizer.sep_id)):
+        if getattr(config, key) != token_id:
+            raise ValueError(f"model.{key}={getattr(config, key)} disagrees with tokenizer {tokenizer.path}, "
+                             f"whose id is {token_id}")
+    return [tokenizer.path / name for name in TOKENIZER_FILES if (tokenizer.path / name).is_file()]
+
+
+def export_hf(model: FlexBertForMaskedLM, out_dir: str | os.PathLike,
+              tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` as a transformers ModernBertForMaskedLM directory: config.json,
+    model.safetensors and, given ``tokenizer_dir``, the tokenizer files.
+
+    Everything is checked before anything is written, and the directory appears all at once.
+    """
+    from safetensors.torch import save_file
+
+    from flexbert.data.atomic_output import atomic_output_dir
+
+    config_json = _config_json(model)
+    tokenizer_files = _tokenizer_files(tokenizer_dir, model.config) if tokenizer_dir is not None else []
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+               if name != _TIED_DECODER_KEY}
+    with atomic_output_dir(out_dir, overwrite) as staging:
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        # safetensors creates the file 0600 whatever the umask; give it the directory's permissions.
+        (staging / "model.safetensors").chmod(staging.stat().st_mode & 0o666)
+        for file in tokenizer_files:
+            shutil.copyfile(file, staging / file.name)
+    return Path(out_dir)
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+def _load_hf_dir(path: Path):
+    """A ModernBertForMaskedLM from a local directory, refusing anything that would load with
+    freshly initialised weights in place of missing ones."""
+    from transformers import ModernBertForMaskedLM
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):  # not JSON, or not a JSON object
+        raise ValueError(f"{config_file} is not a Hugging Face config (a JSON object)") from None
+    if model_type != "modernbert":
+        raise ValueError(f"{path} holds a {model_type!r} model, not ModernBERT (model_type 'modernbert')")
+    try:
+        hf_model, info = ModernBertForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except OSError as err:  # no weights file, or an unreadable one
+        raise ValueError(f"{path}: {err}") from None
+    if info["missing_keys"]:
+        raise ValueError(f"{path} is not a ModernBertForMaskedLM checkpoint; it lacks "
+                         + ", ".join(sorted(info["missing_keys"])))
+    return hf_model
+
+
 def from_hf(model_or_dir: Any, attn_backend: str = "auto") -> FlexBertForMaskedLM:
     """A ``ModernBertForMaskedLM`` (instance or local directory) as a :class:`FlexBertForMaskedLM`
     with the same weights."""
-    from transformers import AutoModelForMaskedLM, ModernBertForMaskedLM
+    from transformers import ModernBertForMaskedLM
 
     if isinstance(model_or_dir, (str, os.PathLike)):
-        path = os.fspath(model_or_dir)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path!r} is not a Hugging Face model directory (no config.json)")
-        hf_model = AutoModelForMaskedLM.from_pretrained(path)
+        hf_model = _load_hf_dir(Path(model_or_dir))
     else:
         hf_model = model_or_dir
     if not isinstance(hf_model, ModernBertForMaskedLM):
@@ -130,3 +258,92 @@ def from_hf(model_or_dir: Any, attn_backend: str = "auto") -> FlexBertForMaskedL
     # FlexBERT's default blocks carry ModernBERT's parameter names, so the keys match one to one.
     model.load_state_dict(hf_model.state_dict(), strict=True)
     return model.to(next(hf_model.parameters()).dtype)
+
+
+def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Turn a ModernBERT directory into a checkpoint file that a recipe loads with ``load_path`` and
+    ``load_weights_only: true``; its model config rides along so that :func:`export_hf` can
+    re-export it."""
+    out = Path(out_checkpoint)
+    if out.is_dir():
+        raise ValueError(f"output {out} is a directory; name the checkpoint file to write")
+    if out.exists() and not overwrite:
+        raise ValueError(f"output {out} already exists; use --overwrite to replace it")
+    model = from_hf(hf_dir)
+    checkpoint = {
+        # The layout Composer saves: ComposerMLM holds the encoder as its attribute ``model``.
+        "state": {"model": {f"model.{name}": tensor for name, tensor in model.state_dict().items()}},
+        MODEL_CONFIG_KEY: dataclasses.asdict(model.config),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, out)  # atomic: the checkpoint appears whole or not at all
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+# --- Composer checkpoints -------------------------------------------------------------------------
+
+def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[FlexBertConfig, Path]:
+    """The model a resolved training config builds, and its tokenizer directory.
+
+    Unlike ``TrainConfig.from_dict`` this needs neither the training data nor ``load_path`` to still
+    exist: an export often happens long after both are gone.
+    """
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.config import TrainConfig
+    from flexbert.typed_config import from_dict
+
+    parsed = from_dict(TrainConfig, training_config, "config")
+    tokenizer = load_tokenizer(parsed.train_loader.tokenizer)
+    model_section = {
+        **parsed.model,
+        # Training took the special-token ids from the tokenizer (and refused disagreeing ones).
+        "pad_token_id": tokenizer.pad_id, "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id,
+        # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
+        "attn_backend": "auto",
+    }
+    return FlexBertConfig.from_dict(model_section, path="model"), tokenizer.path
+
+
+def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
+                          ) -> tuple[FlexBertForMaskedLM, Path | None]:
+    """The encoder a Composer checkpoint of this project holds, and the tokenizer it was trained
+    with when that is known.
+
+    The model config comes from ``training_config`` when given, else from the checkpoint itself
+    (written by :func:`import_hf`), else from the run folder's config.json (a checkpoint saved by
+    training sits in ``<run folder>/checkpoints/``).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        weights = saved["state"]["model"]
+    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
+        raise ValueError(f"{path} is not a readable Composer checkpoint ({err})") from None
+
+    tokenizer_dir = None
+    run_config_file = path.absolute().parent.parent / "config.json"
+    if training_config is not None:
+        config, tokenizer_dir = _model_config_from_training(training_config)
+    elif MODEL_CONFIG_KEY in saved:
+        config = FlexBertConfig.from_dict(saved[MODEL_CONFIG_KEY], path=MODEL_CONFIG_KEY)
+    elif run_config_file.is_file():
+        config, tokenizer_dir = _model_config_from_training(json.loads(run_config_file.read_text()))
+    else:
+        raise ValueError(f"cannot tell which model {path} holds: it carries no model config and there is no "
+                         f"run folder config.json at {run_config_file}; pass the recipe with --config")
+
+    model = FlexBertForMaskedLM(config)
+    try:
+        # ComposerMLM holds the encoder as its attribute ``model``.
+        model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in weights.items()}, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise ValueError(f"{path} does not hold the model its config describes: {first[0].strip()}") from None
+    return model, tokenizer_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,19 @@ class DocumentDataset(StreamingDataset):
         }
 
 
-def build_dataset(config: LoaderConfig) -> DocumentDataset:
+def build_dataset(config: LoaderConfig, attempts: int = 5) -> DocumentDataset:
+    # streaming picks its shared-memory prefix by probing names and then creating one, without a
+    # lock: a process (or a dying one's resource tracker) acting on the same name in between makes
+    # the creation fail. A fresh probe then finds a free name.
+    for attempt in range(attempts - 1):
+        try:
+            return _streaming_dataset(config)
+        except FileExistsError:
+            time.sleep(0.2 * (attempt + 1))
+    return _streaming_dataset(config)
+
+
+def _streaming_dataset(config: LoaderConfig) -> DocumentDataset:
     streams = [
         Stream(remote=s.remote, local=s.local, split=s.split, proportion=s.proportion, repeat=s.repeat,
                choose=s.choose, download_retry=config.download_retry, download_timeout=config.download_timeout)
