@@ -29,7 +29,9 @@ demo: install $(foreach s,$(DEMO_SOURCES),$(DEMO_DATA)/mds/$(s)/index.json)
 	$(BIN)/python main.py yamls/demo/context-extension.yaml
 	$(BIN)/python main.py yamls/demo/decay.yaml
 	$(BIN)/flexbert plot $(DEMO)/demo-pretrain $(DEMO)/demo-context-extension $(DEMO)/demo-decay
-	@echo "demo done: checkpoints in $(DEMO)/demo-*/checkpoints, plots in $(DEMO)/demo-*/plots"
+	$(BIN)/flexbert export-hf $(DEMO)/demo-decay/checkpoints/latest-rank0.pt $(DEMO)/hf --overwrite
+	@echo "demo done: checkpoints in $(DEMO)/demo-*/checkpoints, plots in $(DEMO)/demo-*/plots," \
+		"Hugging Face model in $(DEMO)/hf"
 
 $(DEMO_DATA)/corpus/manifest.json: | install
 	$(BIN)/python data_prep/build_demo_corpus.py $(DEMO_DATA)/corpus --overwrite

@@ -231,3 +231,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert process.wait(timeout=120) == 0
     saved = list((tmp_path / "tiny" / "checkpoints").glob("ep0-ba*-rank0.pt"))
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("-ba")[1].split("-")[0]) < 100000
+
+
+def test_hf_export_during_training(corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    recipe = tiny_recipe(corpus, tmp_path, max_duration="5ba", hf_export={"interval": "2ba"})
+    train(recipe)
+    exported = sorted(p.name for p in (tmp_path / "tiny" / "hf").iterdir())
+    assert exported == ["ba2", "ba4", "ba5"]
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "tiny" / "hf" / "ba5",
+                                                                    output_loading_info=True)
+    assert not any(info.values())
+    final = torch.load(tmp_path / "tiny" / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
+    assert torch.equal(model.state_dict()["head.dense.weight"], final["model.head.dense.weight"])

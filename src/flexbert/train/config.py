@@ -11,6 +11,7 @@ from flexbert.data.streams import LoaderConfig
 from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.model import FlexBertConfig
 from flexbert.train.batching import BatchWarmupConfig, parse_time
+from flexbert.train.hf_export import HFExportConfig
 from flexbert.train.loggers import LoggingConfig
 from flexbert.train.optimizers import OptimizerConfig
 from flexbert.train.schedulers import SchedulerConfig
@@ -44,6 +45,7 @@ class TrainConfig:
     load_path: str | None = None
     load_weights_only: bool = True
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hf_export: HFExportConfig | None = None
     fsdp_config: dict[str, Any] | None = None
     compile: bool = False
     dist_timeout: float = 600.0
@@ -80,6 +82,8 @@ class TrainConfig:
         self.scheduler.validate("scheduler")
         for key in ("max_duration", "eval_interval", "save_interval"):
             parse_time(getattr(self, key), key)
+        if self.hf_export is not None:
+            parse_time(self.hf_export.interval, "hf_export.interval")
         if self.precision not in PRECISIONS:
             raise ConfigError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for key in ("global_batch_rows", "device_microbatch_rows", "save_num_checkpoints_to_keep"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from composer import Evaluator, Trainer
@@ -13,6 +14,7 @@ from flexbert.model import FlexBertForMaskedLM
 from flexbert.train.batching import BatchSizeSchedule, data_spec
 from flexbert.train.composer_model import ComposerMLM
 from flexbert.train.config import TrainConfig
+from flexbert.train.hf_export import HFExport
 from flexbert.train.lifecycle import LoaderCheckpoint, SigtermCheckpoint
 from flexbert.train.loggers import build_callbacks, build_loggers
 from flexbert.train.optimizers import build_optimizer
@@ -65,6 +67,10 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
                                     device_eval_microbatch_size=config.eval_loader.rows_per_batch))
 
     sigterm = SigtermCheckpoint(config.save_interval)
+    callbacks = [*build_callbacks(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm]
+    if config.hf_export is not None:
+        folder = Path(config.hf_export.folder or config.run_dir / "hf")
+        callbacks.append(HFExport(config.hf_export, folder, config.train_loader.tokenizer, model_config))
     run_dir = config.run_dir
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +89,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         device_train_microbatch_size=config.device_microbatch_rows,
         accumulate_train_batch_on_tokens=True,
         spin_dataloaders=False,  # the loader resumes itself; never replay batches
-        callbacks=[*build_callbacks(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm],
+        callbacks=callbacks,
         loggers=build_loggers(config.logging, run_dir, config.run_name),
         progress_bar=config.logging.progress_bar,
         log_to_console=not config.logging.progress_bar,

@@ -1,0 +1,46 @@
+"""Writing a Hugging Face ModernBERT directory while training runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+from composer.utils import dist
+from composer.utils.misc import create_interval_scheduler
+
+from flexbert.hf import export_hf, hf_config_from_flexbert
+from flexbert.model import FlexBertConfig
+
+
+@dataclass
+class HFExportConfig:
+    """``hf_export:`` every ``interval`` and at the end, write ``folder/ba<N>``, loadable with
+    ``transformers.AutoModelForMaskedLM.from_pretrained``."""
+
+    interval: str = "1000ba"
+    folder: str | None = None  # default: <run folder>/hf
+
+
+class HFExport(Callback):
+    def __init__(self, config: HFExportConfig, folder: Path, tokenizer_dir: str, model_config: FlexBertConfig):
+        hf_config_from_flexbert(model_config)  # refuse an unexportable architecture before training
+        self.folder = folder
+        self.tokenizer_dir = tokenizer_dir
+        self._due = create_interval_scheduler(config.interval.replace("_", ""), include_end_of_training=False,
+                                              checkpoint_events=False)
+        self._last_exported: int | None = None
+
+    def _export(self, state: State) -> None:
+        batch = int(state.timestamp.batch)
+        if dist.get_global_rank() == 0 and batch != self._last_exported:
+            export_hf(state.model.model, self.folder / f"ba{batch}", tokenizer_dir=self.tokenizer_dir, overwrite=True)
+        self._last_exported = batch
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if self._due(state, Event.BATCH_END):
+            self._export(state)
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self._export(state)
