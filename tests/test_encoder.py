@@ -196,3 +196,38 @@ def test_learned_positions_restart_per_document():
     packed = model(stream, cu_seqlens=cu).logits
     torch.testing.assert_close(packed[20:], model(stream[20:][None]).logits[0], atol=1e-5, rtol=0)
     assert model.model.embeddings.position_embeddings.num_embeddings == 1024
+
+
+# --- fine-tuning heads ----------------------------------------------------------------------------
+
+def test_sequence_classifier_pools_each_packed_document():
+    from flexbert.model import FlexBertForSequenceClassification
+
+    stream, cu = stream_and_cu([30, 1, 12])
+    for pooling in ("cls", "mean"):
+        model = FlexBertForSequenceClassification(tiny_config(), num_labels=3, pooling=pooling).eval()
+        packed = model(stream, cu_seqlens=cu).logits
+        assert packed.shape == (3, 3)
+        for doc, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            hidden = model.model.encode(stream[start:end][None]).hidden  # [L, H]
+            pooled = hidden[0] if pooling == "cls" else hidden.mean(0)
+            torch.testing.assert_close(packed[doc], model.classify(pooled), atol=1e-5, rtol=0)
+
+
+def test_classifier_losses_and_init():
+    from flexbert.model import FlexBertForSequenceClassification, FlexBertForTokenClassification
+
+    ids = torch.randint(3, 256, (4, 16))
+    regression = FlexBertForSequenceClassification(tiny_config(), num_labels=1)
+    targets = torch.tensor([0.5, 1.0, 4.0, 2.5])
+    out = regression(ids, labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), targets))
+    tagger = FlexBertForTokenClassification(tiny_config(), num_labels=5)
+    labels = torch.randint(0, 5, (4, 16))
+    labels[:, :3] = -100
+    out = tagger(ids, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, 3:].reshape(-1, 5), labels[:, 3:].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+    wide = FlexBertForSequenceClassification(tiny_config(hidden_size=256, intermediate_size=384), num_labels=2000)
+    weight = wide.classifier.weight
+    assert weight.abs().max() <= 2 * 256**-0.5 and weight.std().item() == pytest.approx(0.88 * 256**-0.5, rel=0.05)

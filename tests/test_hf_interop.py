@@ -306,3 +306,43 @@ def test_existing_output_needs_overwrite(imported, tmp_path, capsys):
     assert run_cli(capsys, "import-hf", hf_dir, tmp_path / "old.pt", "--overwrite")[0] == 0
     assert torch.equal(torch.load(tmp_path / "old.pt", weights_only=False)["state"]["model"]["model.decoder.bias"],
                        from_hf(hf_dir).decoder.bias)
+
+
+# --- classification exports -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("task,pooling,num_labels", [("sequence", "cls", 3), ("sequence", "mean", 1),
+                                                     ("token", None, 5)])
+def test_classifiers_export_to_their_transformers_class(tmp_path, task, pooling, num_labels):
+    import transformers
+
+    from flexbert.hf import export_hf
+    from flexbert.model import FlexBertForSequenceClassification, FlexBertForTokenClassification
+    from conftest import tiny_config
+
+    config = tiny_config(local_attention=16)
+    if task == "sequence":
+        ours = FlexBertForSequenceClassification(config, num_labels, pooling=pooling).eval()
+        auto = transformers.AutoModelForSequenceClassification
+    else:
+        ours = FlexBertForTokenClassification(config, num_labels).eval()
+        auto = transformers.AutoModelForTokenClassification
+    with torch.no_grad():  # a trained-looking classifier, so differences would show
+        ours.classifier.bias.normal_()
+        for layer in ours.model.layers:
+            layer.attn.Wqkv.weight.mul_(8.0)
+    export_hf(ours, tmp_path / "hf")
+    theirs, info = auto.from_pretrained(tmp_path / "hf", output_loading_info=True, attn_implementation="eager")
+    assert not any(info.values())
+    assert type(theirs).__name__ == f"ModernBertFor{'Sequence' if task == 'sequence' else 'Token'}Classification"
+    theirs.eval()
+    ids = torch.randint(3, 256, (3, 60))
+    mask = torch.ones_like(ids)
+    mask[1, 45:] = 0
+    mask[2, 20:] = 0
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).logits
+        actual = ours(ids, mask).logits
+    if task == "token":
+        expected, actual = expected[mask.bool()], actual[mask.bool()]
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() <= 1e-4

@@ -19,8 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.model import (
+    FlexBertConfig,
+    FlexBertForMaskedLM,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+)
 
 # Blocks that transformers' ModernBERT implements; anything else cannot be represented there.
 _MODERNBERT_BLOCKS = {
@@ -159,14 +165,28 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
     return ModernBertConfig(**kwargs)
 
 
-def _config_json(model: FlexBertForMaskedLM) -> dict[str, Any]:
+def _task(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """transformers' class for ``model`` and the config fields of its task head."""
+    if isinstance(model, FlexBertForSequenceClassification):
+        problem = "regression" if model.num_labels == 1 else "single_label_classification"
+        return "ModernBertForSequenceClassification", dict(
+            num_labels=model.num_labels, classifier_pooling=model.pooling,
+            classifier_dropout=model.classifier_dropout, problem_type=problem)
+    if isinstance(model, FlexBertForTokenClassification):
+        return "ModernBertForTokenClassification", dict(
+            num_labels=model.num_labels, classifier_dropout=model.classifier_dropout)
+    return "ModernBertForMaskedLM", {}
+
+
+def _config_json(model: nn.Module) -> dict[str, Any]:
     """The config.json of an export: every ModernBertConfig field, and the attention pattern under
     both versions' names whichever transformers is installed here."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    architecture, task_fields = _task(model)
     return {
-        **hf_config_from_flexbert(model.config).to_dict(),
+        **hf_config_from_flexbert(model.config, **task_fields).to_dict(),
         **_attention_pattern(model.config),
-        "architectures": ["ModernBertForMaskedLM"],
+        "architectures": [architecture],
         "model_type": "modernbert",
         # transformers renamed torch_dtype to dtype in 4.56; each version reads one of them.
         "dtype": dtype,
@@ -192,10 +212,11 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike, config: FlexBertConfig) -
     return [tokenizer.path / name for name in TOKENIZER_FILES if (tokenizer.path / name).is_file()]
 
 
-def export_hf(model: FlexBertForMaskedLM, out_dir: str | os.PathLike,
+def export_hf(model: nn.Module, out_dir: str | os.PathLike,
               tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` as a transformers ModernBertForMaskedLM directory: config.json,
-    model.safetensors and, given ``tokenizer_dir``, the tokenizer files.
+    """Write ``model`` (masked LM, sequence or token classifier) as the matching transformers
+    ModernBERT directory: config.json, model.safetensors and, given ``tokenizer_dir``, the
+    tokenizer files.
 
     Everything is checked before anything is written, and the directory appears all at once.
     """

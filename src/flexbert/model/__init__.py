@@ -17,6 +17,10 @@ from flexbert.model import (  # noqa: F401  (imported for their registrations)
 from flexbert.model.config import PRESETS, BlocksConfig, FlexBertConfig
 from flexbert.model.layout import DocumentLayout, Unpadding
 from flexbert.model.model import FlexBertForMaskedLM, FlexBertModel, MaskedLMOutput
+from flexbert.model.classification import (
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+)
 
 __all__ = [
     "PRESETS",
@@ -24,6 +28,8 @@ __all__ = [
     "DocumentLayout",
     "FlexBertConfig",
     "FlexBertForMaskedLM",
+    "FlexBertForSequenceClassification",
+    "FlexBertForTokenClassification",
     "FlexBertModel",
     "MaskedLMOutput",
     "Unpadding",

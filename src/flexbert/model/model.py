@@ -23,6 +23,25 @@ from flexbert.model.registries import ATTENTION_BACKENDS, EMBEDDINGS, HEAD, INIT
 from flexbert.model.rope import RotaryTables
 
 
+@dataclass
+class EncodedBatch:
+    """The encoder's output on the unpadded stream, and the way back to the caller's layout."""
+
+    hidden: torch.Tensor  # [T, H]
+    layout: DocumentLayout
+    unpadding: Unpadding | None  # set when the input was padded
+
+    def flatten(self, per_token: torch.Tensor | None) -> torch.Tensor | None:
+        """Caller layout ([B, S, ...] or [T, ...]) -> [T, ...]."""
+        if per_token is None or self.unpadding is None:
+            return per_token
+        return self.unpadding.unpad(per_token)
+
+    def restore(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[T, ...] -> the caller's layout, zeros at padding."""
+        return per_token if self.unpadding is None else self.unpadding.repad(per_token)
+
+
 class FlexBertModel(nn.Module):
     """The encoder: embeddings, a stack of layers, and a final norm."""
 
@@ -48,6 +67,28 @@ class FlexBertModel(nn.Module):
             cos, sin = self.rotary.lookup(layout.positions, layout.max_seqlen, theta)
             contexts[is_global] = AttentionContext(prepare(layout, half_window, scale), cos, sin)
         return contexts
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> EncodedBatch:
+        """Run the encoder on either input form:
+
+        * padded: ``input_ids`` [B, S] with ``attention_mask`` [B, S] (1 = real token), unpadded here;
+        * unpadded/packed: ``input_ids`` [T] with ``cu_seqlens`` [docs + 1] (and ``max_seqlen``).
+        """
+        unpadding = None
+        if cu_seqlens is None:
+            if input_ids.dim() != 2:
+                raise ValueError("input_ids must be [B, S] (padded) or [T] with cu_seqlens (unpadded)")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            unpadding = Unpadding.from_attention_mask(attention_mask)
+            layout = unpadding.layout
+            input_ids = unpadding.unpad(input_ids)
+        else:
+            if input_ids.dim() != 1:
+                raise ValueError("with cu_seqlens, input_ids must be the flat [T] token stream")
+            layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
+        return EncodedBatch(self(input_ids, layout), layout, unpadding)
 
     def forward(self, input_ids: torch.Tensor, layout: DocumentLayout) -> torch.Tensor:
         """input_ids: [T] -> hidden states [T, H]"""
@@ -91,41 +132,20 @@ class FlexBertForMaskedLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> MaskedLMOutput:
-        """Two input forms:
-
-        * padded: ``input_ids`` [B, S] with ``attention_mask`` [B, S] (1 = real token);
-        * unpadded/packed: ``input_ids`` [T] with ``cu_seqlens`` [docs + 1] (and ``max_seqlen``).
-
-        ``labels`` has the shape of ``input_ids``; -100 marks positions without a target.
-        """
-        unpadding = None
-        if cu_seqlens is None:
-            if input_ids.dim() != 2:
-                raise ValueError("input_ids must be [B, S] (padded) or [T] with cu_seqlens (unpadded)")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-            unpadding = Unpadding.from_attention_mask(attention_mask)
-            layout = unpadding.layout
-            input_ids = unpadding.unpad(input_ids)
-            labels = unpadding.unpad(labels) if labels is not None else None
-        else:
-            if input_ids.dim() != 1:
-                raise ValueError("with cu_seqlens, input_ids must be the flat [T] token stream")
-            layout = DocumentLayout.from_cu_seqlens(cu_seqlens, max_seqlen, input_ids.shape[0])
-
-        hidden = self.model(input_ids, layout)  # [T, H]
+        """Input forms as :meth:`FlexBertModel.encode`; ``labels`` has the shape of ``input_ids``,
+        with -100 where there is no target."""
+        encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        hidden = encoded.hidden  # [T, H]
+        labels = encoded.flatten(labels)
         if labels is not None and self.config.sparse_prediction:
             predicted = labels != IGNORE_INDEX
             logits = self.decoder(self.head(hidden[predicted]))  # [N, V]
             loss = self.loss_fn(logits, labels[predicted])
         else:
-            logits = self.decoder(self.head(hidden))  # [T, V]
-            loss = self.loss_fn(logits, labels) if labels is not None else None
-            if unpadding is not None:
-                logits = unpadding.repad(logits)
-        if unpadding is not None:
-            hidden = unpadding.repad(hidden)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden)
+            token_logits = self.decoder(self.head(hidden))  # [T, V]
+            loss = self.loss_fn(token_logits, labels) if labels is not None else None
+            logits = encoded.restore(token_logits)  # [B, S, V] or [T, V]
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=encoded.restore(hidden))
 
     def set_rope_theta(self, global_theta: float | None = None, local_theta: float | None = None) -> None:
         """Change RoPE thetas (e.g. 160k global for context extension); frequencies follow at once."""

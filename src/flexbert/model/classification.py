@@ -1,0 +1,95 @@
+"""Fine-tuning heads: one label per document (classification or regression) or per token.
+
+Both follow transformers' ModernBERT layout, so they export as ModernBertForSequenceClassification
+and ModernBertForTokenClassification: encoder -> (pooling) -> head -> dropout -> classifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flexbert.model.config import FlexBertConfig
+from flexbert.model.layout import DocumentLayout
+from flexbert.model.losses import IGNORE_INDEX
+from flexbert.model.model import FlexBertModel
+from flexbert.model.registries import HEAD, INIT
+
+POOLINGS = ("cls", "mean")
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor  # [docs, labels] per document; [B, S, labels] or [T, labels] per token
+
+
+def pool_documents(hidden: torch.Tensor, layout: DocumentLayout, pooling: str) -> torch.Tensor:
+    """[T, H] -> [docs, H]: each document's first token ("cls") or the mean of its tokens."""
+    if pooling == "cls":
+        return hidden[layout.cu_seqlens[:-1].long()]
+    sums = hidden.new_zeros(layout.num_docs, hidden.shape[-1]).index_add(0, layout.doc_ids, hidden)
+    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).to(hidden.dtype)
+    return sums / lengths[:, None]
+
+
+class Classifier(nn.Module):
+    """Shared by both tasks: encoder, prediction head, dropout and a biased linear classifier."""
+
+    def __init__(self, config: FlexBertConfig, num_labels: int, classifier_dropout: float = 0.0):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be at least 1, got {num_labels}")
+        self.config = config
+        self.num_labels = num_labels
+        self.classifier_dropout = classifier_dropout
+        self.model = FlexBertModel(config)
+        self.head = HEAD.get(config.blocks.head)(config)
+        self.drop = nn.Dropout(classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        INIT.get(config.blocks.init)(self, config)
+
+    def classify(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(self.head(hidden)))
+
+
+class FlexBertForSequenceClassification(Classifier):
+    """One prediction per document; ``num_labels == 1`` means regression (MSE), else cross-entropy."""
+
+    def __init__(self, config: FlexBertConfig, num_labels: int, pooling: str = "cls",
+                 classifier_dropout: float = 0.0):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        super().__init__(config, num_labels, classifier_dropout)
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> ClassifierOutput:
+        """Input forms as :meth:`FlexBertModel.encode`; ``labels``: [docs] class ids or targets."""
+        encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        logits = self.classify(pool_documents(encoded.hidden, encoded.layout, self.pooling))  # [docs, labels]
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+        return ClassifierOutput(loss, logits)
+
+
+class FlexBertForTokenClassification(Classifier):
+    """One prediction per token (e.g. NER); labels of -100 are ignored."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None) -> ClassifierOutput:
+        encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        token_logits = self.classify(encoded.hidden)  # [T, labels]
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(token_logits.float(), encoded.flatten(labels), ignore_index=IGNORE_INDEX)
+        return ClassifierOutput(loss, encoded.restore(token_logits))
