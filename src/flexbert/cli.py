@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flexbert.data.labeled import LabeledDataError
 from flexbert.data.loader import DataError
 from flexbert.data.tokenizer import TokenizerError
 from flexbert.typed_config import ConfigError
@@ -95,20 +96,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from flexbert.train.config import TrainConfig
 
     raw = load_yaml_config(args.config, args.overrides)
-    # The composer launcher sets WORLD_SIZE, so batch divisibility is checked before any process
-    # group or model exists.
-    config = TrainConfig.from_dict(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if "task" in raw:  # a fine-tuning recipe (phase 3)
+        from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
+
+        config = FinetuneConfig.from_dict(raw)
+        build = build_finetune_trainer
+    else:
+        from flexbert.train.run import build_trainer
+
+        # The composer launcher sets WORLD_SIZE, so batch divisibility is checked before any
+        # process group or model exists.
+        config = TrainConfig.from_dict(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        build = build_trainer
     if args.print_config:
         print(OmegaConf.to_yaml(raw), end="")
         return 0
-    from flexbert.train.run import build_trainer
-
-    trainer = build_trainer(config, raw)
+    trainer = build(config, raw)
     trainer.fit()
     trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run {config.run_name}: checkpoints in {config.checkpoint_folder}, metrics in "
-              f"{config.run_dir / 'metrics.jsonl'} (plot them: flexbert plot {config.run_dir})")
+        run_dir = Path(config.run_root) / config.run_name
+        print(f"run {config.run_name}: metrics in {run_dir / 'metrics.jsonl'} (plot them: flexbert plot {run_dir})")
     return 0
 
 
@@ -229,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DataError, TokenizerError, ImportError) as err:
+    except (ConfigError, DataError, LabeledDataError, TokenizerError, ImportError) as err:
         print(f"flexbert: error: {err}", file=sys.stderr)
         return 2
 

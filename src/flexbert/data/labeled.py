@@ -1,0 +1,127 @@
+"""Labelled text for fine-tuning: sentences or sentence pairs with a class or a score, read from
+CSV/TSV/JSONL files or a ``save_to_disk`` dataset, tokenized and batched unpadded."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexbert.data.tokenizer import MLMTokenizer
+
+
+class LabeledDataError(ValueError):
+    """A fine-tuning split cannot be used as configured."""
+
+
+@dataclass
+class SplitConfig:
+    path: str  # .tsv, .csv, .jsonl, or a save_to_disk directory
+    text_columns: list[str] = field(default_factory=lambda: ["sentence"])  # one column, or two for pairs
+    label_column: str = "label"
+    limit: int | None = None  # first N examples only (quick runs, tests)
+
+
+def _rows(path: Path) -> Iterator[dict]:
+    if path.is_dir():
+        import datasets
+
+        yield from datasets.load_from_disk(str(path))
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise LabeledDataError(f"{path}:{number}: not JSON ({err.msg})") from None
+    elif path.suffix in (".tsv", ".csv"):
+        with path.open(encoding="utf-8", newline="") as file:
+            # GLUE's TSVs quote nothing; a quote character inside a sentence is just a character.
+            dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else {}
+            yield from csv.DictReader(file, **dialect)
+    else:
+        raise LabeledDataError(f"{path}: unsupported format (use .tsv, .csv, .jsonl or a save_to_disk folder)")
+
+
+@dataclass
+class LabeledSplit:
+    """Tokenized examples: each is [CLS] A [SEP] (B [SEP]) and one label."""
+
+    token_ids: list[np.ndarray]
+    labels: torch.Tensor  # [N] int64 class ids, or float32 scores when num_labels == 1
+    truncated: int
+
+
+def load_split(config: SplitConfig, tokenizer: MLMTokenizer, num_labels: int, max_seq_len: int,
+               label_names: Sequence[str] | None = None, path: str = "split") -> LabeledSplit:
+    """Read, check and tokenize one split. Class labels may be ids or, with ``label_names``, names."""
+    file = Path(config.path)
+    if not file.exists():
+        raise LabeledDataError(f"{path}.path: {file} does not exist")
+    if len(config.text_columns) not in (1, 2):
+        raise LabeledDataError(f"{path}.text_columns: give one column, or two for sentence pairs")
+    texts, labels = [], []
+    for row in _rows(file):
+        if config.limit is not None and len(labels) == config.limit:
+            break
+        for column in (*config.text_columns, config.label_column):
+            if column not in row:
+                raise LabeledDataError(f"{path}: {file} has no column {column!r} (columns: {', '.join(row)})")
+        texts.append([str(row[column]) for column in config.text_columns])
+        labels.append(_label(row[config.label_column], num_labels, label_names, f"{path}: {file} row {len(labels)}"))
+    if not labels:
+        raise LabeledDataError(f"{path}: {file} holds no examples")
+    encodings = tokenizer.tokenizer.encode_batch(
+        [tuple(pair) if len(pair) == 2 else pair[0] for pair in texts], add_special_tokens=True)
+    token_ids, truncated = [], 0
+    for encoding in encodings:
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        if len(ids) > max_seq_len:
+            truncated += 1
+            ids = np.concatenate((ids[: max_seq_len - 1], [tokenizer.sep_id]))  # keep the closing [SEP]
+        token_ids.append(ids)
+    if truncated:
+        warnings.warn(f"{path}: {truncated} of {len(labels)} examples in {file} were longer than "
+                      f"{max_seq_len} tokens and were truncated")
+    dtype = torch.float32 if num_labels == 1 else torch.int64
+    return LabeledSplit(token_ids, torch.tensor(labels, dtype=dtype), truncated)
+
+
+def _label(value, num_labels: int, label_names: Sequence[str] | None, where: str) -> float | int:
+    if num_labels == 1:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise LabeledDataError(f"{where}: label {value!r} is not a number (regression task)") from None
+    if label_names is not None and str(value) in label_names:
+        return list(label_names).index(str(value))
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        raise LabeledDataError(f"{where}: label {value!r} is not a class id"
+                               + (f" or one of {list(label_names)}" if label_names else "")) from None
+    if not 0 <= label < num_labels:
+        raise LabeledDataError(f"{where}: label {label} is outside [0, num_labels={num_labels})")
+    return label
+
+
+def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int) -> Iterator[dict]:
+    """Unpadded batches: the flat token stream, cu_seqlens, and one label per example."""
+    order = np.random.default_rng(seed).permutation(len(split.token_ids)) if shuffle else np.arange(len(split.token_ids))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        pieces = [split.token_ids[i] for i in chosen]
+        lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int32)
+        yield {
+            "input_ids": torch.from_numpy(np.concatenate(pieces)),
+            "cu_seqlens": torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)),
+            "max_seqlen": int(lengths.max()),
+            "labels": split.labels[torch.from_numpy(chosen)],
+        }

@@ -1,0 +1,188 @@
+"""Phase 3: fine-tuning a pretrained encoder on a labelled task (GLUE-style classification or
+regression), from one of this project's checkpoints or a Hugging Face ModernBERT directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchmetrics
+from composer import Evaluator, Trainer
+from composer.callbacks import LRMonitor
+from composer.core import DataSpec, Time, TimeUnit
+from composer.models import ComposerModel
+from composer.utils import reproducibility
+
+from flexbert.data.labeled import LabeledSplit, SplitConfig, batches, load_split
+from flexbert.data.tokenizer import load_tokenizer
+from flexbert.model import FlexBertConfig, FlexBertForSequenceClassification
+from flexbert.train.loggers import LoggingConfig, build_loggers
+from flexbert.train.optimizers import OptimizerConfig, build_optimizer
+from flexbert.train.schedulers import SchedulerConfig, build_scheduler
+from flexbert.typed_config import ConfigError, from_dict
+
+# The official GLUE metric of each kind of task, as torchmetrics factories.
+METRICS = {
+    "accuracy": lambda n: torchmetrics.Accuracy(task="multiclass", num_classes=n),
+    "f1": lambda n: torchmetrics.F1Score(task="binary"),
+    "mcc": lambda n: torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=n),
+    "pearson": lambda n: torchmetrics.PearsonCorrCoef(),
+    "spearman": lambda n: torchmetrics.SpearmanCorrCoef(),
+}
+
+
+@dataclass
+class TaskConfig:
+    num_labels: int  # 1 = regression
+    metrics: list[str]
+    pooling: str = "cls"
+    classifier_dropout: float = 0.0
+    label_names: list[str] | None = None  # class names in label order, if the files hold names
+
+
+@dataclass
+class FinetuneConfig:
+    run_name: str
+    model: dict[str, Any]
+    tokenizer: str
+    task: TaskConfig
+    train_split: SplitConfig
+    eval_split: SplitConfig
+    load_path: str | None = None  # a Composer checkpoint of this project or an HF ModernBERT dir
+    max_seq_len: int = 512
+    batch_size: int = 32
+    max_duration: str = "3ep"
+    eval_interval: str = "1ep"
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
+        name="decoupled_adamw", lr=5e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=1e-5))
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
+        name="warmup_stable_decay", warmup="0.1dur", decay="0.9dur", decay_shape="linear"))
+    seed: int = 17
+    run_root: str = "runs"
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    vars: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
+        config = from_dict(cls, data, "config")
+        for name in config.task.metrics:
+            if name not in METRICS:
+                raise ConfigError("task.metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        if config.task.num_labels < 1:
+            raise ConfigError("task.num_labels", f"must be at least 1, got {config.task.num_labels}")
+        if config.load_path is not None and not os.path.exists(config.load_path):
+            raise ConfigError("load_path", f"not found: {config.load_path}")
+        config.optimizer.validate("optimizer")
+        config.scheduler.validate("scheduler")
+        config.logging.validate("logging")
+        return config
+
+
+class ComposerClassifier(ComposerModel):
+    def __init__(self, model: FlexBertForSequenceClassification, metric_names: list[str]):
+        super().__init__()
+        self.model = model
+        self.eval_metrics = {name: METRICS[name](model.num_labels) for name in metric_names}
+
+    def forward(self, batch: dict):
+        return self.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
+                          max_seqlen=batch["max_seqlen"])
+
+    def loss(self, outputs, batch: dict) -> torch.Tensor:
+        return outputs.loss
+
+    def eval_forward(self, batch: dict, outputs=None):
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        return {} if is_train else self.eval_metrics
+
+    def update_metric(self, batch: dict, outputs, metric) -> None:
+        logits = outputs.logits
+        predictions = logits.squeeze(-1) if self.model.num_labels == 1 else logits.argmax(-1)
+        metric.update(predictions, batch["labels"])
+
+
+class Epochs:
+    """A split as Composer's dataloader: a new shuffle every epoch."""
+
+    def __init__(self, split: LabeledSplit, batch_size: int, shuffle: bool, seed: int):
+        self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def __iter__(self):
+        self.epoch += 1
+        return batches(self.split, self.batch_size, self.shuffle, self.seed + self.epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.split.token_ids) // self.batch_size)
+
+
+def _data_spec(epochs: Epochs) -> DataSpec:
+    # Fine-tuning batches are small: each is one microbatch (device_train_microbatch_size = batch_size).
+    return DataSpec(epochs, get_num_samples_in_batch=lambda b: b["labels"].shape[0],
+                    get_num_tokens_in_batch=lambda b: b["input_ids"].shape[0],
+                    split_batch=lambda batch, microbatch_size: [batch])
+
+
+def load_pretrained(model: FlexBertForSequenceClassification, path: str) -> None:
+    """Encoder and head weights from an MLM checkpoint (ours or Hugging Face); the classifier stays new."""
+    if os.path.isdir(path):
+        from flexbert.hf import from_hf
+
+        weights = from_hf(path).state_dict()
+    else:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
+        weights = {name.removeprefix("model."): tensor for name, tensor in saved.items()}
+    wanted = {name for name in model.state_dict() if not name.startswith("classifier.")}
+    missing = sorted(wanted - weights.keys())
+    if missing:
+        raise ConfigError("load_path", f"{path} lacks {len(missing)} encoder weights, e.g. {missing[0]}")
+    try:
+        model.load_state_dict({name: weights[name] for name in wanted}, strict=False)
+    except RuntimeError as err:
+        raise ConfigError("load_path", f"{path} was saved from a different architecture: {err}") from None
+
+
+def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
+    reproducibility.seed_all(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer)
+    model_config = FlexBertConfig.from_dict({**config.model, "pad_token_id": tokenizer.pad_id,
+                                             "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id})
+    task = config.task
+    splits = [load_split(split, tokenizer, task.num_labels, config.max_seq_len, task.label_names, name)
+              for name, split in (("train_split", config.train_split), ("eval_split", config.eval_split))]
+    model = FlexBertForSequenceClassification(model_config, task.num_labels, task.pooling, task.classifier_dropout)
+    if config.load_path is not None:
+        load_pretrained(model, config.load_path)
+    train_epochs = Epochs(splits[0], config.batch_size, True, config.seed)
+    # Schedules resolve fractions of the run in batches, so a duration in epochs is given in batches.
+    duration = Time.from_timestring(config.max_duration)
+    if duration.unit == TimeUnit.EPOCH:
+        duration = Time(duration.value * len(train_epochs), TimeUnit.BATCH)
+    run_dir = Path(config.run_root) / config.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    return Trainer(
+        model=ComposerClassifier(model, task.metrics),
+        run_name=config.run_name,
+        train_dataloader=_data_spec(train_epochs),
+        eval_dataloader=Evaluator(label="eval", dataloader=_data_spec(Epochs(splits[1], config.batch_size, False, 0)),
+                                  metric_names=task.metrics, device_eval_microbatch_size=config.batch_size),
+        eval_interval=config.eval_interval,
+        max_duration=duration,
+        optimizers=build_optimizer(model, config.optimizer),
+        schedulers=build_scheduler(config.scheduler),
+        step_schedulers_every_batch=True,
+        device_train_microbatch_size=config.batch_size,
+        callbacks=[LRMonitor()],  # the pretraining monitors assume packed MLM batches
+        loggers=build_loggers(config.logging, run_dir, config.run_name),
+        progress_bar=config.logging.progress_bar,
+        log_to_console=not config.logging.progress_bar,
+        precision="amp_bf16" if torch.cuda.is_available() else "fp32",
+        seed=config.seed,
+    )
