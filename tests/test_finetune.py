@@ -24,7 +24,7 @@ def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
     raw = load_yaml_config(ROOT / "yamls" / "finetune" / "stsb.yaml", [
         f"vars.glue={SHARED / 'data' / 'glue'}", f"tokenizer={TOKENIZER}", f"run_root={tmp_path}",
         "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-        "model.intermediate_size=96", "model.attn_backend=sdpa", "train_split.limit=1200", "eval_split.limit=400",
+        "model.intermediate_size=96", "model.attn_backend=sdpa", "train_split.limit=1200", "eval_splits.eval.limit=400",
         "max_duration=4ep", "batch_size=32", "optimizer.lr=1e-3", "logging.progress_bar=false",
     ])
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
@@ -94,3 +94,26 @@ def test_fine_tuning_starts_from_our_checkpoint_or_an_hf_directory(tmp_path):
     with pytest.raises(ConfigError, match="different architecture"):
         load_pretrained(FlexBertForSequenceClassification(tiny_config(hidden_size=32, num_attention_heads=2), 3),
                         str(checkpoint))
+
+
+GLUE_METRICS = {"cola": ["mcc"], "sst2": ["accuracy"], "mrpc": ["accuracy", "f1"], "stsb": ["pearson", "spearman"],
+                "qqp": ["accuracy", "f1"], "mnli": ["accuracy"], "qnli": ["accuracy"], "rte": ["accuracy"]}
+
+
+@pytest.mark.parametrize("task", GLUE_METRICS)
+def test_glue_recipes_use_the_official_metrics(task):
+    config = FinetuneConfig.from_dict(load_yaml_config(ROOT / "yamls" / "finetune" / f"{task}.yaml"))
+    assert config.task.metrics == GLUE_METRICS[task]
+    assert config.optimizer.name == "decoupled_adamw"
+    assert (config.scheduler.warmup, config.scheduler.decay_shape) == ("0.1dur", "linear")
+    assert (config.task.num_labels == 1) == (task == "stsb")
+    if task == "mnli":
+        assert set(config.eval_splits) == {"matched", "mismatched"}
+
+
+def test_headerless_tsv_with_named_columns(tmp_path):
+    cola = tmp_path / "train.tsv"
+    cola.write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more we study verbs.\n")
+    split = load_split(SplitConfig(str(cola), ["sentence"], header=["source", "label", "original_label", "sentence"]),
+                       load_tokenizer(TOKENIZER), num_labels=2, max_seq_len=64)
+    assert split.labels.tolist() == [1, 0] and len(split.token_ids) == 2

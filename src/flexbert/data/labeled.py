@@ -25,10 +25,11 @@ class SplitConfig:
     path: str  # .tsv, .csv, .jsonl, or a save_to_disk directory
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])  # one column, or two for pairs
     label_column: str = "label"
+    header: list[str] | None = None  # column names of a CSV/TSV without a header row (GLUE's CoLA)
     limit: int | None = None  # first N examples only (quick runs, tests)
 
 
-def _rows(path: Path) -> Iterator[dict]:
+def _rows(path: Path, header: list[str] | None) -> Iterator[dict]:
     if path.is_dir():
         import datasets
 
@@ -45,7 +46,7 @@ def _rows(path: Path) -> Iterator[dict]:
         with path.open(encoding="utf-8", newline="") as file:
             # GLUE's TSVs quote nothing; a quote character inside a sentence is just a character.
             dialect = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if path.suffix == ".tsv" else {}
-            yield from csv.DictReader(file, **dialect)
+            yield from csv.DictReader(file, fieldnames=header, **dialect)
     else:
         raise LabeledDataError(f"{path}: unsupported format (use .tsv, .csv, .jsonl or a save_to_disk folder)")
 
@@ -68,7 +69,7 @@ def load_split(config: SplitConfig, tokenizer: MLMTokenizer, num_labels: int, ma
     if len(config.text_columns) not in (1, 2):
         raise LabeledDataError(f"{path}.text_columns: give one column, or two for sentence pairs")
     texts, labels = [], []
-    for row in _rows(file):
+    for row in _rows(file, config.header):
         if config.limit is not None and len(labels) == config.limit:
             break
         for column in (*config.text_columns, config.label_column):

@@ -51,7 +51,7 @@ class FinetuneConfig:
     tokenizer: str
     task: TaskConfig
     train_split: SplitConfig
-    eval_split: SplitConfig
+    eval_splits: dict[str, SplitConfig]  # evaluator name -> split, e.g. {matched: ..., mismatched: ...}
     load_path: str | None = None  # a Composer checkpoint of this project or an HF ModernBERT dir
     max_seq_len: int = 512
     batch_size: int = 32
@@ -72,6 +72,8 @@ class FinetuneConfig:
         for name in config.task.metrics:
             if name not in METRICS:
                 raise ConfigError("task.metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        if not config.eval_splits:
+            raise ConfigError("eval_splits", "name at least one evaluation split")
         if config.task.num_labels < 1:
             raise ConfigError("task.num_labels", f"must be at least 1, got {config.task.num_labels}")
         if config.load_path is not None and not os.path.exists(config.load_path):
@@ -154,12 +156,15 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     model_config = FlexBertConfig.from_dict({**config.model, "pad_token_id": tokenizer.pad_id,
                                              "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id})
     task = config.task
-    splits = [load_split(split, tokenizer, task.num_labels, config.max_seq_len, task.label_names, name)
-              for name, split in (("train_split", config.train_split), ("eval_split", config.eval_split))]
+    def load(split: SplitConfig, key_path: str) -> LabeledSplit:
+        return load_split(split, tokenizer, task.num_labels, config.max_seq_len, task.label_names, key_path)
+
+    train_split = load(config.train_split, "train_split")
+    eval_splits = {name: load(split, f"eval_splits.{name}") for name, split in config.eval_splits.items()}
     model = FlexBertForSequenceClassification(model_config, task.num_labels, task.pooling, task.classifier_dropout)
     if config.load_path is not None:
         load_pretrained(model, config.load_path)
-    train_epochs = Epochs(splits[0], config.batch_size, True, config.seed)
+    train_epochs = Epochs(train_split, config.batch_size, True, config.seed)
     # Schedules resolve fractions of the run in batches, so a duration in epochs is given in batches.
     duration = Time.from_timestring(config.max_duration)
     if duration.unit == TimeUnit.EPOCH:
@@ -171,8 +176,11 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
         model=ComposerClassifier(model, task.metrics),
         run_name=config.run_name,
         train_dataloader=_data_spec(train_epochs),
-        eval_dataloader=Evaluator(label="eval", dataloader=_data_spec(Epochs(splits[1], config.batch_size, False, 0)),
-                                  metric_names=task.metrics, device_eval_microbatch_size=config.batch_size),
+        eval_dataloader=[
+            Evaluator(label=name, dataloader=_data_spec(Epochs(split, config.batch_size, False, 0)),
+                      metric_names=task.metrics, device_eval_microbatch_size=config.batch_size)
+            for name, split in eval_splits.items()
+        ],
         eval_interval=config.eval_interval,
         max_duration=duration,
         optimizers=build_optimizer(model, config.optimizer),
