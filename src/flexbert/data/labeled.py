@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.tokenizer import MLMTokenizer
 
 
@@ -53,10 +54,11 @@ def _rows(path: Path, header: list[str] | None) -> Iterator[dict]:
 
 @dataclass
 class LabeledSplit:
-    """Tokenized examples: each is [CLS] A [SEP] (B [SEP]) and one label."""
+    """Tokenized examples: each is [CLS] A [SEP] (B [SEP]) with one label, or, for token tasks,
+    [CLS] words [SEP] with a label at the first sub-token of every word (-100 elsewhere)."""
 
     token_ids: list[np.ndarray]
-    labels: torch.Tensor  # [N] int64 class ids, or float32 scores when num_labels == 1
+    labels: torch.Tensor | list[np.ndarray]  # [N] class ids or float scores; per-token arrays for token tasks
     truncated: int
 
 
@@ -113,8 +115,66 @@ def _label(value, num_labels: int, label_names: Sequence[str] | None, where: str
     return label
 
 
+def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
+    """Sentences of a CoNLL file: one word per line with its tag in the last column, a blank line
+    between sentences, ``-DOCSTART-`` lines ignored."""
+    sentences, words, tags = [], [], []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0] == "-DOCSTART-":
+                if words:
+                    sentences.append((words, tags))
+                words, tags = [], []
+                continue
+            if len(fields) < 2:
+                raise LabeledDataError(f"{path}:{number}: expected a word and a tag, got {line.strip()!r}")
+            words.append(fields[0])
+            tags.append(fields[-1])
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+def load_conll_split(file: str | Path, tokenizer: MLMTokenizer, label_names: Sequence[str], max_seq_len: int,
+                     path: str = "split", limit: int | None = None) -> LabeledSplit:
+    """Tokenize a CoNLL split for token classification, labelling each word's first sub-token."""
+    file = Path(file)
+    if not file.is_file():
+        raise LabeledDataError(f"{path}.path: {file} does not exist")
+    sentences = read_conll(file)[:limit]
+    if not sentences:
+        raise LabeledDataError(f"{path}: {file} holds no sentences")
+    index = {name: i for i, name in enumerate(label_names)}
+    # A space before every word but the first, as in running text, so words tokenize as they would there.
+    encodings = tokenizer.tokenizer.encode_batch(
+        [[word if i == 0 else " " + word for i, word in enumerate(words)] for words, _ in sentences],
+        is_pretokenized=True, add_special_tokens=True)
+    token_ids, labels, truncated = [], [], 0
+    for (words, tags), encoding in zip(sentences, encodings):
+        unknown = sorted(set(tags) - index.keys())
+        if unknown:
+            raise LabeledDataError(f"{path}: {file} uses tags {unknown} missing from task.label_names")
+        word_ids = encoding.word_ids
+        token_labels = np.full(len(word_ids), IGNORE_INDEX, dtype=np.int64)
+        for position, word in enumerate(word_ids):
+            if word is not None and (position == 0 or word_ids[position - 1] != word):
+                token_labels[position] = index[tags[word]]
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        if len(ids) > max_seq_len:
+            truncated += 1
+            ids = np.concatenate((ids[: max_seq_len - 1], [tokenizer.sep_id]))
+            token_labels = np.concatenate((token_labels[: max_seq_len - 1], [IGNORE_INDEX]))
+        token_ids.append(ids)
+        labels.append(token_labels)
+    if truncated:
+        warnings.warn(f"{path}: {truncated} of {len(sentences)} sentences in {file} were longer than "
+                      f"{max_seq_len} tokens and were truncated")
+    return LabeledSplit(token_ids, labels, truncated)
+
+
 def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int) -> Iterator[dict]:
-    """Unpadded batches: the flat token stream, cu_seqlens, and one label per example."""
+    """Unpadded batches: the flat token stream, cu_seqlens, and the labels of each example."""
     order = np.random.default_rng(seed).permutation(len(split.token_ids)) if shuffle else np.arange(len(split.token_ids))
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
@@ -124,5 +184,6 @@ def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int) -> I
             "input_ids": torch.from_numpy(np.concatenate(pieces)),
             "cu_seqlens": torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)),
             "max_seqlen": int(lengths.max()),
-            "labels": split.labels[torch.from_numpy(chosen)],
+            "labels": (split.labels[torch.from_numpy(chosen)] if isinstance(split.labels, torch.Tensor)
+                       else torch.from_numpy(np.concatenate([split.labels[i] for i in chosen]))),
         }

@@ -17,28 +17,33 @@ from composer.core import DataSpec, Time, TimeUnit
 from composer.models import ComposerModel
 from composer.utils import reproducibility
 
-from flexbert.data.labeled import LabeledSplit, SplitConfig, batches, load_split
+from flexbert.data.labeled import LabeledSplit, SplitConfig, batches, load_conll_split, load_split
+from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.tokenizer import load_tokenizer
-from flexbert.model import FlexBertConfig, FlexBertForSequenceClassification
+from flexbert.model import FlexBertConfig, FlexBertForSequenceClassification, FlexBertForTokenClassification
 from flexbert.train.loggers import LoggingConfig, build_loggers
+from flexbert.train.metrics import EntityF1
 from flexbert.train.optimizers import OptimizerConfig, build_optimizer
 from flexbert.train.schedulers import SchedulerConfig, build_scheduler
 from flexbert.typed_config import ConfigError, from_dict
 
-# The official GLUE metric of each kind of task, as torchmetrics factories.
+# Each task's official metric (GLUE's, and entity F1 for NER), built from the task config.
 METRICS = {
-    "accuracy": lambda n: torchmetrics.Accuracy(task="multiclass", num_classes=n),
-    "f1": lambda n: torchmetrics.F1Score(task="binary"),
-    "mcc": lambda n: torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=n),
-    "pearson": lambda n: torchmetrics.PearsonCorrCoef(),
-    "spearman": lambda n: torchmetrics.SpearmanCorrCoef(),
+    "accuracy": lambda task: torchmetrics.Accuracy(task="multiclass", num_classes=task.num_labels),
+    "f1": lambda task: torchmetrics.F1Score(task="binary"),
+    "mcc": lambda task: torchmetrics.MatthewsCorrCoef(task="multiclass", num_classes=task.num_labels),
+    "pearson": lambda task: torchmetrics.PearsonCorrCoef(),
+    "spearman": lambda task: torchmetrics.SpearmanCorrCoef(),
+    "entity_f1": lambda task: EntityF1(task.label_names),
 }
+KINDS = ("sequence", "token")
 
 
 @dataclass
 class TaskConfig:
     num_labels: int  # 1 = regression
     metrics: list[str]
+    kind: str = "sequence"  # one label per text, or per word (token classification, CoNLL files)
     pooling: str = "cls"
     classifier_dropout: float = 0.0
     label_names: list[str] | None = None  # class names in label order, if the files hold names
@@ -72,6 +77,11 @@ class FinetuneConfig:
         for name in config.task.metrics:
             if name not in METRICS:
                 raise ConfigError("task.metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        task = config.task
+        if task.kind not in KINDS:
+            raise ConfigError("task.kind", f"must be one of {', '.join(KINDS)}, got {task.kind!r}")
+        if task.kind == "token" and (task.label_names is None or len(task.label_names) != task.num_labels):
+            raise ConfigError("task.label_names", "token classification needs its num_labels tag names, in order")
         if not config.eval_splits:
             raise ConfigError("eval_splits", "name at least one evaluation split")
         if config.task.num_labels < 1:
@@ -85,10 +95,10 @@ class FinetuneConfig:
 
 
 class ComposerClassifier(ComposerModel):
-    def __init__(self, model: FlexBertForSequenceClassification, metric_names: list[str]):
+    def __init__(self, model: FlexBertForSequenceClassification | FlexBertForTokenClassification, task: TaskConfig):
         super().__init__()
         self.model = model
-        self.eval_metrics = {name: METRICS[name](model.num_labels) for name in metric_names}
+        self.eval_metrics = {name: METRICS[name](task) for name in task.metrics}
 
     def forward(self, batch: dict):
         return self.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
@@ -106,7 +116,13 @@ class ComposerClassifier(ComposerModel):
     def update_metric(self, batch: dict, outputs, metric) -> None:
         logits = outputs.logits
         predictions = logits.squeeze(-1) if self.model.num_labels == 1 else logits.argmax(-1)
-        metric.update(predictions, batch["labels"])
+        if isinstance(metric, EntityF1):
+            metric.update(predictions, batch["labels"], batch["cu_seqlens"])
+        elif isinstance(self.model, FlexBertForTokenClassification):
+            labelled = batch["labels"] != IGNORE_INDEX
+            metric.update(predictions[labelled], batch["labels"][labelled])
+        else:
+            metric.update(predictions, batch["labels"])
 
 
 class Epochs:
@@ -126,12 +142,12 @@ class Epochs:
 
 def _data_spec(epochs: Epochs) -> DataSpec:
     # Fine-tuning batches are small: each is one microbatch (device_train_microbatch_size = batch_size).
-    return DataSpec(epochs, get_num_samples_in_batch=lambda b: b["labels"].shape[0],
+    return DataSpec(epochs, get_num_samples_in_batch=lambda b: b["cu_seqlens"].shape[0] - 1,
                     get_num_tokens_in_batch=lambda b: b["input_ids"].shape[0],
                     split_batch=lambda batch, microbatch_size: [batch])
 
 
-def load_pretrained(model: FlexBertForSequenceClassification, path: str) -> None:
+def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenClassification, path: str) -> None:
     """Encoder and head weights from an MLM checkpoint (ours or Hugging Face); the classifier stays new."""
     if os.path.isdir(path):
         from flexbert.hf import from_hf
@@ -157,11 +173,16 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
                                              "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id})
     task = config.task
     def load(split: SplitConfig, key_path: str) -> LabeledSplit:
+        if task.kind == "token":
+            return load_conll_split(split.path, tokenizer, task.label_names, config.max_seq_len, key_path, split.limit)
         return load_split(split, tokenizer, task.num_labels, config.max_seq_len, task.label_names, key_path)
 
     train_split = load(config.train_split, "train_split")
     eval_splits = {name: load(split, f"eval_splits.{name}") for name, split in config.eval_splits.items()}
-    model = FlexBertForSequenceClassification(model_config, task.num_labels, task.pooling, task.classifier_dropout)
+    if task.kind == "token":
+        model = FlexBertForTokenClassification(model_config, task.num_labels, task.classifier_dropout)
+    else:
+        model = FlexBertForSequenceClassification(model_config, task.num_labels, task.pooling, task.classifier_dropout)
     if config.load_path is not None:
         load_pretrained(model, config.load_path)
     train_epochs = Epochs(train_split, config.batch_size, True, config.seed)
@@ -173,7 +194,7 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     return Trainer(
-        model=ComposerClassifier(model, task.metrics),
+        model=ComposerClassifier(model, task),
         run_name=config.run_name,
         train_dataloader=_data_spec(train_epochs),
         eval_dataloader=[

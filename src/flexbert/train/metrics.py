@@ -1,0 +1,49 @@
+"""Task metrics that torchmetrics lacks: entity-level F1 for BIO-tagged token classification."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchmetrics
+
+
+def entity_spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
+    """(start, end, type) of each entity in a BIO tag sequence; an I- tag that does not continue an
+    entity of its type starts one, as conlleval counts it."""
+    spans, start, kind = set(), None, None
+    for position, tag in enumerate([*tags, "O"]):
+        prefix, _, label = tag.partition("-")
+        continues = prefix == "I" and label == kind
+        if start is not None and not continues:
+            spans.add((start, position, kind))
+            start, kind = None, None
+        if prefix == "B" or (prefix == "I" and not continues):
+            start, kind = position, label
+    return spans
+
+
+class EntityF1(torchmetrics.Metric):
+    """Micro F1 over exactly matching entity spans, per sentence, from word-level tags."""
+
+    def __init__(self, label_names: Sequence[str]):
+        super().__init__()
+        self.label_names = list(label_names)
+        for name in ("true_positives", "predicted", "gold"):
+            self.add_state(name, default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        """predictions, labels: [T] class ids (labels -100 off the first sub-token of a word)."""
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            words = labels[start:end] != -100
+            gold = entity_spans([self.label_names[i] for i in labels[start:end][words].tolist()])
+            guess = entity_spans([self.label_names[i] for i in predictions[start:end][words].tolist()])
+            self.true_positives += len(gold & guess)
+            self.predicted += len(guess)
+            self.gold += len(gold)
+
+    def compute(self) -> torch.Tensor:
+        precision = self.true_positives / self.predicted.clamp(min=1)
+        recall = self.true_positives / self.gold.clamp(min=1)
+        return 2 * precision * recall / (precision + recall).clamp(min=1e-12)
