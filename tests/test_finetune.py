@@ -67,7 +67,7 @@ def test_bad_labelled_input(tmp_path):
         warnings.simplefilter("always")
         split = load_split(SplitConfig(str(long)), tokenizer, 2, 64)
     assert split.truncated == 1 and len(split.token_ids[0]) == 64 and split.token_ids[0][-1] == tokenizer.sep_id
-    assert any("1 of 1 examples" in str(w.message) for w in caught)
+    assert any("1 of 1 texts" in str(w.message) for w in caught)
 
 
 def test_fine_tuning_starts_from_our_checkpoint_or_an_hf_directory(tmp_path):

@@ -27,6 +27,7 @@ class SplitConfig:
     text_columns: list[str] = field(default_factory=lambda: ["sentence"])  # one column, or two for pairs
     label_column: str = "label"
     header: list[str] | None = None  # column names of a CSV/TSV without a header row (GLUE's CoLA)
+    min_score: float | None = None  # pair tasks: keep rows whose label_column score is at least this
     limit: int | None = None  # first N examples only (quick runs, tests)
 
 
@@ -83,18 +84,22 @@ def load_split(config: SplitConfig, tokenizer: MLMTokenizer, num_labels: int, ma
         raise LabeledDataError(f"{path}: {file} holds no examples")
     encodings = tokenizer.tokenizer.encode_batch(
         [tuple(pair) if len(pair) == 2 else pair[0] for pair in texts], add_special_tokens=True)
-    token_ids, truncated = [], 0
-    for encoding in encodings:
-        ids = np.asarray(encoding.ids, dtype=np.int64)
-        if len(ids) > max_seq_len:
-            truncated += 1
-            ids = np.concatenate((ids[: max_seq_len - 1], [tokenizer.sep_id]))  # keep the closing [SEP]
-        token_ids.append(ids)
-    if truncated:
-        warnings.warn(f"{path}: {truncated} of {len(labels)} examples in {file} were longer than "
-                      f"{max_seq_len} tokens and were truncated")
+    token_ids = [fit(np.asarray(encoding.ids, dtype=np.int64), max_seq_len) for encoding in encodings]
+    truncated = sum(len(encoding.ids) > max_seq_len for encoding in encodings)
+    _warn_truncated(truncated, len(labels), file, max_seq_len, path)
     dtype = torch.float32 if num_labels == 1 else torch.int64
     return LabeledSplit(token_ids, torch.tensor(labels, dtype=dtype), truncated)
+
+
+def fit(ids: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """At most ``max_seq_len`` tokens, keeping the closing [SEP]."""
+    return ids if len(ids) <= max_seq_len else np.concatenate((ids[: max_seq_len - 1], ids[-1:]))
+
+
+def _warn_truncated(truncated: int, total: int, file: Path, max_seq_len: int, path: str) -> None:
+    if truncated:
+        warnings.warn(f"{path}: {truncated} of {total} texts in {file} were longer than {max_seq_len} "
+                      "tokens and were truncated")
 
 
 def _label(value, num_labels: int, label_names: Sequence[str] | None, where: str) -> float | int:
@@ -160,30 +165,83 @@ def load_conll_split(file: str | Path, tokenizer: MLMTokenizer, label_names: Seq
         for position, word in enumerate(word_ids):
             if word is not None and (position == 0 or word_ids[position - 1] != word):
                 token_labels[position] = index[tags[word]]
-        ids = np.asarray(encoding.ids, dtype=np.int64)
-        if len(ids) > max_seq_len:
+        if len(token_labels) > max_seq_len:
             truncated += 1
-            ids = np.concatenate((ids[: max_seq_len - 1], [tokenizer.sep_id]))
-            token_labels = np.concatenate((token_labels[: max_seq_len - 1], [IGNORE_INDEX]))
-        token_ids.append(ids)
-        labels.append(token_labels)
-    if truncated:
-        warnings.warn(f"{path}: {truncated} of {len(sentences)} sentences in {file} were longer than "
-                      f"{max_seq_len} tokens and were truncated")
+            token_labels[max_seq_len - 1] = IGNORE_INDEX  # that position becomes the closing [SEP]
+        token_ids.append(fit(np.asarray(encoding.ids, dtype=np.int64), max_seq_len))
+        labels.append(token_labels[:max_seq_len])
+    _warn_truncated(truncated, len(sentences), file, max_seq_len, path)
     return LabeledSplit(token_ids, labels, truncated)
+
+
+def unpadded(pieces: Sequence[np.ndarray]) -> dict:
+    """Token sequences as one flat stream with cu_seqlens, the encoder's input form."""
+    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int32)
+    return {
+        "input_ids": torch.from_numpy(np.concatenate(pieces)),
+        "cu_seqlens": torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)),
+        "max_seqlen": int(lengths.max()),
+    }
+
+
+def _order(count: int, shuffle: bool, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
 
 
 def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int) -> Iterator[dict]:
     """Unpadded batches: the flat token stream, cu_seqlens, and the labels of each example."""
-    order = np.random.default_rng(seed).permutation(len(split.token_ids)) if shuffle else np.arange(len(split.token_ids))
+    order = _order(len(split.token_ids), shuffle, seed)
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        pieces = [split.token_ids[i] for i in chosen]
-        lengths = torch.tensor([len(p) for p in pieces], dtype=torch.int32)
         yield {
-            "input_ids": torch.from_numpy(np.concatenate(pieces)),
-            "cu_seqlens": torch.nn.functional.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0)),
-            "max_seqlen": int(lengths.max()),
+            **unpadded([split.token_ids[i] for i in chosen]),
             "labels": (split.labels[torch.from_numpy(chosen)] if isinstance(split.labels, torch.Tensor)
                        else torch.from_numpy(np.concatenate([split.labels[i] for i in chosen]))),
         }
+
+
+@dataclass
+class PairSplit:
+    """(query, positive) text pairs for contrastive training; each text is [CLS] text [SEP]."""
+
+    queries: list[np.ndarray]
+    positives: list[np.ndarray]
+
+    @property
+    def token_ids(self) -> list[np.ndarray]:  # one entry per example, for counting
+        return self.queries
+
+
+def load_pair_split(config: SplitConfig, tokenizer: MLMTokenizer, max_seq_len: int, path: str = "split") -> PairSplit:
+    """Pairs from ``text_columns`` [query, positive]; rows whose ``label_column`` holds a score below
+    ``min_score`` (when set) are skipped, so graded data such as STS-B yields only close pairs."""
+    file = Path(config.path)
+    if not file.exists():
+        raise LabeledDataError(f"{path}.path: {file} does not exist")
+    if len(config.text_columns) != 2:
+        raise LabeledDataError(f"{path}.text_columns: give two columns, the query and its positive")
+    pairs = []
+    for row in _rows(file, config.header):
+        if config.limit is not None and len(pairs) == config.limit:
+            break
+        missing = [column for column in config.text_columns if column not in row]
+        if missing:
+            raise LabeledDataError(f"{path}: {file} has no column {missing[0]!r} (columns: {', '.join(row)})")
+        if config.min_score is not None and float(row[config.label_column]) < config.min_score:
+            continue
+        pairs.append([str(row[column]) for column in config.text_columns])
+    if not pairs:
+        raise LabeledDataError(f"{path}: {file} holds no pairs")
+    encodings = [tokenizer.tokenizer.encode_batch([pair[side] for pair in pairs]) for side in (0, 1)]
+    queries, positives = ([fit(np.asarray(e.ids, dtype=np.int64), max_seq_len) for e in side] for side in encodings)
+    truncated = sum(len(e.ids) > max_seq_len for side in encodings for e in side)
+    _warn_truncated(truncated, 2 * len(pairs), file, max_seq_len, path)
+    return PairSplit(queries, positives)
+
+
+def pair_batches(split: PairSplit, batch_size: int, shuffle: bool, seed: int) -> Iterator[dict]:
+    """Unpadded batches of 2B texts: the B queries, then their B positives in the same order."""
+    order = _order(len(split.queries), shuffle, seed)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        yield unpadded([split.queries[i] for i in chosen] + [split.positives[i] for i in chosen])
