@@ -170,3 +170,40 @@ def test_ner_fine_tuning_learns_entities(tmp_path):
     f1 = [row for row in rows if "metrics/eval/entity_f1" in row][-1]["metrics/eval/entity_f1"]
     print(f"synthetic NER, tiny model from scratch: entity F1 {f1:.3f}")
     assert f1 > 0.8
+
+
+# --- sentence embeddings --------------------------------------------------------------------------
+
+def test_retrieval_metrics():
+    from flexbert.train.metrics import Retrieval
+
+    queries = torch.eye(4)
+    positives = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])  # 2 and 3 swapped
+    values = {}
+    for kind, k in (("recall", 1), ("recall", 2), ("ndcg", 2)):
+        metric = Retrieval(kind, k)
+        metric.update(queries[:2], positives[:2])
+        metric.update(queries[2:], positives[2:])
+        values[kind, k] = metric.compute().item()
+    # Queries 1 and 2 rank their positive second (ties count against the positive only when higher).
+    assert values["recall", 1] == pytest.approx(0.5) and values["recall", 2] == pytest.approx(1.0)
+    assert values["ndcg", 2] == pytest.approx((1 + 1 / 1.5849625 * 2 + 1) / 4, rel=1e-5)
+
+
+def test_embedding_training_retrieves_paraphrases(tmp_path):
+    raw = load_yaml_config(ROOT / "yamls" / "finetune" / "embeddings-stsb.yaml", [
+        f"vars.glue={SHARED / 'data' / 'glue'}", f"tokenizer={TOKENIZER}", f"run_root={tmp_path}",
+        "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+        "model.intermediate_size=96", "model.attn_backend=sdpa", "max_duration=3ep", "batch_size=32",
+        "train_split.limit=600",
+        "optimizer.lr=1e-3", "logging.progress_bar=false",
+    ])
+    trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "finetune-embeddings-stsb" / "metrics.jsonl").open()]
+    final = [row for row in rows if "metrics/eval/recall_at_10" in row][-1]
+    pairs = len(trainer.state.evaluators[0].dataloader.dataloader.split.queries)
+    recall, ndcg = final["metrics/eval/recall_at_10"], final["metrics/eval/ndcg_at_10"]
+    print(f"STS-B paraphrase retrieval among {pairs} dev pairs, tiny model from scratch: "
+          f"recall@10 {recall:.3f} (chance {10 / pairs:.3f}), nDCG@10 {ndcg:.3f}")
+    assert recall > 5 * 10 / pairs

@@ -120,6 +120,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from flexbert.sweep import run_sweep
+
+    return run_sweep(args.sweep, args.out, args.dry_run)
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from flexbert.train.plotting import plot_run
 
@@ -197,6 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=5e-4")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(run=_cmd_train)
+
+    sweep = commands.add_parser(
+        "sweep", help="train a recipe over a grid and/or random search of its config keys",
+        description="Expand a sweep file (base recipe, fixed overrides, grid:, random:) into named runs, "
+        "validate them all, then train them one after another under OUT/<run_name>, skipping runs an "
+        "earlier attempt finished. The final metrics go to OUT/results.csv and, as mean ± std over "
+        "seeds, OUT/summary.md. Exits 1 if any run failed.",
+    )
+    sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. yamls/sweeps/stsb-lr-seed.yaml")
+    sweep.add_argument("--out", metavar="DIR", help="where runs and results go (default: runs/sweeps/<sweep name>)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="write OUT/configs/<run>.yaml and OUT/commands.txt (one line per run) and train nothing")
+    sweep.set_defaults(run=_cmd_sweep)
 
     plot = commands.add_parser(
         "plot", help="draw loss, throughput and learning-rate curves of runs",

@@ -18,6 +18,7 @@ from flexbert.model.config import PRESETS, BlocksConfig, FlexBertConfig
 from flexbert.model.layout import DocumentLayout, Unpadding
 from flexbert.model.model import FlexBertForMaskedLM, FlexBertModel, MaskedLMOutput
 from flexbert.model.classification import (
+    FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "DocumentLayout",
     "FlexBertConfig",
     "FlexBertForMaskedLM",
+    "FlexBertForSentenceEmbedding",
     "FlexBertForSequenceClassification",
     "FlexBertForTokenClassification",
     "FlexBertModel",

@@ -1,7 +1,9 @@
-"""Fine-tuning heads: one label per document (classification or regression) or per token.
+"""Fine-tuning heads: one label per document (classification or regression) or per token, and
+sentence embeddings.
 
-Both follow transformers' ModernBERT layout, so they export as ModernBertForSequenceClassification
-and ModernBertForTokenClassification: encoder -> (pooling) -> head -> dropout -> classifier.
+The classifiers follow transformers' ModernBERT layout, so they export as
+ModernBertForSequenceClassification and ModernBertForTokenClassification: encoder -> (pooling) ->
+head -> dropout -> classifier.
 """
 
 from __future__ import annotations
@@ -93,3 +95,33 @@ class FlexBertForTokenClassification(Classifier):
         if labels is not None:
             loss = F.cross_entropy(token_logits.float(), encoded.flatten(labels), ignore_index=IGNORE_INDEX)
         return ClassifierOutput(loss, encoded.restore(token_logits))
+
+
+class FlexBertForSentenceEmbedding(nn.Module):
+    """Mean-pooled, L2-normalised document embeddings, trained contrastively: each query's positive
+    is its target and every other positive in the batch a negative (InfoNCE)."""
+
+    def __init__(self, config: FlexBertConfig, temperature: float = 0.05, pooling: str = "mean"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.config = config
+        self.temperature = temperature
+        self.pooling = pooling
+        self.model = FlexBertModel(config)
+        INIT.get(config.blocks.init)(self, config)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """[docs, H] unit vectors."""
+        encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        return F.normalize(pool_documents(encoded.hidden, encoded.layout, self.pooling), dim=-1)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> ClassifierOutput:
+        """A batch of 2B documents: B queries, then their B positives. ``logits`` [B, B] are the
+        scaled query-positive similarities; the loss is cross-entropy towards the diagonal."""
+        embeddings = self.embed(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        queries, positives = embeddings.chunk(2)
+        logits = queries @ positives.T / self.temperature
+        targets = torch.arange(logits.shape[0], device=logits.device)
+        return ClassifierOutput(F.cross_entropy(logits.float(), targets), logits)

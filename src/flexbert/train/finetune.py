@@ -17,12 +17,26 @@ from composer.core import DataSpec, Time, TimeUnit
 from composer.models import ComposerModel
 from composer.utils import reproducibility
 
-from flexbert.data.labeled import LabeledSplit, SplitConfig, batches, load_conll_split, load_split
+from flexbert.data.labeled import (
+    LabeledSplit,
+    PairSplit,
+    SplitConfig,
+    batches,
+    load_conll_split,
+    load_pair_split,
+    load_split,
+    pair_batches,
+)
 from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.tokenizer import load_tokenizer
-from flexbert.model import FlexBertConfig, FlexBertForSequenceClassification, FlexBertForTokenClassification
+from flexbert.model import (
+    FlexBertConfig,
+    FlexBertForSentenceEmbedding,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+)
 from flexbert.train.loggers import LoggingConfig, build_loggers
-from flexbert.train.metrics import EntityF1
+from flexbert.train.metrics import EntityF1, Retrieval
 from flexbert.train.optimizers import OptimizerConfig, build_optimizer
 from flexbert.train.schedulers import SchedulerConfig, build_scheduler
 from flexbert.typed_config import ConfigError, from_dict
@@ -35,15 +49,21 @@ METRICS = {
     "pearson": lambda task: torchmetrics.PearsonCorrCoef(),
     "spearman": lambda task: torchmetrics.SpearmanCorrCoef(),
     "entity_f1": lambda task: EntityF1(task.label_names),
+    "recall_at_1": lambda task: Retrieval("recall", 1),
+    "recall_at_10": lambda task: Retrieval("recall", 10),
+    "ndcg_at_10": lambda task: Retrieval("ndcg", 10),
 }
-KINDS = ("sequence", "token")
+KINDS = ("sequence", "token", "embedding")
 
 
 @dataclass
 class TaskConfig:
-    num_labels: int  # 1 = regression
     metrics: list[str]
-    kind: str = "sequence"  # one label per text, or per word (token classification, CoNLL files)
+    num_labels: int = 2  # 1 = regression; unused by embeddings
+    # One label per text; per word (token classification, CoNLL files); or sentence embeddings
+    # trained on (query, positive) pairs with in-batch negatives.
+    kind: str = "sequence"
+    temperature: float = 0.05  # embedding similarity scale
     pooling: str = "cls"
     classifier_dropout: float = 0.0
     label_names: list[str] | None = None  # class names in label order, if the files hold names
@@ -101,6 +121,8 @@ class ComposerClassifier(ComposerModel):
         self.eval_metrics = {name: METRICS[name](task) for name in task.metrics}
 
     def forward(self, batch: dict):
+        if isinstance(self.model, FlexBertForSentenceEmbedding):
+            return self.model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])
         return self.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
                           max_seqlen=batch["max_seqlen"])
 
@@ -108,12 +130,17 @@ class ComposerClassifier(ComposerModel):
         return outputs.loss
 
     def eval_forward(self, batch: dict, outputs=None):
+        if isinstance(self.model, FlexBertForSentenceEmbedding):  # retrieval ranks embeddings
+            return self.model.embed(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
         return outputs if outputs is not None else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict:
         return {} if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict, outputs, metric) -> None:
+        if isinstance(metric, Retrieval):
+            metric.update(*outputs.chunk(2))  # queries, then their positives
+            return
         logits = outputs.logits
         predictions = logits.squeeze(-1) if self.model.num_labels == 1 else logits.argmax(-1)
         if isinstance(metric, EntityF1):
@@ -128,13 +155,14 @@ class ComposerClassifier(ComposerModel):
 class Epochs:
     """A split as Composer's dataloader: a new shuffle every epoch."""
 
-    def __init__(self, split: LabeledSplit, batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, split: LabeledSplit | PairSplit, batch_size: int, shuffle: bool, seed: int):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
+        self.batches = pair_batches if isinstance(split, PairSplit) else batches
         self.epoch = 0
 
     def __iter__(self):
         self.epoch += 1
-        return batches(self.split, self.batch_size, self.shuffle, self.seed + self.epoch)
+        return self.batches(self.split, self.batch_size, self.shuffle, self.seed + self.epoch)
 
     def __len__(self) -> int:
         return -(-len(self.split.token_ids) // self.batch_size)
@@ -156,7 +184,7 @@ def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenC
     else:
         saved = torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
         weights = {name.removeprefix("model."): tensor for name, tensor in saved.items()}
-    wanted = {name for name in model.state_dict() if not name.startswith("classifier.")}
+    wanted = {name for name in model.state_dict() if not name.startswith("classifier.")}  # new for the task
     missing = sorted(wanted - weights.keys())
     if missing:
         raise ConfigError("load_path", f"{path} lacks {len(missing)} encoder weights, e.g. {missing[0]}")
@@ -172,14 +200,18 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     model_config = FlexBertConfig.from_dict({**config.model, "pad_token_id": tokenizer.pad_id,
                                              "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id})
     task = config.task
-    def load(split: SplitConfig, key_path: str) -> LabeledSplit:
+    def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit:
+        if task.kind == "embedding":
+            return load_pair_split(split, tokenizer, config.max_seq_len, key_path)
         if task.kind == "token":
             return load_conll_split(split.path, tokenizer, task.label_names, config.max_seq_len, key_path, split.limit)
         return load_split(split, tokenizer, task.num_labels, config.max_seq_len, task.label_names, key_path)
 
     train_split = load(config.train_split, "train_split")
     eval_splits = {name: load(split, f"eval_splits.{name}") for name, split in config.eval_splits.items()}
-    if task.kind == "token":
+    if task.kind == "embedding":
+        model = FlexBertForSentenceEmbedding(model_config, task.temperature, task.pooling)
+    elif task.kind == "token":
         model = FlexBertForTokenClassification(model_config, task.num_labels, task.classifier_dropout)
     else:
         model = FlexBertForSequenceClassification(model_config, task.num_labels, task.pooling, task.classifier_dropout)

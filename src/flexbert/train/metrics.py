@@ -47,3 +47,34 @@ class EntityF1(torchmetrics.Metric):
         precision = self.true_positives / self.predicted.clamp(min=1)
         recall = self.true_positives / self.gold.clamp(min=1)
         return 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+
+
+class Retrieval(torchmetrics.Metric):
+    """Recall@k or nDCG@k of retrieving each query's own positive among all positives of the split.
+
+    Embeddings are gathered over the evaluation and ranked once at the end, so the corpus is the
+    whole split, not one batch.
+    """
+
+    full_state_update = False
+
+    def __init__(self, kind: str, k: int):
+        super().__init__()
+        if kind not in ("recall", "ndcg"):
+            raise ValueError(f"kind must be recall or ndcg, got {kind!r}")
+        self.kind, self.k = kind, k
+        self.add_state("queries", default=[], dist_reduce_fx="cat")
+        self.add_state("positives", default=[], dist_reduce_fx="cat")
+
+    def update(self, queries: torch.Tensor, positives: torch.Tensor) -> None:
+        self.queries.append(queries.float())
+        self.positives.append(positives.float())
+
+    def compute(self) -> torch.Tensor:
+        queries, positives = (torchmetrics.utilities.dim_zero_cat(x) for x in (self.queries, self.positives))
+        scores = queries @ positives.T  # [N, N]; query i's positive is document i
+        rank = (scores > scores.diagonal()[:, None]).sum(dim=1)  # 0-based rank of the positive
+        hit = rank < self.k
+        if self.kind == "recall":
+            return hit.float().mean()
+        return (hit / torch.log2(rank.float() + 2)).mean()  # one relevant document: DCG = IDCG * gain
