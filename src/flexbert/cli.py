@@ -93,21 +93,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from omegaconf import OmegaConf
 
-    from flexbert.train.config import TrainConfig
+    from flexbert.train.recipes import parse_recipe
 
     raw = load_yaml_config(args.config, args.overrides)
-    if "task" in raw:  # a fine-tuning recipe (phase 3)
-        from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
-
-        config = FinetuneConfig.from_dict(raw)
-        build = build_finetune_trainer
-    else:
-        from flexbert.train.run import build_trainer
-
-        # The composer launcher sets WORLD_SIZE, so batch divisibility is checked before any
-        # process group or model exists.
-        config = TrainConfig.from_dict(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        build = build_trainer
+    # The composer launcher sets WORLD_SIZE, so batch divisibility is checked before any process
+    # group or model exists.
+    config, build = parse_recipe(raw, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:
         print(OmegaConf.to_yaml(raw), end="")
         return 0

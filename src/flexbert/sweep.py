@@ -145,7 +145,11 @@ class SweepSpec:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    spec = from_dict(SweepSpec, load_yaml_config(path), "sweep")
+    data = load_yaml_config(path)
+    if isinstance(data, dict) and data.get("random") is not None:
+        # Built first: as an optional section, its errors would be reported as just "expected RandomSearch".
+        data["random"] = from_dict(RandomSearch, data["random"], "sweep.random")
+    spec = from_dict(SweepSpec, data, "sweep")
     spec.validate(Path(path).parent)
     return spec
 
@@ -209,16 +213,11 @@ def resolve(run: Run) -> dict[str, Any]:
     A pretraining recipe thus needs its tokenizer and local MDS shards where the sweep is planned
     (remote streams are not opened); the sweep launches one process per run, so a world size of 1.
     """
+    from flexbert.train.recipes import parse_recipe
+
     raw = load_yaml_config(run.recipe, run.overrides)
     try:
-        if "task" in raw:
-            from flexbert.train.finetune import FinetuneConfig
-
-            FinetuneConfig.from_dict(raw)
-        else:
-            from flexbert.train.config import TrainConfig
-
-            TrainConfig.from_dict(raw)
+        parse_recipe(raw)
     except ConfigError as err:
         swept = ", ".join(f"{key}={value}" for key, value in run.swept.items())
         raise ConfigError(f"run {run.name} ({swept})", str(err)) from None
@@ -316,7 +315,7 @@ def run_sweep(sweep_file: str | Path, out: str | Path | None = None, dry_run: bo
     out = Path(out) if out is not None else Path("runs", "sweeps", title)
     spec = load_sweep(sweep_file)
     runs = expand(spec, sweep_file, out)
-    print(f"sweep {title}: validating {len(runs)} runs of {', '.join(spec.swept_keys)}", flush=True)
+    print(f"sweep {title}: validating {len(runs)} runs (swept: {', '.join(spec.swept_keys)})", flush=True)
     configs = [resolve(run) for run in runs]
     if dry_run:
         write_plan(runs, configs, out)
