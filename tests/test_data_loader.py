@@ -171,11 +171,12 @@ def test_stale_shared_memory_from_a_killed_run_is_cleaned(corpus, tmp_path):
         "from streaming import StreamingDataset\n"
         f"ds = StreamingDataset(local={str(corpus / 'web')!r}, batch_size=4)\n"
         "next(iter(ds))\n"
+        "print(ds._shm_prefix_int, flush=True)\n"
         "os.killpg(os.getpgid(0), signal.SIGKILL)  # takes the resource tracker down too\n"
     )
-    before = set(os.listdir("/dev/shm"))
-    subprocess.run([sys.executable, "-c", script], start_new_session=True)
-    leaked = set(os.listdir("/dev/shm")) - before
+    killed = subprocess.run([sys.executable, "-c", script], start_new_session=True, capture_output=True, text=True)
+    prefix = f"{int(killed.stdout.split()[-1]):06d}_"
+    leaked = {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
     assert leaked, "the killed run should have left shared memory behind"
     make_loader(loader_config(corpus))
     assert not leaked & set(os.listdir("/dev/shm"))

@@ -9,6 +9,7 @@ result is the exact row sequence an uninterrupted run would produce.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _clean_stale_memory_once_per_node() -> None:
+    """Local rank 0 cleans while the node's other ranks wait: a rank cleaning while another creates
+    its segments could take a segment that exists but is not mapped yet for a stale one."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        clean_stale_streaming_memory()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _identity(samples: list) -> list:
     return samples
 
@@ -60,7 +70,7 @@ class PackedMLMLoader:
         self.config = config
         self.tokenizer = tokenizer
         self.vocab_limit = model_vocab_size or tokenizer.vocab_size
-        clean_stale_streaming_memory()
+        _clean_stale_memory_once_per_node()
         self.dataset: DocumentDataset = build_dataset(config)
         if self.dataset.num_samples == 0:
             raise DataError(f"{path}.streams: the streams hold no documents")

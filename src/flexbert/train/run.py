@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from composer import Evaluator, Trainer
-from composer.utils import dist, reproducibility
+from composer.utils import dist, get_device, reproducibility
 
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.model import FlexBertForMaskedLM
@@ -48,6 +48,9 @@ def resolve_precision(requested: str) -> str:
 
 def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     """Everything but ``fit``; ``resolved`` is the plain config written into the run folder."""
+    # The process group must exist before the loaders: they coordinate streaming's shared memory
+    # across the ranks of a node. (The trainer would otherwise create it later, the same way.)
+    dist.initialize_dist(get_device(None), timeout=config.dist_timeout)
     world = dist.get_world_size()
     reproducibility.seed_all(config.seed)
     model_config = config.model_config
