@@ -16,8 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 STSB = SHARED / "data" / "glue" / "STS-B"
 TOKENIZER = SHARED / "tokenizers" / "modernbert"
-pytestmark = pytest.mark.skipif(not (STSB.is_dir() and TOKENIZER.is_dir()),
-                                reason=f"needs GLUE STS-B and the ModernBERT tokenizer under {SHARED}")
+pytestmark = [
+    pytest.mark.skipif(not (STSB.is_dir() and TOKENIZER.is_dir()),
+                       reason=f"needs GLUE STS-B and the ModernBERT tokenizer under {SHARED}"),
+    # Training runs share one xdist group (see test_remote_streaming.py): two at once on 2 cores
+    # oversubscribe torch's threads and each runs many times slower.
+    pytest.mark.xdist_group("streaming"),
+]
 
 
 def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
