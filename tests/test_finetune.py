@@ -212,3 +212,12 @@ def test_embedding_training_retrieves_paraphrases(tmp_path):
     print(f"STS-B paraphrase retrieval among {pairs} dev pairs, tiny model from scratch: "
           f"recall@10 {recall:.3f} (chance {10 / pairs:.3f}), nDCG@10 {ndcg:.3f}")
     assert recall > 5 * 10 / pairs
+
+
+def test_labelled_split_from_a_saved_hf_dataset(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["good film", "bad film", "fine"], "label": [1, 0, 1]}).save_to_disk(
+        str(tmp_path / "saved"))
+    split = load_split(SplitConfig(str(tmp_path / "saved"), ["text"], "label"), load_tokenizer(TOKENIZER), 2, 64)
+    assert split.labels.tolist() == [1, 0, 1] and len(split.token_ids) == 3
