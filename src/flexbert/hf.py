@@ -315,18 +315,13 @@ def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[Fle
     exist: an export often happens long after both are gone.
     """
     from flexbert.data.tokenizer import load_tokenizer
-    from flexbert.train.config import TrainConfig
+    from flexbert.train.config import TrainConfig, with_tokenizer_ids
     from flexbert.typed_config import from_dict
 
     parsed = from_dict(TrainConfig, training_config, "config")
     tokenizer = load_tokenizer(parsed.train_loader.tokenizer)
-    model_section = {
-        **parsed.model,
-        # Training took the special-token ids from the tokenizer (and refused disagreeing ones).
-        "pad_token_id": tokenizer.pad_id, "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id,
-        # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
-        "attn_backend": "auto",
-    }
+    # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
+    model_section = {**with_tokenizer_ids(parsed.model, tokenizer), "attn_backend": "auto"}
     return FlexBertConfig.from_dict(model_section, path="model"), tokenizer.path
 
 

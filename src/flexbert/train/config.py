@@ -20,6 +20,18 @@ from flexbert.typed_config import ConfigError, from_dict
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
 
 
+def with_tokenizer_ids(model: dict[str, Any], tokenizer: MLMTokenizer) -> dict[str, Any]:
+    """A recipe's model section with its special-token ids taken from the tokenizer unless given;
+    given ids must agree with it (a silently wrong pad id is a classic pretraining bug)."""
+    tokenizer_ids = {"pad_token_id": tokenizer.pad_id, "cls_token_id": tokenizer.cls_id,
+                     "sep_token_id": tokenizer.sep_id}
+    for key, token_id in tokenizer_ids.items():
+        if key in model and model[key] != token_id:
+            raise ConfigError(f"model.{key}", f"{model[key]} disagrees with the tokenizer {tokenizer.path}, "
+                              f"whose id is {token_id}")
+    return {**model, **tokenizer_ids}
+
+
 @dataclass
 class TrainConfig:
     run_name: str
@@ -75,7 +87,7 @@ class TrainConfig:
         if isinstance(vocab_size, int) and self.tokenizer.vocab_size > vocab_size:
             raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the "
                               f"{self.tokenizer.vocab_size} tokens of {self.tokenizer.path}")
-        self.model_config = FlexBertConfig.from_dict(self._model_with_tokenizer_ids(), path="model")
+        self.model_config = FlexBertConfig.from_dict(with_tokenizer_ids(self.model, self.tokenizer), path="model")
         if self.eval_loader is not None:
             self.eval_loader.validate("eval_loader")
         self.optimizer.validate("optimizer")
@@ -108,14 +120,3 @@ class TrainConfig:
             raise ConfigError("load_path", f"checkpoint not found: {self.load_path}")
         if self.autoresume and self.save_folder is not None and "{" in self.save_folder:
             raise ConfigError("save_folder", "autoresume needs a save_folder without format fields")
-
-    def _model_with_tokenizer_ids(self) -> dict[str, Any]:
-        """The model section, with special-token ids taken from the tokenizer unless given; given
-        ids must agree with it (a silently wrong pad id is a classic pretraining bug)."""
-        tokenizer_ids = {"pad_token_id": self.tokenizer.pad_id, "cls_token_id": self.tokenizer.cls_id,
-                         "sep_token_id": self.tokenizer.sep_id}
-        for key, token_id in tokenizer_ids.items():
-            if key in self.model and self.model[key] != token_id:
-                raise ConfigError(f"model.{key}", f"{self.model[key]} disagrees with the tokenizer "
-                                  f"{self.tokenizer.path}, whose id is {token_id}")
-        return {**self.model, **tokenizer_ids}

@@ -35,6 +35,7 @@ from flexbert.model import (
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
+from flexbert.train.config import with_tokenizer_ids
 from flexbert.train.loggers import LoggingConfig, build_loggers
 from flexbert.train.metrics import EntityF1, Retrieval
 from flexbert.train.optimizers import OptimizerConfig, build_optimizer
@@ -197,8 +198,7 @@ def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenC
 def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     reproducibility.seed_all(config.seed)
     tokenizer = load_tokenizer(config.tokenizer)
-    model_config = FlexBertConfig.from_dict({**config.model, "pad_token_id": tokenizer.pad_id,
-                                             "cls_token_id": tokenizer.cls_id, "sep_token_id": tokenizer.sep_id})
+    model_config = FlexBertConfig.from_dict(with_tokenizer_ids(config.model, tokenizer), path="model")
     task = config.task
     def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit:
         if task.kind == "embedding":
