@@ -15,6 +15,7 @@ LAYOUTS = {
     "long_docs_beyond_window": [300, 170],
     "short_docs_inside_window": [20, 50, 7],
     "single_token_docs": [1, 1, 5, 1, 1],
+    "equal_full_rows": [256, 256],  # the grid is the stream itself: no scatter, no padding mask
     "many_docs_one_packed_row": [int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))],
 }
 WINDOWS = {"global": None, "local_128": 64, "local_8": 4}

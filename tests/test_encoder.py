@@ -95,13 +95,58 @@ def test_sparse_prediction_equals_dense_logits_at_labelled_tokens():
     sparse_model = FlexBertForMaskedLM(tiny_config(sparse_prediction=True)).eval()
     dense_model = FlexBertForMaskedLM(tiny_config(sparse_prediction=False)).eval()
     dense_model.load_state_dict(sparse_model.state_dict())
-    sparse = sparse_model(ids, labels=labels)
-    dense = dense_model(ids, labels=labels)
+    with torch.no_grad():
+        sparse = sparse_model(ids, labels=labels)
+        dense = dense_model(ids, labels=labels)
     assert sparse.logits.shape == (5, 256)
     torch.testing.assert_close(sparse.logits, dense.logits[labels != -100])
     torch.testing.assert_close(sparse.loss, dense.loss)
     expected = torch.nn.functional.cross_entropy(dense.logits[labels != -100], labels[labels != -100])
     torch.testing.assert_close(sparse.loss, expected)
+    assert torch.equal(sparse.predictions, sparse.logits.argmax(-1))
+
+
+def mlm_loss_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad()
+    output = model(ids, labels=labels, **kwargs)
+    output.loss.backward()
+    return output, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_chunked_training_loss_equals_whole_logits(autocast_dtype):
+    """Training computes the loss chunk by chunk, with gradients taken in the forward pass; loss,
+    every gradient and the predictions equal the plain path through whole logits."""
+    ids = torch.randint(3, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.3, ids, -100)
+    model = FlexBertForMaskedLM(tiny_config(loss_chunk_tokens=7))  # several chunks and a ragged last one
+    assert (labels != -100).sum() > 3 * 7
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        chunked, chunked_grads = mlm_loss_and_grads(model, ids, labels)
+        model.loss_fn.from_hidden = None  # the plain path: whole logits, autograd through them
+        plain, plain_grads = mlm_loss_and_grads(model, ids, labels)
+    assert chunked.logits is None and plain.logits is not None
+    tolerance = {} if autocast_dtype is None else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(chunked.loss, plain.loss, **tolerance)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, msg=f"gradient of {name}", **tolerance)
+    agree = (chunked.predictions == plain.logits.argmax(-1)).float().mean()
+    assert agree == 1.0 if autocast_dtype is None else agree > 0.9
+
+
+def test_masked_index_from_the_host_equals_finding_it_on_the_device():
+    lengths = [30, 25]
+    ids = torch.randint(3, 256, (sum(lengths),))
+    labels = torch.full_like(ids, -100)
+    labels[::4] = ids[::4]
+    cu = torch.tensor([0, 30, 55], dtype=torch.int32)
+    model = FlexBertForMaskedLM(tiny_config())
+    found, found_grads = mlm_loss_and_grads(model, ids, labels, cu_seqlens=cu, max_seqlen=30)
+    given, given_grads = mlm_loss_and_grads(model, ids, labels, cu_seqlens=cu, max_seqlen=30,
+                                            masked_index=torch.arange(0, sum(lengths), 4))
+    torch.testing.assert_close(given.loss, found.loss, rtol=0, atol=0)
+    for name, grad in found_grads.items():
+        torch.testing.assert_close(given_grads[name], grad, rtol=0, atol=0)
 
 
 # --- architecture details from the spec ----------------------------------------------------------

@@ -90,12 +90,18 @@ class PackedBatch:
     num_rows: int
     row_tokens: int
     row_pieces: torch.Tensor  # [rows + 1] int64: row r holds pieces [row_pieces[r], row_pieces[r+1])
-    num_masked: int  # tokens with a label, counted here so that nobody needs a device sync for it
+    # [N] int64 positions of the labelled tokens, found here on the host so that neither the
+    # sparse head nor the token count needs a device sync for them.
+    masked_index: torch.Tensor
     piece_keys: torch.Tensor  # [pieces, 4] int64: stream, sample, start, end
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def num_masked(self) -> int:
+        return self.masked_index.shape[0]
 
     @property
     def packing_efficiency(self) -> float:
@@ -128,6 +134,6 @@ def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, 
         num_rows=len(rows),
         row_tokens=row_tokens,
         row_pieces=torch.tensor([0, *np.cumsum([len(row) for row in rows])], dtype=torch.int64),
-        num_masked=int((all_labels != IGNORE_INDEX).sum()),
+        masked_index=torch.from_numpy(np.flatnonzero(all_labels != IGNORE_INDEX)),
         piece_keys=torch.tensor([piece.key() for piece in pieces], dtype=torch.int64).reshape(-1, 4),
     )

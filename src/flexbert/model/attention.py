@@ -37,10 +37,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         """hidden: [T, H] -> [T, H]"""
-        q, k, v = self.Wqkv(hidden).view(-1, 3, self.num_heads, self.head_dim).unbind(dim=1)
+        qkv = self.Wqkv(hidden).view(-1, 3, self.num_heads, self.head_dim)  # [T, 3, heads, head_dim]
         if self.rotary:
-            q = apply_rotary(q, context.cos, context.sin)
-            k = apply_rotary(k, context.cos, context.sin)
+            # Queries and keys rotate together: one pass over both instead of one each.
+            q, k = apply_rotary(qkv[:, :2], context.cos, context.sin).unbind(dim=1)
+            v = qkv[:, 2]
+        else:
+            q, k, v = qkv.unbind(dim=1)
         dropout_p = self.probs_dropout if self.training else 0.0
         out = context.attend(q, k, v, dropout_p)  # [T, heads, head_dim]
         return self.out_drop(self.Wo(out.flatten(1)))

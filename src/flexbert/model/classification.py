@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flexbert.model.compile import compile_regions
 from flexbert.model.config import FlexBertConfig
 from flexbert.model.layout import DocumentLayout
 from flexbert.model.losses import IGNORE_INDEX
@@ -53,6 +54,7 @@ class Classifier(nn.Module):
         self.drop = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         INIT.get(config.blocks.init)(self, config)
+        compile_regions(self, config.compile_regions)
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.drop(self.head(hidden)))
@@ -110,6 +112,7 @@ class FlexBertForSentenceEmbedding(nn.Module):
         self.pooling = pooling
         self.model = FlexBertModel(config)
         INIT.get(config.blocks.init)(self, config)
+        compile_regions(self, config.compile_regions)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexbert.model.activations import ACTIVATIONS
+from flexbert.model.compile import REGIONS
 from flexbert.typed_config import ConfigError, from_dict
 
 ATTN_BACKENDS = ("auto", "flash", "flex", "sdpa")
@@ -63,7 +64,11 @@ class FlexBertConfig:
     cls_token_id: int = 50281
     sep_token_id: int = 50282
     sparse_prediction: bool = True
+    # Training computes the MLM loss this many predicted tokens at a time, never holding all logits.
+    loss_chunk_tokens: int = 4096
     attn_backend: str = "auto"
+    # Submodules run through torch.compile: any of "mlp", "norm", "head" (see flexbert.model.compile).
+    compile_regions: list[str] = field(default_factory=list)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)
     # Modules imported before blocks are looked up, so user blocks can register themselves.
     plugins: list[str] = field(default_factory=list)
@@ -103,7 +108,8 @@ class FlexBertConfig:
             raise ConfigError(f"{path}.{key}", message)
 
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "max_position_embeddings", "global_attn_every_n_layers"):
+                    "intermediate_size", "max_position_embeddings", "global_attn_every_n_layers",
+                    "loss_chunk_tokens"):
             if getattr(self, key) <= 0:
                 fail(key, f"must be positive, got {getattr(self, key)}")
         if self.hidden_size % self.num_attention_heads:
@@ -138,6 +144,9 @@ class FlexBertConfig:
         if self.attn_backend == "flex" and self.attention_probs_dropout > 0:
             fail("attention_probs_dropout", "FlexAttention cannot drop attention probabilities; "
                  "use attn_backend 'sdpa' or 'flash', or set it to 0")
+        for region in self.compile_regions:
+            if region not in REGIONS:
+                fail("compile_regions", f"unknown region {region!r}; choose from {', '.join(REGIONS)}")
         self._validate_blocks(f"{path}.blocks")
 
     def _validate_blocks(self, path: str) -> None:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from flexbert.model.attention import AttentionContext
 from flexbert.model.backends import resolve_backend
+from flexbert.model.compile import compile_regions
 from flexbert.model.config import FlexBertConfig
 from flexbert.model.layout import DocumentLayout, Unpadding
 from flexbert.model.losses import IGNORE_INDEX
@@ -107,8 +108,11 @@ class FlexBertModel(nn.Module):
 @dataclass
 class MaskedLMOutput:
     loss: torch.Tensor | None
-    logits: torch.Tensor  # [B, S, V] padded input; [T, V] unpadded; [N, V] at labelled tokens if sparse
+    # [B, S, V] padded input; [T, V] unpadded; [N, V] at labelled tokens if sparse. None in training
+    # under sparse prediction, where the loss is computed chunk by chunk without whole logits.
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor  # [B, S, H] or [T, H], the encoder output
+    predictions: torch.Tensor | None = None  # [N] argmax ids at the labelled tokens, if sparse
 
 
 class FlexBertForMaskedLM(nn.Module):
@@ -123,6 +127,7 @@ class FlexBertForMaskedLM(nn.Module):
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         self.loss_fn = LOSS.get(config.blocks.loss)(config)
         INIT.get(config.blocks.init)(self, config)
+        compile_regions(self, config.compile_regions)
 
     def forward(
         self,
@@ -131,21 +136,32 @@ class FlexBertForMaskedLM(nn.Module):
         labels: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
+        masked_index: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
         """Input forms as :meth:`FlexBertModel.encode`; ``labels`` has the shape of ``input_ids``,
-        with -100 where there is no target."""
+        with -100 where there is no target. ``masked_index`` [N] may give the positions in the
+        unpadded stream of the labelled tokens: the packed loader finds them on the host, which
+        spares the device a sync to find them here."""
         encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
         hidden = encoded.hidden  # [T, H]
         labels = encoded.flatten(labels)
-        if labels is not None and self.config.sparse_prediction:
-            predicted = labels != IGNORE_INDEX
-            logits = self.decoder(self.head(hidden[predicted]))  # [N, V]
-            loss = self.loss_fn(logits, labels[predicted])
-        else:
+        if labels is None or not self.config.sparse_prediction:
             token_logits = self.decoder(self.head(hidden))  # [T, V]
             loss = self.loss_fn(token_logits, labels) if labels is not None else None
-            logits = encoded.restore(token_logits)  # [B, S, V] or [T, V]
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=encoded.restore(hidden))
+            return MaskedLMOutput(loss, encoded.restore(token_logits), encoded.restore(hidden))
+        if masked_index is None:
+            masked_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = labels[masked_index]  # [N]
+        predicted = self.head(hidden[masked_index])  # [N, H]
+        from_hidden = getattr(self.loss_fn, "from_hidden", None)
+        if from_hidden is not None and torch.is_grad_enabled():
+            loss, predictions = from_hidden(predicted, self.decoder, targets)
+            logits = None
+        else:
+            logits = self.decoder(predicted)  # [N, V]
+            loss = self.loss_fn(logits, targets)
+            predictions = logits.argmax(dim=-1)
+        return MaskedLMOutput(loss, logits, encoded.restore(hidden), predictions)
 
     def set_rope_theta(self, global_theta: float | None = None, local_theta: float | None = None) -> None:
         """Change RoPE thetas (e.g. 160k global for context extension); frequencies follow at once."""

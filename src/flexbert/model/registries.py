@@ -33,7 +33,8 @@ INIT = Registry(
     "parameter initialisation of a freshly built model",
 )
 LOSS = Registry(
-    "loss", "factory(config) -> module(logits[N, V], labels[N]) -> scalar",
+    "loss", "factory(config) -> module(logits[N, V], labels[N]) -> scalar; optionally also "
+    ".from_hidden(hidden[N, H], decoder, labels[N]) -> (scalar, predicted ids[N]), used in training",
     "the masked-language-modelling objective",
 )
 ATTENTION_BACKENDS = Registry(

@@ -42,7 +42,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
-    cos = cos[:, None, :].to(x.dtype)
-    sin = sin[:, None, :].to(x.dtype)
+    """x: [T, ..., head_dim] (e.g. [T, heads, head_dim]); cos, sin: [T, head_dim]."""
+    per_token = (x.shape[0], *[1] * (x.dim() - 2), x.shape[-1])
+    cos = cos.view(per_token).to(x.dtype)
+    sin = sin.view(per_token).to(x.dtype)
     return x * cos + rotate_half(x) * sin

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from composer.core import DataSpec, Time
 
 from flexbert.data.loader import PackedMLMLoader, RankState
-from flexbert.data.masking import IGNORE_INDEX
 from flexbert.typed_config import ConfigError
 
 
@@ -63,11 +63,12 @@ def split_rows(batch: dict, microbatch_rows: int) -> list[dict]:
         first_piece, end_piece = int(row_pieces[first_row]), int(row_pieces[last_row])
         start, end = int(cu[first_piece]), int(cu[end_piece])
         piece_cu = cu[first_piece : end_piece + 1]
-        labels = batch["labels"][start:end]
+        masked = batch["masked_index"]
+        first_masked, end_masked = torch.searchsorted(masked, torch.tensor([start, end])).tolist()
         microbatches.append({
             "input_ids": batch["input_ids"][start:end],
-            "labels": labels,
-            "num_masked": int((labels != IGNORE_INDEX).sum()),
+            "labels": batch["labels"][start:end],
+            "masked_index": masked[first_masked:end_masked] - start,
             "position_ids": batch["position_ids"][start:end],
             "cu_seqlens": piece_cu - piece_cu[0],
             "max_seqlen": int((piece_cu[1:] - piece_cu[:-1]).max()),
@@ -82,7 +83,7 @@ def split_rows(batch: dict, microbatch_rows: int) -> list[dict]:
 def count_tokens(batch: dict) -> dict[str, int]:
     """Real tokens advance the clock; masked tokens weigh gradient accumulation. Both are host
     ints computed on the CPU batch, so counting never syncs with the device."""
-    return {"total": batch["input_ids"].shape[0], "loss_generating": batch["num_masked"]}
+    return {"total": batch["input_ids"].shape[0], "loss_generating": batch["masked_index"].shape[0]}
 
 
 class ComposerBatches:
@@ -96,8 +97,11 @@ class ComposerBatches:
     def __iter__(self) -> Iterator[dict]:
         if self.restart_each_pass:
             self.loader.state = RankState()
+        # Page-locked host memory makes Composer's non_blocking copy to the GPU truly asynchronous.
+        pin = torch.cuda.is_available()
         for batch in self.loader:
-            yield batch.as_dict()
+            yield {key: value.pin_memory() if pin and torch.is_tensor(value) else value
+                   for key, value in batch.as_dict().items()}
 
 
 def data_spec(loader: PackedMLMLoader, restart_each_pass: bool = False) -> DataSpec:

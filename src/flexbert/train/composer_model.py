@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from flexbert.model import FlexBertForMaskedLM, MaskedLMOutput
 from flexbert.model.losses import IGNORE_INDEX
+from flexbert.train.metrics import MaskedTokenAccuracy
 
 
 class ComposerMLM(ComposerModel):
@@ -23,16 +24,16 @@ class ComposerMLM(ComposerModel):
     def __init__(self, model: FlexBertForMaskedLM):
         super().__init__()
         self.model = model
-        self.train_metrics = {"MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX)}
+        self.train_metrics = {"MaskedAccuracy": MaskedTokenAccuracy(ignore_index=IGNORE_INDEX)}
         self.eval_metrics = {
-            "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
+            "MaskedAccuracy": MaskedTokenAccuracy(ignore_index=IGNORE_INDEX),
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
 
     def forward(self, batch: dict[str, Any]) -> MaskedLMOutput:
         return self.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                          max_seqlen=batch["max_seqlen"])
+                          max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"])
 
     def loss(self, outputs: MaskedLMOutput, batch: dict[str, Any]) -> torch.Tensor:
         return outputs.loss
@@ -44,7 +45,9 @@ class ComposerMLM(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict[str, Any], outputs: MaskedLMOutput, metric) -> None:
-        labels = batch["labels"]
-        if self.model.config.sparse_prediction:
-            labels = labels[labels != IGNORE_INDEX]  # logits exist only at masked tokens
-        metric.update(outputs.logits, labels)
+        if not self.model.config.sparse_prediction:
+            metric.update(outputs.logits, batch["labels"])
+            return
+        targets = batch["labels"][batch["masked_index"]]  # outputs exist only at masked tokens
+        # Training computes no whole logits (see MaskedLMOutput); accuracy needs only the argmax.
+        metric.update(outputs.predictions if isinstance(metric, MaskedTokenAccuracy) else outputs.logits, targets)
