@@ -48,6 +48,8 @@ $(DEMO_DATA)/mds/%/index.json: $(DEMO_DATA)/tokenizer/tokenizer.json
 bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_loader.py
+	$(BIN)/python bench/bench_attention.py
+	$(BIN)/python bench/bench_model.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

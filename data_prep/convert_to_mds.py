@@ -27,11 +27,12 @@ Inputs may be files or folders, mixed:
 
 Records that give no document (lines that are not UTF-8 or not JSON, a missing, null or
 non-string text field) are counted by reason and skipped; the conversion fails only when more than
---max-bad-fraction of all records are bad.
+--max-bad-fraction of all records are bad, naming the file and position of the first of each kind.
 
-The output is complete when OUTPUT/index.json exists; it is written last. An interrupted run
-leaves no index.json, and running the same command again converts only what is left. OUTPUT may
-be s3://bucket/prefix: set S3_ENDPOINT_URL for a non-AWS endpoint, credentials as for boto3.
+The output is complete when OUTPUT/index.json exists; it is written last. An interrupted run, or
+one stopped by a full disk, leaves no index.json, and running the same command again converts only
+what is left. OUTPUT may be s3://bucket/prefix: set S3_ENDPOINT_URL for a non-AWS endpoint,
+credentials as for boto3.
 """
 
 EPILOG = """\
@@ -40,7 +41,8 @@ examples:
   python data_prep/convert_to_mds.py --input a.jsonl.zst b.parquet --output s3://bucket/mds --text-field content
 
 Errors in the request (missing input, unknown tokenizer, an output that is already complete, too
-many bad records, an empty corpus) print one line, "convert_to_mds: error: ...", and exit with 2.
+many bad records, an empty corpus) and a full disk print one line, "convert_to_mds: error: ...",
+and exit with 2.
 """
 
 

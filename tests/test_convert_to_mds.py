@@ -4,7 +4,6 @@ import gzip
 import json
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from flexbert.data import convert
 from flexbert.data.convert import ConversionError, convert_to_mds
-from flexbert.data.sources import SourceError, find_inputs, plan_slices, read_slice
+from flexbert.data.sources import BadRecords, SourceError, find_inputs, plan_slices, read_slice
 from flexbert.data.tokenizer import TokenizerError, load_tokenizer
 
 # Reading back builds streaming datasets; see test_remote_streaming.py for why they share a group.
@@ -105,7 +104,7 @@ def test_each_input_kind_converts_to_the_tokenizers_ids(tmp_path, kind):
     # Units of a few bytes cut every input that can be cut into several units.
     summary = convert_to_mds([source], tmp_path / "out", MODERNBERT, workers=1, unit_size=64, progress=False)
 
-    assert summary.total.documents == len(DOCUMENTS) and not summary.total.bad
+    assert summary.total.documents == len(DOCUMENTS) and not summary.total.bad.counts
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert {(tuple(shard["column_names"]), tuple(shard["column_encodings"]), shard["compression"])
             for shard in index["shards"]} == {(("input_ids",), ("ndarray:uint16",), "zstd")}
@@ -116,10 +115,10 @@ def test_plain_json_lines_cut_anywhere_are_read_once_each(tmp_path):
     documents = [f"line {index} " + "é" * index for index in range(12)]
     path = write_jsonl(tmp_path / "a.jsonl", documents)
     for unit_bytes in (1, 2, 3, 7, 16, 50, 10_000):
-        bad = Counter()
+        bad = BadRecords()
         pieces = plan_slices(find_inputs([path]), "text", unit_bytes)
         read = [text for piece in pieces for text, _ in read_slice(piece, "text", bad)]
-        assert read == documents and not bad, unit_bytes
+        assert read == documents and not bad.counts, unit_bytes
 
 
 @needs_modernbert
@@ -165,7 +164,7 @@ def test_bad_records_are_counted_and_tolerated_up_to_the_limit(tmp_path):
     summary = convert_to_mds([corpus], tmp_path / "out", MODERNBERT, workers=1, max_bad_fraction=0.01, progress=False)
 
     assert summary.total.documents == 1000
-    assert summary.total.bad == {"invalid_json": 1, "missing_field": 2, "not_a_string": 2, "invalid_utf8": 2}
+    assert summary.total.bad.counts == {"invalid_json": 1, "missing_field": 2, "not_a_string": 2, "invalid_utf8": 2}
     assert "bad lines: 7 (invalid_json 1, invalid_utf8 2, missing_field 2, not_a_string 2)" in summary.line()
     assert len(read_back(tmp_path / "out", tmp_path / "cache")) == 1000
 

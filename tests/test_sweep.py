@@ -201,7 +201,7 @@ def test_a_resumed_sweep_skips_finished_runs(tiny_sweep):
     ({"grid": {"seed": 1}}, r"sweep\.grid\.seed: expected a list"),
     ({"recipe": "missing.yaml", "grid": {"seed": [1]}}, "missing.yaml not found"),
     ({"grid": {"optimizer.lrr": [1e-3]}},
-     r"run stsb-lrr0\.001 \(optimizer\.lrr=0\.001\): config\.optimizer\.lrr: unknown key"),
+     r"run stsb-lrr0\.001 \(optimizer\.lrr=0\.001\): optimizer\.lrr: unknown key"),
     ({"grid": {"optimizer.name": ["decoupled_adamw", "adamw_typo"]}}, "run stsb-nameadamw_typo .*optimizer.name"),
     ({"grid": {"seed": [1]}, "overrides": {**TINY, "seed": 3}}, r"sweep\.grid\.seed: is also set in sweep\.overrides"),
     ({"grid": {"run_name": ["mine"]}}, r"sweep\.grid\.run_name: cannot be set here"),

@@ -151,7 +151,8 @@ def test_every_input_format_trains_the_same_tokenizer(trained, tmp_path, kind):
 def test_text_field_selects_the_json_field(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     write_jsonl_lines(corpus, TEXTS[:20], field="content")
-    with pytest.raises(TokenizerTrainingError, match=r"skipped records: missing_field: 20; is --text-field 'text'"):
+    expected = r"skipped records: missing_field: 20, first in \S+corpus.jsonl, the line at byte 0; is --text-field 'text'"
+    with pytest.raises(TokenizerTrainingError, match=expected):
         train_tokenizer([corpus], tmp_path / "out", vocab_size=320, show_progress=False)
     summary = train_tokenizer([corpus], tmp_path / "out", vocab_size=320, text_field="content", show_progress=False)
     assert summary.documents == 20 and summary.bad_records == {}

@@ -14,10 +14,21 @@ from flexbert.data.tokenizer import TokenizerError
 from flexbert.typed_config import ConfigError
 
 
+def _yaml_error(path: Path, err: Exception) -> ConfigError:
+    """One line naming where the YAML breaks: PyYAML's own message spans four lines."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ConfigError(str(path), "is not valid YAML: " + " ".join(str(err).split()))
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    opened = f" ({context} that starts at line {context_mark.line + 1})" if context and context_mark else ""
+    return ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}",
+                       f"is not valid YAML: {err.problem}{opened}")
+
+
 def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()):
     """A YAML file as an OmegaConf node, after merging the files its ``include:`` list names
     (relative to it, in order, each overridden by what follows): recipes share one definition."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from yaml import YAMLError
 
     if not path.is_file():
@@ -27,7 +38,9 @@ def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()):
     try:
         node = OmegaConf.load(path)
     except YAMLError as err:
-        raise ConfigError(str(path), f"is not valid YAML: {err}") from None
+        raise _yaml_error(path, err) from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(str(path), "must hold a mapping of config keys (key: value lines), not a list")
     includes = node.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
@@ -93,6 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from omegaconf import OmegaConf
 
+    from flexbert.train.nan_guard import NonFiniteTrainingError
     from flexbert.train.recipes import parse_recipe
 
     raw = load_yaml_config(args.config, args.overrides)
@@ -103,8 +117,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(OmegaConf.to_yaml(raw), end="")
         return 0
     trainer = build(config, raw)
-    trainer.fit()
-    trainer.close()
+    try:
+        trainer.fit()
+    except NonFiniteTrainingError as err:  # the run diverged: one line naming the step and its samples
+        print(f"flexbert: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:
         run_dir = Path(config.run_root) / config.run_name
         print(f"run {config.run_name}: metrics in {run_dir / 'metrics.jsonl'} (plot them: flexbert plot {run_dir})")

@@ -315,14 +315,13 @@ def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[Fle
     exist: an export often happens long after both are gone.
     """
     from flexbert.data.tokenizer import load_tokenizer
-    from flexbert.train.config import TrainConfig, with_tokenizer_ids
+    from flexbert.train.config import TrainConfig, model_config_for
     from flexbert.typed_config import from_dict
 
-    parsed = from_dict(TrainConfig, training_config, "config")
+    parsed = from_dict(TrainConfig, training_config, "")
     tokenizer = load_tokenizer(parsed.train_loader.tokenizer)
     # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
-    model_section = {**with_tokenizer_ids(parsed.model, tokenizer), "attn_backend": "auto"}
-    return FlexBertConfig.from_dict(model_section, path="model"), tokenizer.path
+    return model_config_for({**parsed.model, "attn_backend": "auto"}, tokenizer), tokenizer.path
 
 
 def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None

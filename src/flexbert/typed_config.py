@@ -24,6 +24,11 @@ class ConfigError(ValueError):
         super().__init__(f"{key_path}: {message}")
 
 
+def _child_path(parent: str, key: object) -> str:
+    """``parent.key``, or ``key`` alone at the top level of a file (whose parent path is "")."""
+    return f"{parent}.{key}" if parent else str(key)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -61,7 +66,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
         value_type = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, value_type, _child_path(path, k)) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected a boolean, got {type(value).__name__} {value!r}")
@@ -84,7 +89,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
 
 
 def from_dict(cls: type[T], data: Any, path: str) -> T:
-    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types by key path."""
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types by key path
+    (``path`` is where ``data`` sits in its file; "" for a whole file)."""
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
@@ -96,13 +102,13 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
         close = difflib.get_close_matches(unknown[0], fields, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            f"{path}.{unknown[0]}", f"unknown key; {hint}valid keys are: {', '.join(sorted(fields))}"
+            _child_path(path, unknown[0]), f"unknown key; {hint}valid keys are: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{path}.{name}")
+            kwargs[name] = _coerce(data[name], hints[name], _child_path(path, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}.{name}", "missing required key")
+            raise ConfigError(_child_path(path, name), "missing required key")
     return cls(**kwargs)
 

@@ -14,13 +14,16 @@ Documents keep corpus order whatever the number of workers.
 The corpus is cut into units (see sources.plan_slices); workers convert units independently and the
 parent records each finished one. An interrupted conversion leaves no index.json, and running it
 again with the same inputs and settings converts only the units not recorded yet; with anything
-changed it starts over. OUTPUT may be ``s3://bucket/prefix`` (endpoint from ``S3_ENDPOINT_URL``):
-units are uploaded as they finish and index.json goes up last.
+changed it starts over. A full disk stops it the same way, with a ConversionError: finished units
+are kept, the unit being written is removed, and no partial file is left. OUTPUT may be
+``s3://bucket/prefix`` (endpoint from ``S3_ENDPOINT_URL``): units are uploaded as they finish and
+index.json goes up last.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -41,7 +44,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flexbert.data.sources import Slice, SourceError, find_inputs, plan_slices, read_slice
+from flexbert.data.sources import BadRecords, Slice, SourceError, find_inputs, plan_slices, read_slice
 from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
 
 COLUMN = "input_ids"
@@ -50,7 +53,7 @@ PLAN = "conversion/plan.json"
 DEFAULT_SHARD_SIZE = "64MB"
 DEFAULT_UNIT_SIZE = "32MB"
 DEFAULT_MAX_BAD_FRACTION = 0.001
-LAYOUT = "flexbert-mds-documents-1"  # bump when the output layout changes: old partial outputs restart
+LAYOUT = "flexbert-mds-documents-2"  # bump when the output layout changes: old partial outputs restart
 _BATCH_CHARS_PER_THREAD = 1 << 22  # text per encode_batch call and thread: enough to keep threads busy
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20,
                "gb": 1 << 30, "gib": 1 << 30, "tb": 1 << 40, "tib": 1 << 40}
@@ -80,18 +83,19 @@ class Tally:
     empty: int = 0  # no tokens at all: skipped
     tokens: int = 0
     text_bytes: int = 0  # UTF-8 bytes of the documents' text
-    bad: Counter = field(default_factory=Counter)  # records that gave no document, by reason
+    bad: BadRecords = field(default_factory=BadRecords)  # records that gave no document
 
     def add(self, other: Tally) -> None:
+        """Add ``other``, which comes after this in the corpus."""
         self.documents += other.documents
         self.empty += other.empty
         self.tokens += other.tokens
         self.text_bytes += other.text_bytes
-        self.bad.update(other.bad)
+        self.bad.merge(other.bad)
 
     @property
     def records(self) -> int:
-        return self.documents + self.empty + sum(self.bad.values())
+        return self.documents + self.empty + sum(self.bad.counts.values())
 
 
 @dataclass(frozen=True)
@@ -112,13 +116,13 @@ class UnitResult:
     shards: list[dict]  # the unit's MDS index entries, basenames relative to the unit
 
     def to_json(self) -> bytes:
-        return json.dumps({**vars(self.tally), "shards": self.shards}).encode()
+        return json.dumps({**vars(self.tally), "bad": vars(self.tally.bad), "shards": self.shards}).encode()
 
     @classmethod
     def from_json(cls, name: str, data: bytes) -> UnitResult:
         record = json.loads(data)
-        shards, bad = record.pop("shards"), Counter(record.pop("bad"))
-        return cls(name, Tally(**record, bad=bad), shards)
+        shards, bad = record.pop("shards"), record.pop("bad")
+        return cls(name, Tally(**record, bad=BadRecords(Counter(bad["counts"]), bad["first"])), shards)
 
 
 @dataclass(frozen=True)
@@ -132,8 +136,8 @@ class ConversionSummary:
 
     def line(self) -> str:
         total = self.total
-        bad = sum(total.bad.values())
-        reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(total.bad.items()))
+        bad = sum(total.bad.counts.values())
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(total.bad.counts.items()))
         return (f"{total.documents:,} documents, {total.tokens:,} tokens, {total.text_bytes / 1e6:,.1f} MB of text; "
                 f"{self.tokens_this_run / max(self.seconds, 1e-9):,.0f} tokens/s over {self.seconds:.1f} s; "
                 f"bad lines: {bad:,}{f' ({reasons})' if bad else ''}; {total.empty:,} empty documents skipped; "
@@ -166,8 +170,11 @@ class _LocalOutput:
         path = self.root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)  # there only if the write failed (a full disk)
 
     def names(self, prefix: str) -> list[str]:
         folder, _, stem = prefix.rpartition("/")
@@ -328,6 +335,9 @@ def _write_unit(job: UnitJob, tokenizer: MLMTokenizer, advance: Callable[[int], 
     try:
         tally = _write_shards(job, local if remote is None else (local, remote), tokenizer, advance)
         shards = json.loads(Path(local, INDEX).read_bytes())["shards"]
+    except BaseException:
+        shutil.rmtree(local, ignore_errors=True)  # half a unit, which a rerun writes again: free its space now
+        raise
     finally:
         if remote is not None:
             shutil.rmtree(local, ignore_errors=True)  # a staging copy of what was uploaded
@@ -431,6 +441,19 @@ def _drain(updates: multiprocessing.Queue, bar: tqdm) -> None:
             return
 
 
+@contextlib.contextmanager
+def _full_disk_explained(output: str) -> Iterator[None]:
+    """A full disk or quota becomes one ConversionError that says what to do."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ConversionError(f"no space left on the device while writing {output} ({err.filename or err.strerror}); "
+                              "the units finished so far are kept: free some space and run the same command "
+                              "again to resume") from None
+
+
 def _record_name(unit: str) -> str:
     return f"conversion/{unit}.json"
 
@@ -486,42 +509,42 @@ def convert_to_mds(
     }, indent=1).encode()
 
     destination = _open_output(output)
-    finished = _finished_units(destination, plan, overwrite, output)
-    results = [UnitResult.from_json(name, destination.read(_record_name(name))) for name in sorted(finished)]
-    todo = [(name, piece) for name, piece in ((f"unit-{index:05d}", piece) for index, piece in enumerate(pieces))
-            if name not in finished]
-    processes = max(1, min(workers, len(todo)))
-    threads = workers // processes  # cores that no process takes go to the tokenizer's threads
-    jobs = [UnitJob(name, piece, output, text_field, dtype, shard_bytes, threads) for name, piece in todo]
+    with _full_disk_explained(output):
+        finished = _finished_units(destination, plan, overwrite, output)
+        results = [UnitResult.from_json(name, destination.read(_record_name(name))) for name in sorted(finished)]
+        todo = [(name, piece) for name, piece in ((f"unit-{index:05d}", piece) for index, piece in enumerate(pieces))
+                if name not in finished]
+        processes = max(1, min(workers, len(todo)))
+        threads = workers // processes  # cores that no process takes go to the tokenizer's threads
+        jobs = [UnitJob(name, piece, output, text_field, dtype, shard_bytes, threads) for name, piece in todo]
 
-    def record(result: UnitResult) -> None:
-        _record(destination, result)
-        results.append(result)
+        def record(result: UnitResult) -> None:
+            _record(destination, result)
+            results.append(result)
 
-    try:
-        _run_units(jobs, mlm, str(tokenizer), processes, threads, progress, record)
-    except SourceError:
-        destination.clear()  # a damaged input must change before a rerun, which then starts over anyway
-        raise
+        try:
+            _run_units(jobs, mlm, str(tokenizer), processes, threads, progress, record)
+        except SourceError:
+            destination.clear()  # a damaged input must change before a rerun, which then starts over anyway
+            raise
 
-    total = Tally()
-    for result in results:
-        total.add(result.tally)
-    problem = _corpus_problem(total, max_bad_fraction, text_field, inputs)
-    if problem is not None:
-        destination.clear()
-        raise ConversionError(problem)
-    destination.write(INDEX, _root_index(results))
+        total = Tally()
+        for result in sorted(results, key=lambda result: result.name):  # corpus order: the first bad record first
+            total.add(result.tally)
+        problem = _corpus_problem(total, max_bad_fraction, text_field, inputs)
+        if problem is not None:
+            destination.clear()
+            raise ConversionError(problem)
+        destination.write(INDEX, _root_index(results))
     return ConversionSummary(output, total, len(pieces), len(finished),
                              sum(result.tally.tokens for result in results if result.name not in finished),
                              time.perf_counter() - started)
 
 
 def _corpus_problem(total: Tally, max_bad_fraction: float, text_field: str, inputs: Sequence) -> str | None:
-    bad = sum(total.bad.values())
+    bad = sum(total.bad.counts.values())
     if bad > max_bad_fraction * total.records:
-        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(total.bad.items()))
-        return (f"{bad:,} of {total.records:,} records are bad ({reasons}; text field {text_field!r}), "
+        return (f"{bad:,} of {total.records:,} records are bad ({total.bad.describe()}; text field {text_field!r}), "
                 f"more than --max-bad-fraction {max_bad_fraction}; fix the input or raise the limit")
     if total.documents == 0:
         return f"empty corpus: no document with any text in {', '.join(map(str, inputs))}"

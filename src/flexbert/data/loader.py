@@ -19,12 +19,8 @@ from torch.utils.data import DataLoader
 from flexbert.data.masking import Masker
 from flexbert.data.packing import GreedyPacker, PackedBatch, Piece, collate_rows, split_document
 from flexbert.data.shm import clean_stale_streaming_memory
-from flexbert.data.streams import DocumentDataset, LoaderConfig, build_dataset
+from flexbert.data.streams import DataError, DocumentDataset, LoaderConfig, build_dataset
 from flexbert.data.tokenizer import MLMTokenizer
-
-
-class DataError(ValueError):
-    """The data itself is unusable: empty, or inconsistent with the model or tokenizer."""
 
 
 @dataclass
@@ -71,9 +67,7 @@ class PackedMLMLoader:
         self.tokenizer = tokenizer
         self.vocab_limit = model_vocab_size or tokenizer.vocab_size
         _clean_stale_memory_once_per_node()
-        self.dataset: DocumentDataset = build_dataset(config)
-        if self.dataset.num_samples == 0:
-            raise DataError(f"{path}.streams: the streams hold no documents")
+        self.dataset: DocumentDataset = build_dataset(config, path)
         self.masker = Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
         self.batch_rows = batch_rows or (lambda rows_so_far: config.rows_per_batch)
         self.state = RankState()  # as of the last batch handed out

@@ -9,7 +9,7 @@ gives the corpus in order, whatever the cut.
 
 A record that cannot give a document (a line that is not UTF-8 or not JSON, a missing or non-string
 text field) is *bad*: it is counted by reason and skipped, so a caller can decide how many are too
-many. A structural problem (a missing path, a column that is absent or not text, a corrupt archive)
+many, and the first of each reason is located so that an error can say where to look. A structural problem (a missing path, a column that is absent or not text, a corrupt archive)
 is a ``SourceError``.
 """
 
@@ -22,7 +22,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,6 +42,30 @@ _ARROW_BATCH_ROWS = 1024
 
 class SourceError(ValueError):
     """An input is missing, of an unsupported kind, or unreadable as a whole."""
+
+
+@dataclass
+class BadRecords:
+    """Records that gave no document: how many, by reason, and where the first of each reason is
+    (a file, and its line, byte offset or row)."""
+
+    counts: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.first.setdefault(reason, where)
+
+    def merge(self, other: BadRecords) -> None:
+        """Add ``other``'s records, which come after these in the corpus."""
+        self.counts.update(other.counts)
+        for reason, where in other.first.items():
+            self.first.setdefault(reason, where)
+
+    def describe(self) -> str:
+        """``invalid_utf8: 2, first in a.jsonl, line at byte 120; ...``"""
+        return "; ".join(f"{reason}: {count:,}, first in {self.first[reason]}"
+                         for reason, count in sorted(self.counts.items()))
 
 
 @dataclass(frozen=True)
@@ -199,7 +223,7 @@ _SLICERS = {
 }
 
 
-def read_slice(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[str, int]]:
+def read_slice(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     """Yield (document text, how many of the slice's ``weight`` bytes lie behind it).
 
     Bad records are counted into ``bad`` by reason (see BAD_REASONS) and skipped.
@@ -207,47 +231,43 @@ def read_slice(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[st
     return _READERS[piece.kind](piece, text_field, bad)
 
 
-def _read_text_files(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[str, int]]:
+def _read_text_files(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     done = 0
     for path in piece.paths:
         data = Path(path).read_bytes()
         done += len(data)
         try:
             text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            bad["invalid_utf8"] += 1
+        except UnicodeDecodeError as err:
+            bad.add("invalid_utf8", f"{path}, byte {err.start}")
         else:
             yield text, done
 
 
-def _parse_line(line: bytes, text_field: str, bad: Counter) -> str | None:
+def _parse_line(line: bytes, text_field: str) -> tuple[str | None, str | None]:
+    """(the line's text, None), or (None, why it is a bad record); (None, None) for a blank line."""
     if not line.strip():  # a blank line holds no record, so it is not a bad one
-        return None
+        return None, None
     try:
         # Decoding first: json.loads would guess UTF-16 or UTF-32 from bytes.
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
-        bad["invalid_utf8"] += 1
-        return None
+        return None, "invalid_utf8"
     except json.JSONDecodeError:
-        bad["invalid_json"] += 1
-        return None
+        return None, "invalid_json"
     if not isinstance(record, dict) or text_field not in record:
-        bad["missing_field"] += 1
-        return None
+        return None, "missing_field"
     text = record[text_field]
     if not isinstance(text, str):
-        bad["not_a_string"] += 1
-        return None
+        return None, "not_a_string"
     try:
         text.encode("utf-8")  # JSON can escape lone surrogates, which are no text at all
     except UnicodeEncodeError:
-        bad["invalid_utf8"] += 1
-        return None
-    return text
+        return None, "invalid_utf8"
+    return text, None
 
 
-def _read_jsonl(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[str, int]]:
+def _read_jsonl(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     """The lines that start inside [start, stop): a line crossing a cut belongs to the slice it starts in."""
     with open(piece.paths[0], "rb") as file:
         position = piece.start
@@ -258,8 +278,11 @@ def _read_jsonl(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[s
             line = file.readline()
             if not line:
                 break
+            # A slice starts mid-file, so it knows byte offsets but not line numbers.
+            text, reason = _parse_line(line, text_field)
+            if reason is not None:
+                bad.add(reason, f"{piece.paths[0]}, the line at byte {position}")
             position += len(line)
-            text = _parse_line(line, text_field, bad)
             if text is not None:
                 yield text, min(position - piece.start, piece.weight)
 
@@ -287,42 +310,46 @@ def _zstd_lines(raw: BinaryIO) -> Iterator[bytes]:
         yield rest
 
 
-def _read_compressed_jsonl(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[str, int]]:
+def _read_compressed_jsonl(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     with open(piece.paths[0], "rb") as raw:
         lines = gzip.GzipFile(fileobj=raw) if piece.kind == "jsonl.gz" else _zstd_lines(raw)
         try:
-            for line in lines:
-                text = _parse_line(line, text_field, bad)
+            for number, line in enumerate(lines, start=1):
+                text, reason = _parse_line(line, text_field)
+                if reason is not None:
+                    bad.add(reason, f"{piece.paths[0]}, line {number}")
                 if text is not None:
                     yield text, min(raw.tell(), piece.weight)
         except (OSError, EOFError, zstandard.ZstdError) as err:
             raise SourceError(f"{piece.paths[0]}: corrupt or truncated archive ({err})") from None
 
 
-def _arrow_texts(columns: Iterable[pa.Array], rows: int, weight: int, bad: Counter) -> Iterator[tuple[str, int]]:
+def _arrow_texts(columns: Iterable[pa.Array], path: str, first_row: int, rows: int, weight: int,
+                 bad: BadRecords) -> Iterator[tuple[str, int]]:
     done = 0
     for column in columns:
         for text in column.to_pylist():
-            done += 1
             if text is None:
-                bad["missing_field"] += 1
-            else:
+                bad.add("missing_field", f"{path}, row {first_row + done}")
+            done += 1
+            if text is not None:
                 yield text, weight * done // rows
 
 
-def _read_parquet(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[str, int]]:
+def _read_parquet(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     file = pq.ParquetFile(piece.paths[0])
     groups = range(piece.start, piece.stop)
     rows = sum(file.metadata.row_group(group).num_rows for group in groups)
+    first_row = sum(file.metadata.row_group(group).num_rows for group in range(piece.start))
     batches = file.iter_batches(_ARROW_BATCH_ROWS, row_groups=groups, columns=[text_field])
-    return _arrow_texts((batch.column(0) for batch in batches), rows, piece.weight, bad)
+    return _arrow_texts((batch.column(0) for batch in batches), piece.paths[0], first_row, rows, piece.weight, bad)
 
 
-def _read_saved_dataset(piece: Slice, text_field: str, bad: Counter) -> Iterator[tuple[str, int]]:
+def _read_saved_dataset(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     table = _load_saved_dataset(piece.paths[0]).select_columns([text_field]).with_format("arrow")
     starts = range(piece.start, piece.stop, _ARROW_BATCH_ROWS)
     columns = (table[start:min(start + _ARROW_BATCH_ROWS, piece.stop)].column(0) for start in starts)
-    return _arrow_texts(columns, piece.stop - piece.start, piece.weight, bad)
+    return _arrow_texts(columns, piece.paths[0], piece.start, piece.stop - piece.start, piece.weight, bad)
 
 
 _READERS = {
@@ -332,9 +359,9 @@ _READERS = {
 
 
 def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text",
-                   bad: Counter | None = None) -> Iterator[str]:
+                   bad: BadRecords | None = None) -> Iterator[str]:
     """Every document of the corpus at ``paths``, in order; bad records are counted into ``bad``."""
-    bad = Counter() if bad is None else bad
+    bad = BadRecords() if bad is None else bad
     for piece in plan_slices(find_inputs(paths), text_field, unit_bytes=None):
         for text, _ in read_slice(piece, text_field, bad):
             yield text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,10 @@ from streaming.base.world import World
 
 from flexbert.data.masking import MaskingConfig
 from flexbert.typed_config import ConfigError
+
+
+class DataError(ValueError):
+    """The data itself is unusable: corrupt, or inconsistent with the model or tokenizer."""
 
 
 @dataclass
@@ -61,6 +68,8 @@ class LoaderConfig:
             raise ConfigError(f"{path}.max_seq_len", "must leave room for [CLS] token [SEP]")
         if self.num_workers < 0:
             raise ConfigError(f"{path}.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.epoch_size is not None and self.epoch_size <= 0:
+            raise ConfigError(f"{path}.epoch_size", f"must be positive, got {self.epoch_size}")
         self.masking.validate(f"{path}.masking")
         with_proportion = [name for name, s in self.streams.items() if s.proportion is not None]
         for name, stream in self.streams.items():
@@ -79,15 +88,101 @@ class LoaderConfig:
             if stream.remote is None and stream.local is None:
                 raise ConfigError(stream_path, "needs a remote or a local location")
             if stream.remote is None:
-                index = Path(stream.local, stream.split or "", "index.json")
-                if not index.is_file():
-                    raise ConfigError(f"{stream_path}.local", f"no MDS dataset at {stream.local} ({index} missing)")
+                _check_local_dataset(f"{stream_path}.local", Path(stream.local, stream.split or ""))
+
+
+def _check_local_dataset(key_path: str, folder: Path) -> None:
+    """Refuse an MDS folder that cannot serve a whole epoch: no index, no samples, or a shard file
+    missing or of another size than index.json records (a truncated copy, an interrupted write).
+    Beyond the index, only stat calls; otherwise a shard is first read when the epoch reaches it,
+    hours into a run."""
+    index = folder / "index.json"
+    if not index.is_file():
+        raise ConfigError(key_path, f"no MDS dataset at {folder} ({index} missing)")
+    try:
+        shards = json.loads(index.read_bytes())["shards"]
+        samples = sum(shard["samples"] for shard in shards)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(key_path, f"{index} is not a readable MDS index ({type(err).__name__}: {err})") from None
+    if samples == 0:
+        raise ConfigError(key_path, f"the MDS dataset at {folder} holds no samples")
+    for shard in shards:
+        problem = _shard_file_problem(folder, shard)
+        if problem is not None:
+            raise ConfigError(key_path, f"{problem}; convert or copy the dataset again")
+
+
+def _shard_file_problem(folder: Path, shard: dict) -> str | None:
+    # streaming reads the compressed file, or the decompressed copy it writes beside it on first use.
+    files = [info for info in (shard.get("zip_data"), shard.get("raw_data")) if info]
+    present = [info for info in files if (folder / info["basename"]).is_file()]
+    if not present:
+        return f"shard file {folder / files[0]['basename']} is missing"
+    for info in present:
+        size = (folder / info["basename"]).stat().st_size
+        if size != info["bytes"]:
+            return (f"shard file {folder / info['basename']} is truncated or corrupt: {size:,} bytes where "
+                    f"index.json records {info['bytes']:,}")
+    return None
+
+
+class NamedStream(Stream):
+    """A Stream that knows its config key, so that its failures name it: streaming's own errors name
+    an endpoint URL or a cache file, and some say nothing at all."""
+
+    def __init__(self, key_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.key_path = key_path
+
+    def get_shards(self, world: World, allow_unsafe_types: bool) -> list:
+        index = os.path.join(self.remote or self.local, self.split, "index.json")
+        try:
+            shards = super().get_shards(world, allow_unsafe_types)
+        except Exception as err:  # downloads fail in as many ways as there are storage backends
+            retries = self.download_retry
+            attempts = f" after {retries} attempt{'s' if retries != 1 else ''}" if self.remote else ""
+            raise ConfigError(f"{self.key_path}.{'remote' if self.remote else 'local'}",
+                              f"cannot read {index}{attempts} ({type(err).__name__}: {err})") from None
+        if sum(shard.samples for shard in shards) == 0:
+            raise ConfigError(self.key_path, f"{index} lists no samples")
+        return shards
 
 
 class DocumentDataset(StreamingDataset):
-    """A streaming mixture of tokenized documents; each sample says which (stream, sample) it is."""
+    """A streaming mixture of tokenized documents; each sample says which (stream, sample) it is.
+
+    A shard that cannot be read raises a DataError naming its file. streaming prepares shards in
+    background threads whose failure ends the epoch early, with only a logged traceback: training
+    would silently go on with part of the data. Here the epoch raises that failure instead.
+    """
+
+    background_error: Exception | None = None
+
+    def __iter__(self):
+        self.background_error = None
+        yield from super().__iter__()
+        if self.background_error is not None:
+            raise self.background_error
+
+    def on_exception(self, future: Future) -> None:
+        error = future.exception()
+        if error is not None:
+            self.background_error = error
+            self._event.set()  # as streaming does, which then re-raises where nothing but a logger sees it
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as err:
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            files = [os.path.join(stream.local, stream.split, (zipped or raw).basename)
+                     for raw, zipped in self.shards[shard_id].file_pairs]
+            raise DataError(f"{stream.key_path}: shard {', '.join(files)} is corrupt or unreadable "
+                            f"({type(err).__name__}: {err}); convert or copy the dataset again") from err
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+        if self.background_error is not None:  # streaming would raise "Background thread failed" instead
+            raise self.background_error
         sample = super().get_item(sample_id, retry)
         shard_id, _ = self.spanner[sample_id]
         return {
@@ -97,23 +192,24 @@ class DocumentDataset(StreamingDataset):
         }
 
 
-def build_dataset(config: LoaderConfig, attempts: int = 5) -> DocumentDataset:
+def build_dataset(config: LoaderConfig, path: str = "train_loader", attempts: int = 5) -> DocumentDataset:
     # streaming picks its shared-memory prefix by probing names and then creating one, without a
     # lock: a process (or a dying one's resource tracker) acting on the same name in between makes
     # the creation fail. A fresh probe then finds a free name.
     for attempt in range(attempts - 1):
         try:
-            return _streaming_dataset(config)
+            return _streaming_dataset(config, path)
         except FileExistsError:
             time.sleep(0.2 * (attempt + 1))
-    return _streaming_dataset(config)
+    return _streaming_dataset(config, path)
 
 
-def _streaming_dataset(config: LoaderConfig) -> DocumentDataset:
+def _streaming_dataset(config: LoaderConfig, path: str) -> DocumentDataset:
     streams = [
-        Stream(remote=s.remote, local=s.local, split=s.split, proportion=s.proportion, repeat=s.repeat,
-               choose=s.choose, download_retry=config.download_retry, download_timeout=config.download_timeout)
-        for s in config.streams.values()
+        NamedStream(f"{path}.streams.{name}", remote=s.remote, local=s.local, split=s.split,
+                    proportion=s.proportion, repeat=s.repeat, choose=s.choose,
+                    download_retry=config.download_retry, download_timeout=config.download_timeout)
+        for name, s in config.streams.items()
     ]
     return DocumentDataset(
         streams=streams,

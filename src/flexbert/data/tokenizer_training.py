@@ -9,7 +9,6 @@ GPUs). Encoding frames a text as ``[CLS] A [SEP]`` and a pair as ``[CLS] A [SEP]
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from flexbert.data.atomic_output import atomic_output_dir
-from flexbert.data.sources import iter_documents
+from flexbert.data.sources import BadRecords, iter_documents
 from flexbert.data.tokenizer import DEFAULT_SPECIAL_TOKENS
 
 SPECIAL_TOKEN_ORDER = ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
@@ -121,7 +120,7 @@ def train_tokenizer(
     or an occupied ``output_dir`` without ``overwrite`` (OutputExistsError); ``output_dir`` is then
     left as it was.
     """
-    bad: Counter = Counter()
+    bad = BadRecords()
     count = 0
 
     def counted() -> Iterator[str]:
@@ -134,15 +133,14 @@ def train_tokenizer(
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
         tokenizer = train_bpe(counted(), vocab_size, min_frequency, show_progress)
         if count == 0:
-            skipped = ", ".join(f"{reason}: {number}" for reason, number in sorted(bad.items()))
             raise TokenizerTrainingError(
                 f"no text found in {', '.join(map(str, inputs))}"
-                + (f" (skipped records: {skipped}; is --text-field {text_field!r} right?)" if bad else "")
+                + (f" (skipped records: {bad.describe()}; is --text-field {text_field!r} right?)" if bad.counts else "")
             )
         save_tokenizer(tokenizer, staging, model_max_length)
     total = tokenizer.get_vocab_size(with_added_tokens=True)
     bpe = tokenizer.token_to_id(SPECIAL_TOKENS[0])  # the special tokens start where BPE ends
     return TrainingSummary(
         output_dir=Path(output_dir), vocab_size=total, bpe_vocab_size=bpe,
-        unused_tokens=total - bpe - len(SPECIAL_TOKENS), documents=count, bad_records=dict(sorted(bad.items())),
+        unused_tokens=total - bpe - len(SPECIAL_TOKENS), documents=count, bad_records=dict(sorted(bad.counts.items())),
     )

@@ -13,7 +13,9 @@ from flexbert.model import FlexBertConfig
 from flexbert.train.batching import BatchWarmupConfig, parse_time
 from flexbert.train.hf_export import HFExportConfig
 from flexbert.train.loggers import LoggingConfig
+from flexbert.train.nan_guard import NanGuardConfig
 from flexbert.train.optimizers import OptimizerConfig
+from flexbert.train.sample_ids import DebugConfig
 from flexbert.train.schedulers import SchedulerConfig
 from flexbert.typed_config import ConfigError, from_dict
 
@@ -30,6 +32,23 @@ def with_tokenizer_ids(model: dict[str, Any], tokenizer: MLMTokenizer) -> dict[s
             raise ConfigError(f"model.{key}", f"{model[key]} disagrees with the tokenizer {tokenizer.path}, "
                               f"whose id is {token_id}")
     return {**model, **tokenizer_ids}
+
+
+def model_config_for(model: dict[str, Any], tokenizer: MLMTokenizer) -> FlexBertConfig:
+    """A recipe's model section, checked against the tokenizer that feeds it: the vocabulary holds
+    every token it can produce, and the special-token ids are its own."""
+    vocab_size = model.get("vocab_size", FlexBertConfig.__dataclass_fields__["vocab_size"].default)
+    if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
+        raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the "
+                          f"{tokenizer.vocab_size} tokens of {tokenizer.path}")
+    return FlexBertConfig.from_dict(with_tokenizer_ids(model, tokenizer), path="model")
+
+
+def check_fits_positions(key_path: str, seq_len: int, model_config: FlexBertConfig) -> None:
+    """Refuse sequences longer than the model has positions for now, not at the first long batch."""
+    if seq_len > model_config.max_position_embeddings:
+        raise ConfigError(key_path, f"{seq_len} exceeds model.max_position_embeddings="
+                          f"{model_config.max_position_embeddings}")
 
 
 @dataclass
@@ -57,6 +76,8 @@ class TrainConfig:
     load_path: str | None = None
     load_weights_only: bool = True
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     hf_export: HFExportConfig | None = None
     fsdp_config: dict[str, Any] | None = None
     compile: bool = False
@@ -76,18 +97,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], world_size: int = 1) -> TrainConfig:
-        config = from_dict(cls, data, "config")
+        config = from_dict(cls, data, "")
         config.validate(world_size)
         return config
 
     def validate(self, world_size: int = 1) -> None:
         self.train_loader.validate("train_loader")
         self.tokenizer = load_tokenizer(self.train_loader.tokenizer)
-        vocab_size = self.model.get("vocab_size", FlexBertConfig.__dataclass_fields__["vocab_size"].default)
-        if isinstance(vocab_size, int) and self.tokenizer.vocab_size > vocab_size:
-            raise ConfigError("model.vocab_size", f"{vocab_size} is smaller than the "
-                              f"{self.tokenizer.vocab_size} tokens of {self.tokenizer.path}")
-        self.model_config = FlexBertConfig.from_dict(with_tokenizer_ids(self.model, self.tokenizer), path="model")
+        self.model_config = model_config_for(self.model, self.tokenizer)
         if self.eval_loader is not None:
             self.eval_loader.validate("eval_loader")
         self.optimizer.validate("optimizer")
@@ -113,9 +130,9 @@ class TrainConfig:
             if not 0 < self.batch_warmup.start_rows <= self.global_batch_rows:
                 raise ConfigError("batch_warmup.start_rows", f"must be in (0, global_batch_rows="
                                   f"{self.global_batch_rows}], got {self.batch_warmup.start_rows}")
-        if self.train_loader.max_seq_len > self.model_config.max_position_embeddings:
-            raise ConfigError("train_loader.max_seq_len", f"{self.train_loader.max_seq_len} exceeds "
-                              f"model.max_position_embeddings={self.model_config.max_position_embeddings}")
+        check_fits_positions("train_loader.max_seq_len", self.train_loader.max_seq_len, self.model_config)
+        if self.eval_loader is not None:
+            check_fits_positions("eval_loader.max_seq_len", self.eval_loader.max_seq_len, self.model_config)
         if self.load_path is not None and "://" not in self.load_path and not os.path.exists(self.load_path):
             raise ConfigError("load_path", f"checkpoint not found: {self.load_path}")
         if self.autoresume and self.save_folder is not None and "{" in self.save_folder:

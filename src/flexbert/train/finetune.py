@@ -28,14 +28,14 @@ from flexbert.data.labeled import (
     pair_batches,
 )
 from flexbert.data.masking import IGNORE_INDEX
-from flexbert.data.tokenizer import load_tokenizer
+from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.model import (
     FlexBertConfig,
     FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
-from flexbert.train.config import with_tokenizer_ids
+from flexbert.train.config import check_fits_positions, model_config_for
 from flexbert.train.loggers import LoggingConfig, build_loggers
 from flexbert.train.metrics import EntityF1, Retrieval
 from flexbert.train.optimizers import OptimizerConfig, build_optimizer
@@ -91,10 +91,13 @@ class FinetuneConfig:
     run_root: str = "runs"
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vars: dict[str, Any] = field(default_factory=dict)
+    # Resolved at validation, absent from recipes.
+    model_config: FlexBertConfig | None = field(default=None, init=False, repr=False)
+    mlm_tokenizer: MLMTokenizer | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        config = from_dict(cls, data, "config")
+        config = from_dict(cls, data, "")
         for name in config.task.metrics:
             if name not in METRICS:
                 raise ConfigError("task.metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
@@ -109,6 +112,9 @@ class FinetuneConfig:
             raise ConfigError("task.num_labels", f"must be at least 1, got {config.task.num_labels}")
         if config.load_path is not None and not os.path.exists(config.load_path):
             raise ConfigError("load_path", f"not found: {config.load_path}")
+        config.mlm_tokenizer = load_tokenizer(config.tokenizer)
+        config.model_config = model_config_for(config.model, config.mlm_tokenizer)
+        check_fits_positions("max_seq_len", config.max_seq_len, config.model_config)
         config.optimizer.validate("optimizer")
         config.scheduler.validate("scheduler")
         config.logging.validate("logging")
@@ -197,9 +203,7 @@ def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenC
 
 def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     reproducibility.seed_all(config.seed)
-    tokenizer = load_tokenizer(config.tokenizer)
-    model_config = FlexBertConfig.from_dict(with_tokenizer_ids(config.model, tokenizer), path="model")
-    task = config.task
+    tokenizer, model_config, task = config.mlm_tokenizer, config.model_config, config.task
     def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit:
         if task.kind == "embedding":
             return load_pair_split(split, tokenizer, config.max_seq_len, key_path)

@@ -58,7 +58,7 @@ class JSONLinesLogger(LoggerDestination):
         if dist.get_global_rank() != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        cut_short = _ends_mid_line(self.path)
+        cut_short = ends_mid_line(self.path)
         self._file = self.path.open("a", encoding="utf-8")
         if cut_short:  # end the killed run's partial line, so the lines this run appends stay whole
             self._file.write("\n")
@@ -92,7 +92,7 @@ class JSONLinesLogger(LoggerDestination):
             self._file = None
 
 
-def _ends_mid_line(path: Path) -> bool:
+def ends_mid_line(path: Path) -> bool:
     """Whether a process was killed while writing the file's last line."""
     if not path.is_file() or path.stat().st_size == 0:
         return False
@@ -101,17 +101,14 @@ def _ends_mid_line(path: Path) -> bool:
         return file.read(1) != b"\n"
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``RUN_DIR/metrics.jsonl`` as the final history of the run.
+def read_step_lines(path: Path) -> list[dict[str, Any]]:
+    """The ``{"step": ...}`` JSON lines of a file that resumed runs append to, as the run's final history.
 
-    When a resumed run starts logging at a step below the last one written, the rows the interrupted
-    run wrote from that step on are dropped: they describe training the checkpoint rolled back.
-    Lines that are not JSON (cut short by a killed process) are skipped with a warning.
+    One process writes steps in increasing order, so a step at or below the last one read means a
+    resumed run went back to its checkpoint: the lines from that step on describe training the
+    checkpoint rolled back and are dropped. Lines that are not JSON (cut short by a killed process)
+    are skipped with a warning.
     """
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics file; is {run_dir} the directory of a run that logged with "
-                                "logging.jsonl enabled?")
     rows: list[dict[str, Any]] = []
     skipped = 0
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -122,11 +119,21 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             skipped += 1
             continue
-        if rows and row["step"] < rows[-1]["step"]:
+        if rows and row["step"] <= rows[-1]["step"]:
             rows = [kept for kept in rows if kept["step"] < row["step"]]
         rows.append(row)
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} line(s) that are not JSON (cut short by a killed run?)")
+    return rows
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``RUN_DIR/metrics.jsonl`` as the final history of the run (see :func:`read_step_lines`)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file; is {run_dir} the directory of a run that logged with "
+                                "logging.jsonl enabled?")
+    rows = read_step_lines(path)
     if not rows:
         raise ValueError(f"{path}: holds no metrics yet")
     return rows

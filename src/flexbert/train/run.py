@@ -17,7 +17,10 @@ from flexbert.train.config import TrainConfig
 from flexbert.train.hf_export import HFExport
 from flexbert.train.lifecycle import LoaderCheckpoint, SigtermCheckpoint
 from flexbert.train.loggers import build_callbacks, build_loggers
+from flexbert.train.nan_guard import NanGuard
 from flexbert.train.optimizers import build_optimizer
+from flexbert.train.resume import prepare_autoresume
+from flexbert.train.sample_ids import SampleIdLog
 from flexbert.train.schedulers import build_scheduler
 from flexbert.typed_config import ConfigError
 
@@ -52,6 +55,8 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     # across the ranks of a node. (The trainer would otherwise create it later, the same way.)
     dist.initialize_dist(get_device(None), timeout=config.dist_timeout)
     world = dist.get_world_size()
+    if config.autoresume:
+        prepare_autoresume(config.checkpoint_folder)
     reproducibility.seed_all(config.seed)
     model_config = config.model_config
     tokenizer = config.tokenizer
@@ -69,12 +74,15 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
                                     metric_names=["MaskedAccuracy", "LanguageCrossEntropy", "LanguagePerplexity"],
                                     device_eval_microbatch_size=config.eval_loader.rows_per_batch))
 
+    run_dir = config.run_dir
     sigterm = SigtermCheckpoint(config.save_interval)
-    callbacks = [*build_callbacks(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm]
+    nan_guard = NanGuard(config.nan_guard, list(config.train_loader.streams), run_dir)
+    callbacks = [*build_callbacks(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm, nan_guard]
+    if config.debug.log_sample_ids:
+        callbacks.append(SampleIdLog(run_dir))
     if config.hf_export is not None:
         folder = Path(config.hf_export.folder or config.run_dir / "hf")
         callbacks.append(HFExport(config.hf_export, folder, config.train_loader.tokenizer, model_config))
-    run_dir = config.run_dir
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
