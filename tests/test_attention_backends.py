@@ -16,6 +16,7 @@ LAYOUTS = {
     "short_docs_inside_window": [20, 50, 7],
     "single_token_docs": [1, 1, 5, 1, 1],
     "equal_full_rows": [256, 256],  # the grid is the stream itself: no scatter, no padding mask
+    "lengths_in_several_groups": [700, 9, 300, 64, 65, 130, 2],  # sdpa: one grid per length group
     "many_docs_one_packed_row": [int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))],
 }
 WINDOWS = {"global": None, "local_128": 64, "local_8": 4}
@@ -89,3 +90,21 @@ def test_flash_matches_reference_bf16(layout, window):
     actual = run_attention("flash", LAYOUTS[layout], WINDOWS[window], dtype=torch.bfloat16, device="cuda")
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2)
+
+
+def test_sdpa_groups_documents_by_length_on_the_cpu():
+    """Each group holds documents within a factor of two (all under 64 together), and the groups'
+    tokens are the stream's tokens, each exactly once, in document order within a group."""
+    from flexbert.model.backends import _length_groups
+
+    lengths = LAYOUTS["lengths_in_several_groups"]
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), sum(lengths))
+    groups = _length_groups(layout)
+    group_lengths = sorted(sorted((g.cu_seqlens[1:] - g.cu_seqlens[:-1]).tolist()) for _, g in groups)
+    assert group_lengths == [[2, 9, 64], [65], [130], [300], [700]]
+    tokens = torch.cat([t for t, _ in groups])
+    assert sorted(tokens.tolist()) == list(range(sum(lengths)))
+    starts = cu_seqlens_from_lengths(lengths)[:-1].tolist()
+    small = next(t for t, g in groups if g.num_docs == 3)
+    assert small.tolist() == [*range(starts[1], starts[1] + 9), *range(starts[3], starts[3] + 64),
+                              *range(starts[6], starts[6] + 2)]
