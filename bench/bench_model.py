@@ -15,7 +15,8 @@ Sections (each prints its figures and ratios):
 (b) our model on the variable-length batches: unpadded (what it does) vs padded compute (every row
     run as a full-length sequence, the work a padded encoder spends on the same batch).
 (d) one training step (forward, backward, AdamW) on rows of packed documents: model FLOPs per
-    second over the fp32/bf16 matmul peak measured in this run (the best of large square GEMMs).
+    second over the fp32/bf16 matmul peak measured in this run (the fastest of large square GEMMs,
+    timed before and after the training steps).
 
 Timings interleave the contenders repetition by repetition and report medians, so drift on a noisy
 machine hits both alike. (c), the data pipeline, is ``bench_convert.py`` and ``bench_loader.py``.
@@ -114,10 +115,12 @@ def synchronize(device: torch.device) -> None:
 
 def side_by_side(contenders: dict[str, Callable[[], None]], device: torch.device,
                  repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each contender, calls interleaved round by round."""
+    """Median seconds per call of each contender, calls interleaved round by round, in reverse order
+    every other round so that neither always runs right after the other."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(warmup + repeats):
-        for name, step in contenders.items():
+        order = list(contenders.items())
+        for name, step in order if round_ % 2 == 0 else order[::-1]:
             synchronize(device)
             started = time.perf_counter()
             step()
@@ -128,13 +131,19 @@ def side_by_side(contenders: dict[str, Callable[[], None]], device: torch.device
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]) -> tuple[float, int]:
-    """The best FLOP/s of square GEMMs of the given sizes, and the size that reached it."""
+    """The best FLOP/s of square GEMMs of the given sizes (fastest of 10 calls each), and the size
+    that reached it."""
     best = (0.0, 0)
     for n in sizes:
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        seconds = side_by_side({"gemm": lambda: a @ b}, device, repeats=5, warmup=2)["gemm"]
-        best = max(best, (2 * n**3 / seconds, n))
+        a @ b
+        for _ in range(10):
+            synchronize(device)
+            started = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = max(best, (2 * n**3 / (time.perf_counter() - started), n))
     return best
 
 
@@ -234,7 +243,8 @@ def main() -> None:
                variable.real_tokens, seconds, "padded (rows as full sequences)")
 
     if "d" in args.sections:
-        peak, size = matmul_peak(device, dtype, (2048, 4096) if device.type == "cpu" else (8192, 16384))
+        gemm_sizes = (1024, 2048, 4096) if device.type == "cpu" else (8192, 16384)
+        peak, size = matmul_peak(device, dtype, gemm_sizes)
         packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in
                   packed_stream(doc_lengths, args.batch, args.seq_len, config.vocab_size, generator).items()}
         flops = float(TrainingFlops.of(config).of_batch(packed["cu_seqlens"].cpu(), packed["labels"].cpu()))
@@ -248,6 +258,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         seconds = side_by_side({"step": training_step}, device, args.repeats, args.warmup)["step"]
+        peak, size = max((peak, size), matmul_peak(device, dtype, gemm_sizes))  # before and after: the best
         tokens = packed["input_ids"].shape[0]
         print(f"(d) training step (forward, backward, AdamW), {args.batch} packed rows x {args.seq_len}, "
               f"{packed['cu_seqlens'].shape[0] - 1} documents")

@@ -61,9 +61,11 @@ class DocumentGrid:
         return flat if self.dense else flat[self.index]
 
 
-# A local layer attends block by block once documents are this many half-windows long; below that
-# the blocks' overlapping key windows cost more than the full score matrix they avoid.
-BANDED_MIN_HALF_WINDOWS = 4
+# A local layer attends block by block once documents are this many half-windows long (1024 tokens
+# at ModernBERT's window). Each block's keys are copied out with their overlap, three times the
+# keys and values to hold for the backward pass; at 512 tokens that memory costs a CPU more than
+# the scores it saves (bench/bench_attention.py, bench/bench_model.py).
+BANDED_MIN_HALF_WINDOWS = 16
 
 
 # Documents shorter than this share one group: their grid is cheap whatever their lengths.
