@@ -17,6 +17,7 @@ LAYOUTS = {
     "single_token_docs": [1, 1, 5, 1, 1],
     "equal_full_rows": [256, 256],  # the grid is the stream itself: no scatter, no padding mask
     "lengths_in_several_groups": [700, 9, 300, 64, 65, 130, 2],  # sdpa: one grid per length group
+    "empty_documents": [0, 90, 0],  # all-padding rows of a padded batch; alone in their length group
     "many_docs_one_packed_row": [int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))],
 }
 WINDOWS = {"global": None, "local_128": 64, "local_8": 4}
