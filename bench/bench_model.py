@@ -157,7 +157,11 @@ def forward_backward(model: torch.nn.Module, batch: PaddedBatch, autocast: Calla
     return step
 
 
-def report(title: str, tokens: int, seconds: dict[str, float], baseline: str) -> None:
+def compare(title: str, tokens: int, contenders: dict[str, Callable[[], None]], device: torch.device,
+            args: argparse.Namespace) -> None:
+    """Time ``contenders`` side by side and print tokens/s and each one's speed-up over the first."""
+    seconds = side_by_side(contenders, device, args.repeats, args.warmup)
+    baseline = next(iter(seconds))
     print(f"  {title}")
     for name, s in seconds.items():
         ratio = seconds[baseline] / s
@@ -225,22 +229,20 @@ def main() -> None:
     if "a" in args.sections:
         print("(a) forward+backward, ours vs transformers, same weights and padded inputs")
         for name, batch in ((f"fixed {args.batch}x{args.seq_len}", fixed), ("variable", variable)):
-            seconds = side_by_side({
-                "transformers ModernBertForMaskedLM": forward_backward(reference, batch, autocast),
-                "flexbert FlexBertForMaskedLM": forward_backward(ours, batch, autocast),
-            }, device, args.repeats, args.warmup)
-            report(f"{name}: {batch.real_tokens:,} real tokens, padding {batch.padding_fraction:.0%}",
-                   batch.real_tokens, seconds, "transformers ModernBertForMaskedLM")
+            compare(f"{name}: {batch.real_tokens:,} real tokens, padding {batch.padding_fraction:.0%}",
+                    batch.real_tokens, {
+                        "transformers ModernBertForMaskedLM": forward_backward(reference, batch, autocast),
+                        "flexbert FlexBertForMaskedLM": forward_backward(ours, batch, autocast),
+                    }, device, args)
 
     if "b" in args.sections:
         print("(b) ours on the variable-length batch: unpadded vs padded compute")
         full = PaddedBatch(variable.input_ids, torch.ones_like(variable.attention_mask), variable.labels)
-        seconds = side_by_side({
-            "padded (rows as full sequences)": forward_backward(ours, full, autocast),
-            "unpadded": forward_backward(ours, variable, autocast),
-        }, device, args.repeats, args.warmup)
-        report(f"{variable.real_tokens:,} real tokens in a {tuple(variable.input_ids.shape)} grid",
-               variable.real_tokens, seconds, "padded (rows as full sequences)")
+        compare(f"{variable.real_tokens:,} real tokens in a {tuple(variable.input_ids.shape)} grid",
+                variable.real_tokens, {
+                    "padded (rows as full sequences)": forward_backward(ours, full, autocast),
+                    "unpadded": forward_backward(ours, variable, autocast),
+                }, device, args)
 
     if "d" in args.sections:
         gemm_sizes = (1024, 2048, 4096) if device.type == "cpu" else (8192, 16384)
