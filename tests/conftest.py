@@ -8,7 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from flexbert.model import FlexBertConfig  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+# ModernBERT's tokenizer ships with the project, at the path the recipes name.
+TOKENIZER = ROOT / "tokenizers" / "modernbert"
+# Real third-party data beside the project (a user's clone has none): only tests of it may skip.
+SHARED = ROOT.parent / "shared"
+STSB = SHARED / "data" / "glue" / "STS-B"
+needs_stsb = pytest.mark.skipif(not STSB.is_dir(), reason=f"needs GLUE STS-B at {STSB} (../shared is absent)")
 
 
 def tiny_config(**overrides) -> FlexBertConfig:

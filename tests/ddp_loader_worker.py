@@ -1,10 +1,10 @@
 """One rank of the two-process loader test (see test_data_loader.py): full run, then interrupted
 and resumed run, each saving the piece keys of every batch."""
 
+import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from flexbert.data.loader import PackedMLMLoader
@@ -23,20 +23,22 @@ tokenizer = load_tokenizer(tokenizer_dir)
 
 
 def keys(batches):
-    return [batch.piece_keys for batch in batches]
+    return [batch.piece_keys.tolist() for batch in batches]
 
 
 full = keys(PackedMLMLoader(config, tokenizer))
-torch.save(full, out / f"rank{rank}_full.pt")
+(out / f"rank{rank}_full.json").write_text(json.dumps(full))
 
-# Ranks stop after different numbers of batches, so they have consumed different document counts.
+# Interrupted after 6 batches, as a checkpoint would: every rank has taken as many batches, but
+# packing has made them consume different numbers of documents.
 loader = PackedMLMLoader(config, tokenizer)
 stream = iter(loader)
-head = keys(next(stream) for _ in range(5 + 3 * rank))
+head = keys(next(stream) for _ in range(6))
 state = loader.state_dict()
+(out / f"rank{rank}_state.json").write_text(json.dumps(state))
 del stream, loader
 resumed = PackedMLMLoader(config, tokenizer)
 resumed.load_state_dict(state)
-torch.save(head + keys(resumed), out / f"rank{rank}_resumed.pt")
+(out / f"rank{rank}_resumed.json").write_text(json.dumps(head + keys(resumed)))
 dist.barrier()
 dist.destroy_process_group()

@@ -29,7 +29,6 @@ from flexbert.train.config import TrainConfig
 from flexbert.typed_config import ConfigError, from_dict
 
 pytestmark = [
-    pytest.mark.skipif(not TOKENIZER.is_dir(), reason=f"needs the ModernBERT tokenizer at {TOKENIZER}"),
     pytest.mark.xdist_group("streaming"),  # loaders and conversions build streaming datasets
 ]
 

@@ -5,6 +5,7 @@ import json
 import warnings
 from itertools import accumulate
 
+import numpy as np
 import pytest
 import torch
 from composer import Trainer
@@ -39,8 +40,9 @@ def packed_batch(doc_lengths, num_rows, row_tokens, predicted_every=3, seed=0):
         "input_ids": input_ids,
         "labels": labels,
         "cu_seqlens": torch.tensor([0, *accumulate(doc_lengths)], dtype=torch.int32),
+        "masked_index": torch.arange(0, total, predicted_every),
         "max_seqlen": max(doc_lengths),
-        "position_ids": torch.cat([torch.arange(n) for n in doc_lengths]),
+        "host_cu_seqlens": np.array([0, *accumulate(doc_lengths)]),
         "num_rows": num_rows,
         "row_tokens": row_tokens,
     }
@@ -98,7 +100,7 @@ def test_throughput_and_mfu_over_a_sliding_window(clock):
         clock.now += duration
         harness.train_batch(batch)
 
-    flops = [batch_training_flops(config, b["cu_seqlens"], b["labels"]).item() for b in batches]
+    flops = [batch_training_flops(config, b["cu_seqlens"], b["labels"]) for b in batches]
     tokens = [len(b["input_ids"]) for b in batches]
     # Nothing until the window holds 2 batches; then batches (1, 2), then (2, 3).
     assert [step for step, _ in harness.logged("throughput/tokens_per_sec")] == [2, 3]
@@ -153,7 +155,7 @@ def test_mfu_on_cpu_uses_the_measured_peak(clock):
     clock.now = 1.0
     batch = packed_batch([50, 14], 1, 64)
     harness.train_batch(batch)
-    flops = batch_training_flops(tiny_config(), batch["cu_seqlens"], batch["labels"]).item()
+    flops = batch_training_flops(tiny_config(), batch["cu_seqlens"], batch["labels"])
     assert harness.logged("throughput/mfu") == [(1, pytest.approx(flops / cpu_matmul_flops()))]
 
 

@@ -16,14 +16,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from flexbert.data import convert
 from flexbert.data.convert import ConversionError, convert_to_mds
 from flexbert.data.sources import BadRecords, SourceError, find_inputs, plan_slices, read_slice
+from conftest import ROOT, TOKENIZER
+
 from flexbert.data.tokenizer import TokenizerError, load_tokenizer
 
 # Reading back builds streaming datasets; see test_remote_streaming.py for why they share a group.
 pytestmark = pytest.mark.xdist_group("streaming")
 
-ROOT = Path(__file__).resolve().parents[1]
-MODERNBERT = ROOT.parent / "shared" / "tokenizers" / "modernbert"
-needs_modernbert = pytest.mark.skipif(not MODERNBERT.is_dir(), reason=f"ModernBERT tokenizer not found at {MODERNBERT}")
+
+
 
 DOCUMENTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -47,7 +48,7 @@ def read_back(out: Path | str, cache: Path) -> list[np.ndarray]:
     return [dataset[index]["input_ids"] for index in range(dataset.num_samples)]
 
 
-def expected_ids(documents: list[str], tokenizer_dir: Path = MODERNBERT) -> list[list[int]]:
+def expected_ids(documents: list[str], tokenizer_dir: Path = TOKENIZER) -> list[list[int]]:
     return [ids for ids in load_tokenizer(tokenizer_dir).encode_batch(documents) if ids]
 
 
@@ -97,12 +98,11 @@ def make_input(kind: str, directory: Path, documents: list[str]) -> Path:
     raise AssertionError(kind)
 
 
-@needs_modernbert
 @pytest.mark.parametrize("kind", ["text folder", "jsonl", "jsonl.gz", "jsonl.zst", "parquet", "saved dataset"])
 def test_each_input_kind_converts_to_the_tokenizers_ids(tmp_path, kind):
     source = make_input(kind, tmp_path, DOCUMENTS)
     # Units of a few bytes cut every input that can be cut into several units.
-    summary = convert_to_mds([source], tmp_path / "out", MODERNBERT, workers=1, unit_size=64, progress=False)
+    summary = convert_to_mds([source], tmp_path / "out", TOKENIZER, workers=1, unit_size=64, progress=False)
 
     assert summary.total.documents == len(DOCUMENTS) and not summary.total.bad.counts
     index = json.loads((tmp_path / "out" / "index.json").read_text())
@@ -121,11 +121,10 @@ def test_plain_json_lines_cut_anywhere_are_read_once_each(tmp_path):
         assert read == documents and not bad.counts, unit_bytes
 
 
-@needs_modernbert
 def test_long_documents_stay_whole_and_empty_ones_are_skipped(tmp_path):
     long_document = " ".join(f"word{index}" for index in range(30_000))
     documents = ["", long_document, "after the long one"]
-    summary = convert_to_mds([write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path / "out", MODERNBERT,
+    summary = convert_to_mds([write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path / "out", TOKENIZER,
                              workers=1, progress=False)
 
     samples = read_back(tmp_path / "out", tmp_path / "cache")
@@ -157,11 +156,10 @@ def corpus_with_bad_records(path: Path, good: int) -> Path:
     return path
 
 
-@needs_modernbert
 def test_bad_records_are_counted_and_tolerated_up_to_the_limit(tmp_path):
     corpus = corpus_with_bad_records(tmp_path / "a.jsonl", good=1000)
 
-    summary = convert_to_mds([corpus], tmp_path / "out", MODERNBERT, workers=1, max_bad_fraction=0.01, progress=False)
+    summary = convert_to_mds([corpus], tmp_path / "out", TOKENIZER, workers=1, max_bad_fraction=0.01, progress=False)
 
     assert summary.total.documents == 1000
     assert summary.total.bad.counts == {"invalid_json": 1, "missing_field": 2, "not_a_string": 2, "invalid_utf8": 2}
@@ -169,13 +167,12 @@ def test_bad_records_are_counted_and_tolerated_up_to_the_limit(tmp_path):
     assert len(read_back(tmp_path / "out", tmp_path / "cache")) == 1000
 
 
-@needs_modernbert
 def test_too_many_bad_records_fail_and_leave_no_output(tmp_path):
     corpus = corpus_with_bad_records(tmp_path / "a.jsonl", good=1000)
 
     expected = r"7 of 1,007 records are bad \(invalid_json: 1, .*--max-bad-fraction 0.001"
     with pytest.raises(ConversionError, match=expected):
-        convert_to_mds([corpus], tmp_path / "out", MODERNBERT, workers=1, unit_size=2000, progress=False)
+        convert_to_mds([corpus], tmp_path / "out", TOKENIZER, workers=1, unit_size=2000, progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -199,22 +196,21 @@ def shard_files(out: Path) -> dict[str, bytes]:
     return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.glob("unit-*/*"))}
 
 
-@needs_modernbert
 def test_an_interrupted_conversion_resumes_to_the_same_output(tmp_path, monkeypatch):
     documents = [f"Document number {index}: " + "some words " * (index % 13) for index in range(60)]
     corpus = write_jsonl(tmp_path / "a.jsonl", documents)
     settings = dict(workers=1, unit_size=256, progress=False)
-    reference = convert_to_mds([corpus], tmp_path / "reference", MODERNBERT, **settings)
+    reference = convert_to_mds([corpus], tmp_path / "reference", TOKENIZER, **settings)
     assert reference.units > 4
 
     with monkeypatch.context() as patch:
         crash_on_unit(patch, 3)
         with pytest.raises(KeyboardInterrupt):
-            convert_to_mds([corpus], tmp_path / "out", MODERNBERT, **settings)
+            convert_to_mds([corpus], tmp_path / "out", TOKENIZER, **settings)
     assert not (tmp_path / "out" / "index.json").exists()
     assert len(list((tmp_path / "out" / "conversion").glob("unit-*.json"))) == 2
 
-    resumed = convert_to_mds([corpus], tmp_path / "out", MODERNBERT, **settings)
+    resumed = convert_to_mds([corpus], tmp_path / "out", TOKENIZER, **settings)
 
     assert resumed.resumed_units == 2 and resumed.total == reference.total
     assert (tmp_path / "out" / "index.json").read_text() == (tmp_path / "reference" / "index.json").read_text()
@@ -222,56 +218,52 @@ def test_an_interrupted_conversion_resumes_to_the_same_output(tmp_path, monkeypa
     assert_same_samples(read_back(tmp_path / "out", tmp_path / "cache"), expected_ids(documents))
 
 
-@needs_modernbert
 def test_a_changed_corpus_restarts_instead_of_resuming(tmp_path, monkeypatch):
     corpus = write_jsonl(tmp_path / "a.jsonl", [f"document {index}" for index in range(40)])
     settings = dict(workers=1, unit_size=128, progress=False)
     with monkeypatch.context() as patch:
         crash_on_unit(patch, 2)
         with pytest.raises(KeyboardInterrupt):
-            convert_to_mds([corpus], tmp_path / "out", MODERNBERT, **settings)
+            convert_to_mds([corpus], tmp_path / "out", TOKENIZER, **settings)
 
     documents = [f"changed document {index}" for index in range(50)]
-    summary = convert_to_mds([write_jsonl(corpus, documents)], tmp_path / "out", MODERNBERT, **settings)
+    summary = convert_to_mds([write_jsonl(corpus, documents)], tmp_path / "out", TOKENIZER, **settings)
 
     assert summary.resumed_units == 0
     assert_same_samples(read_back(tmp_path / "out", tmp_path / "cache"), expected_ids(documents))
 
 
-@needs_modernbert
 def test_workers_do_not_change_the_output(tmp_path):
     documents = [f"Document {index}. " + "text " * (index % 17) for index in range(300)]
     corpus = write_jsonl(tmp_path / "a.jsonl", documents)
     for workers in (1, 2):
-        convert_to_mds([corpus], tmp_path / f"out{workers}", MODERNBERT, workers=workers, unit_size=1024,
+        convert_to_mds([corpus], tmp_path / f"out{workers}", TOKENIZER, workers=workers, unit_size=1024,
                        progress=False)
 
     assert (tmp_path / "out1" / "index.json").read_text() == (tmp_path / "out2" / "index.json").read_text()
     assert shard_files(tmp_path / "out1") == shard_files(tmp_path / "out2")
 
 
-@needs_modernbert
 def test_a_complete_output_is_kept_unless_overwrite_is_asked(tmp_path):
     corpus = write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)
-    convert_to_mds([corpus], tmp_path / "out", MODERNBERT, workers=1, progress=False)
+    convert_to_mds([corpus], tmp_path / "out", TOKENIZER, workers=1, progress=False)
     before = shard_files(tmp_path / "out")
 
     with pytest.raises(ConversionError, match="already holds a complete dataset.*--overwrite"):
-        convert_to_mds([write_jsonl(corpus, DOCUMENTS[:2])], tmp_path / "out", MODERNBERT, workers=1, progress=False)
+        convert_to_mds([write_jsonl(corpus, DOCUMENTS[:2])], tmp_path / "out", TOKENIZER, workers=1, progress=False)
     assert shard_files(tmp_path / "out") == before
 
-    convert_to_mds([corpus], tmp_path / "out", MODERNBERT, workers=1, overwrite=True, progress=False)
+    convert_to_mds([corpus], tmp_path / "out", TOKENIZER, workers=1, overwrite=True, progress=False)
     assert_same_samples(read_back(tmp_path / "out", tmp_path / "cache"), expected_ids(DOCUMENTS[:2]))
 
 
-@needs_modernbert
 def test_a_folder_holding_something_else_is_never_written_into(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "thesis.tex").write_text("precious")
     corpus = write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)
 
     with pytest.raises(ConversionError, match="not empty and holds no dataset"):
-        convert_to_mds([corpus], tmp_path / "out", MODERNBERT, workers=1, overwrite=True, progress=False)
+        convert_to_mds([corpus], tmp_path / "out", TOKENIZER, workers=1, overwrite=True, progress=False)
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["thesis.tex"]
 
 
@@ -280,7 +272,6 @@ def parquet_without_text(path: Path) -> Path:
     return path
 
 
-@needs_modernbert
 @pytest.mark.parametrize("problem, error, message", [
     ("missing input", SourceError, "input not found: .*missing.jsonl does not exist"),
     ("unknown tokenizer", TokenizerError, "tokenizer not found"),
@@ -290,7 +281,7 @@ def parquet_without_text(path: Path) -> Path:
     ("truncated archive", SourceError, "corrupt or truncated archive"),
 ])
 def test_a_bad_request_is_one_clear_error_and_writes_nothing(tmp_path, problem, error, message):
-    inputs, tokenizer = [write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)], MODERNBERT
+    inputs, tokenizer = [write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)], TOKENIZER
     if problem == "missing input":
         inputs.append(tmp_path / "missing.jsonl")
     elif problem == "unknown tokenizer":
@@ -315,7 +306,7 @@ def test_a_bad_request_is_one_clear_error_and_writes_nothing(tmp_path, problem, 
 def test_the_command_line_reports_errors_in_one_line_with_status_2(tmp_path):
     missing = tmp_path / "missing.jsonl"
     command = [sys.executable, str(ROOT / "data_prep" / "convert_to_mds.py"), "--input", str(missing),
-               "--output", str(tmp_path / "out"), "--tokenizer", str(MODERNBERT)]
+               "--output", str(tmp_path / "out"), "--tokenizer", str(TOKENIZER)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
     assert result.returncode == 2

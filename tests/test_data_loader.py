@@ -1,5 +1,6 @@
 """The packed MLM loader over streamed MDS mixtures: coverage, mixture, resume, DDP, bad input."""
 
+import json
 import os
 import socket
 import subprocess
@@ -9,18 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TOKENIZER
 from data_helpers import document_tokens, random_lengths, write_stream
 
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.streams import LoaderConfig
 from flexbert.data.tokenizer import load_tokenizer
-from flexbert.typed_config import ConfigError, from_dict
+from flexbert.typed_config import from_dict
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOKENIZER = SHARED / "tokenizers" / "modernbert"
 pytestmark = [
-    pytest.mark.skipif(not TOKENIZER.is_dir(), reason=f"needs the ModernBERT tokenizer at {TOKENIZER}"),
     pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
 ]
 LENGTHS = {"web": random_lengths(120, seed=1), "code": random_lengths(80, seed=2, high=2500)}
@@ -98,7 +97,7 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, num_workers):
     replay = head + list(resumed)
     assert len(replay) == len(uninterrupted)
     for a, b in zip(replay, uninterrupted):
-        assert torch.equal(a.piece_keys, b.piece_keys)
+        assert np.array_equal(a.piece_keys, b.piece_keys)
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
 
 
@@ -122,83 +121,15 @@ def test_ddp_ranks_get_distinct_data_and_resume_exactly(corpus, tmp_path):
         for rank in range(2)
     ]
     assert [p.wait(timeout=240) for p in procs] == [0, 0]
-    full = [torch.load(tmp_path / f"rank{r}_full.pt") for r in range(2)]
-    resumed = [torch.load(tmp_path / f"rank{r}_resumed.pt") for r in range(2)]
-    documents = [{(s, d) for keys in rank for s, d, start, _ in keys.tolist() if start == 0} for rank in full]
+    full = [json.loads((tmp_path / f"rank{r}_full.json").read_text()) for r in range(2)]
+    resumed = [json.loads((tmp_path / f"rank{r}_resumed.json").read_text()) for r in range(2)]
+    documents = [{(s, d) for keys in rank for s, d, start, _ in keys if start == 0} for rank in full]
     assert documents[0] and documents[1] and not documents[0] & documents[1]
-    assert len(documents[0] | documents[1]) == sum(len(v) for v in LENGTHS.values())
+    # The ranks pack their equal shares into different numbers of rows, yet end at the same batch:
+    # the longer rank drops its excess (under a batch of rows), so nearly every document is seen.
+    assert len(full[0]) == len(full[1])
+    assert len(documents[0] | documents[1]) >= 0.95 * sum(len(v) for v in LENGTHS.values())
+    state = json.loads((tmp_path / "rank0_state.json").read_text())
+    assert state["ranks"][0]["consumed"] != state["ranks"][1]["consumed"]
     for r in range(2):
-        assert len(resumed[r]) == len(full[r])
-        assert all(torch.equal(a, b) for a, b in zip(resumed[r], full[r]))
-
-
-# --- bad input ----------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("streams,key_path,message", [
-    ({}, "train_loader.streams", "no streams"),
-    ({"web": {"proportion": 0.5, "local": "X"}, "code": {"repeat": 2.0, "local": "X"}},
-     "train_loader.streams.code.proportion", "every stream must"),
-    ({"web": {"proportion": 0.5, "repeat": 2.0, "local": "X"}}, "train_loader.streams.web", "give one of"),
-    ({"web": {"proportion": -1.0, "local": "X"}}, "train_loader.streams.web.proportion", "must be > 0"),
-    ({"web": {}}, "train_loader.streams.web", "needs a remote or a local"),
-])
-def test_bad_stream_configs(corpus, streams, key_path, message):
-    streams = {k: {**v, "local": str(corpus / "web")} if v.get("local") == "X" else v for k, v in streams.items()}
-    config = loader_config(corpus)
-    config.streams = from_dict(LoaderConfig, {"tokenizer": "t", "streams": streams}, "train_loader").streams
-    with pytest.raises(ConfigError, match=message) as info:
-        make_loader(config)
-    assert info.value.key_path == key_path
-
-# More bad input (missing, empty or corrupt streams, vocabulary mismatches) is in test_bad_inputs.py.
-
-
-def test_stale_shared_memory_from_a_killed_run_is_cleaned(corpus, tmp_path):
-    script = (
-        "import os, signal, sys\n"
-        "from streaming import StreamingDataset\n"
-        f"ds = StreamingDataset(local={str(corpus / 'web')!r}, batch_size=4)\n"
-        "next(iter(ds))\n"
-        "print(ds._shm_prefix_int, flush=True)\n"
-        "os.killpg(os.getpgid(0), signal.SIGKILL)  # takes the resource tracker down too\n"
-    )
-    killed = subprocess.run([sys.executable, "-c", script], start_new_session=True, capture_output=True, text=True)
-    prefix = f"{int(killed.stdout.split()[-1]):06d}_"
-    leaked = {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
-    assert leaked, "the killed run should have left shared memory behind"
-    make_loader(loader_config(corpus))
-    assert not leaked & set(os.listdir("/dev/shm"))
-
-
-def test_mixture_recipe_validates():
-    from flexbert.cli import load_yaml_config
-
-    raw = load_yaml_config(Path(__file__).resolve().parents[1] / "yamls" / "data" / "modernbert-mixture.yaml")
-    config = from_dict(LoaderConfig, raw["train_loader"], "train_loader")
-    config.validate()
-    assert set(config.streams) >= {"web_dclm", "code_starcoder", "science_pes2o"}
-    assert sum(s.proportion for s in config.streams.values()) == pytest.approx(1.0)
-    assert all(s.remote.startswith("s3://") for s in config.streams.values())
-
-
-def test_packing_efficiency_on_the_demo_corpus_at_1024(tmp_path):
-    """The issue's target: >= 99% real tokens per row capacity at 1024 on the embedded corpus."""
-    import json
-
-    from streaming import MDSWriter
-
-    from flexbert.data.demo_corpus import build_demo_corpus
-
-    build_demo_corpus(tmp_path / "corpus", progress=False)
-    tokenizer = load_tokenizer(TOKENIZER)
-    streams = {}
-    for source in ("web", "code", "science"):
-        texts = [json.loads(line)["text"] for line in (tmp_path / "corpus" / source / "part-00000.jsonl").open()]
-        with MDSWriter(out=str(tmp_path / "mds" / source), columns={"input_ids": "ndarray:uint16"}) as writer:
-            for ids in tokenizer.encode_batch(texts):
-                writer.write({"input_ids": np.asarray(ids, dtype=np.uint16)})
-        streams[source] = {"local": str(tmp_path / "mds" / source)}
-    loader = make_loader(loader_config(tmp_path, streams, max_seq_len=1024, rows_per_batch=16, sample_batch_size=32))
-    rows = sum(batch.num_rows for batch in loader)
-    assert rows > 1000
-    assert loader.packing_efficiency >= 0.99
+        assert resumed[r] == full[r]

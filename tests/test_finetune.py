@@ -1,4 +1,4 @@
-"""Phase 3: fine-tuning on labelled text, with real GLUE STS-B data."""
+"""Phase 3: fine-tuning on labelled text: synthetic data, and real GLUE STS-B where ../shared has it."""
 
 import json
 import warnings
@@ -6,25 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SHARED, STSB, TOKENIZER, needs_stsb
 
 from flexbert.cli import load_yaml_config
 from flexbert.data.labeled import LabeledDataError, SplitConfig, batches, load_split
 from flexbert.data.tokenizer import load_tokenizer
 from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-STSB = SHARED / "data" / "glue" / "STS-B"
-TOKENIZER = SHARED / "tokenizers" / "modernbert"
 pytestmark = [
-    pytest.mark.skipif(not (STSB.is_dir() and TOKENIZER.is_dir()),
-                       reason=f"needs GLUE STS-B and the ModernBERT tokenizer under {SHARED}"),
     # Training runs share one xdist group (see test_remote_streaming.py): two at once on 2 cores
     # oversubscribe torch's threads and each runs many times slower.
     pytest.mark.xdist_group("streaming"),
 ]
 
 
+@needs_stsb
 def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
     raw = load_yaml_config(ROOT / "yamls" / "finetune" / "stsb.yaml", [
         f"vars.glue={SHARED / 'data' / 'glue'}", f"tokenizer={TOKENIZER}", f"run_root={tmp_path}",
@@ -42,6 +38,7 @@ def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
     assert spearman > 0.1 and pearson > 0.1
 
 
+@needs_stsb
 def test_labelled_splits_and_batches():
     tokenizer = load_tokenizer(TOKENIZER)
     split = load_split(SplitConfig(str(STSB / "dev.tsv"), ["sentence1", "sentence2"], "score", limit=50),
@@ -195,6 +192,7 @@ def test_retrieval_metrics():
     assert values["ndcg", 2] == pytest.approx((1 + 1 / 1.5849625 * 2 + 1) / 4, rel=1e-5)
 
 
+@needs_stsb
 def test_embedding_training_retrieves_paraphrases(tmp_path):
     raw = load_yaml_config(ROOT / "yamls" / "finetune" / "embeddings-stsb.yaml", [
         f"vars.glue={SHARED / 'data' / 'glue'}", f"tokenizer={TOKENIZER}", f"run_root={tmp_path}",

@@ -33,19 +33,17 @@ def test_tiny_batch_matches_a_hand_count():
     attention = 12 * 64 * (5 * 20 + 30 * 94)  # 2,242,560
     head = 6 * (64**2 + 256 * 64) * 4  # 4 predicted tokens: 491,520
     assert per_token * 35 + attention + head == 31_979_520
-    flops = batch_training_flops(config, cu_seqlens, labels)
-    assert flops.dtype == torch.float64 and flops.dim() == 0
-    assert flops.item() == 31_979_520
+    assert batch_training_flops(config, cu_seqlens, labels) == 31_979_520
 
 
 def test_documents_not_rows_set_the_attention_cost():
     # 4 documents of 32 tokens cost 4 x one document of 32, however they were packed into rows.
     config = tiny_config()
-    one = batch_training_flops(config, *unpadded([32], predicted_every=4)).item()
-    four = batch_training_flops(config, *unpadded([32] * 4, predicted_every=4)).item()
+    one = batch_training_flops(config, *unpadded([32], predicted_every=4))
+    four = batch_training_flops(config, *unpadded([32] * 4, predicted_every=4))
     assert four == 4 * one
     # A single 128-token document attends further in its global layers, so it costs more.
-    assert batch_training_flops(config, *unpadded([128], predicted_every=4)).item() > four
+    assert batch_training_flops(config, *unpadded([128], predicted_every=4)) > four
 
 
 def test_uniform_helper_agrees_with_the_batch_count():
@@ -53,7 +51,7 @@ def test_uniform_helper_agrees_with_the_batch_count():
     for length in (8, 17, 100):  # shorter than, equal to and longer than the local window
         cu_seqlens, labels = unpadded([length] * 6, predicted_every=5)
         fraction = (labels != -100).sum().item() / labels.numel()
-        per_token = batch_training_flops(config, cu_seqlens, labels).item() / labels.numel()
+        per_token = batch_training_flops(config, cu_seqlens, labels) / labels.numel()
         assert per_token == pytest.approx(training_flops_per_token(config, length, fraction), rel=1e-12)
 
 
@@ -67,7 +65,7 @@ def test_without_sparse_prediction_every_token_goes_through_the_head():
     config = tiny_config(sparse_prediction=False)
     costs = TrainingFlops.of(config)
     cu_seqlens, labels = unpadded([10, 10])
-    unlabelled = batch_training_flops(config, cu_seqlens, labels).item()
+    unlabelled = batch_training_flops(config, cu_seqlens, labels)
     labels[:] = 7
-    assert batch_training_flops(config, cu_seqlens, labels).item() == unlabelled
+    assert batch_training_flops(config, cu_seqlens, labels) == unlabelled
     assert training_flops_per_token(config, 10, 0.0) == costs.per_token_at(10, 1.0)

@@ -10,14 +10,12 @@ from conftest import tiny_config
 from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
-from flexbert.hf import TOKENIZER_FILES, export_hf, from_hf, hf_config_from_flexbert
+from flexbert.hf import TOKENIZER_FILES, export_hf, export_notes, from_hf, hf_config_from_flexbert
 from flexbert.model import FlexBertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.xdist_group("streaming")  # the import test builds a training loader
-needs_tokenizer = pytest.mark.skipif(not TOKENIZER.is_dir(),
-                                     reason=f"needs the ModernBERT tokenizer at {TOKENIZER}")
 
 THETAS = {"phase1": (10_000.0, 10_000.0), "phase2": (160_000.0, 10_000.0)}  # (global, local)
 # The tokenizer's special-token ids, for models that ship with it.
@@ -126,7 +124,6 @@ def test_biases_transformers_supports_are_exported(tmp_path):
     assert max_logit_gap(ours, tmp_path / "hf") <= 1e-4
 
 
-@needs_tokenizer
 def test_fill_mask_pipeline_runs_on_the_export(tmp_path):
     ours = FlexBertForMaskedLM(tiny_config(**TOKENIZER_IDS)).eval()
     out = export_hf(ours, tmp_path / "hf", tokenizer_dir=TOKENIZER)
@@ -144,7 +141,6 @@ def test_fill_mask_pipeline_runs_on_the_export(tmp_path):
     assert all("[MASK]" not in p["sequence"] for p in predictions)
 
 
-@needs_tokenizer
 def test_export_refuses_a_tokenizer_that_does_not_fit(tmp_path):
     with pytest.raises(ValueError, match="model.pad_token_id=0 disagrees with tokenizer"):
         wrong_pad = tiny_config(**{**TOKENIZER_IDS, "pad_token_id": 0})
@@ -161,12 +157,24 @@ def test_export_refuses_a_tokenizer_that_does_not_fit(tmp_path):
     ({"blocks": {"attention": "plain"}}, "model.blocks.attention"),
     ({"blocks": {"mlp": "mlp"}}, "model.blocks.mlp"),
     ({"final_norm": False}, "model.final_norm"),
-    ({"attention_probs_dropout": 0.1, "attention_output_dropout": 0.0}, "model.attention_probs_dropout"),
 ])
 def test_unrepresentable_architectures_are_refused_before_writing(overrides, feature, tmp_path):
     with pytest.raises(ValueError, match=feature):
         export_hf(FlexBertForMaskedLM(tiny_config(**overrides)), tmp_path / "hf")
     assert not list(tmp_path.iterdir())
+
+
+def test_training_only_differences_export_and_the_export_says_what_it_mapped(tmp_path):
+    """ModernBERT's recipes drop attention output (0.1) but not probabilities (0.0); transformers has
+    one attention_dropout. Dropout acts only in training, so the model exports with equal logits."""
+    ours = sharpened_model(local_attention=16, attention_probs_dropout=0.0, attention_output_dropout=0.1)
+    export_hf(ours, tmp_path / "hf")
+    assert max_logit_gap(ours, tmp_path / "hf") <= 1e-4
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["attention_dropout"] == 0.0
+    (note,) = export_notes(ours.config)
+    assert "attention_dropout=0.0 (model.attention_probs_dropout)" in note
+    assert "model.attention_output_dropout=0.1 is left out" in note
+    assert export_notes(tiny_config()) == []
 
 
 # --- a training checkpoint, through the command line -------------------------------------------------
@@ -191,7 +199,6 @@ def trained(corpus, tmp_path_factory):
     return recipe, trainer.state.model.model, config.run_dir / "checkpoints" / "latest-rank0.pt"
 
 
-@needs_tokenizer
 def test_export_hf_reads_the_run_folder_config(trained, tmp_path, capsys):
     _, model, checkpoint = trained
     code, out, err = run_cli(capsys, "export-hf", checkpoint, tmp_path / "hf")
@@ -207,7 +214,6 @@ def test_export_hf_reads_the_run_folder_config(trained, tmp_path, capsys):
         assert (tmp_path / "hf" / name).read_bytes() == (TOKENIZER / name).read_bytes()
 
 
-@needs_tokenizer
 def test_export_hf_outside_the_run_folder_needs_the_recipe(trained, tmp_path, capsys):
     recipe, model, checkpoint = trained
     moved = shutil.copy(checkpoint, tmp_path / "moved.pt")
@@ -237,7 +243,6 @@ def imported(tmp_path_factory):
     return root / "hf", root / "imported.pt"
 
 
-@needs_tokenizer
 def test_training_loads_the_imported_weights(imported, corpus, tmp_path):
     from flexbert.train.config import TrainConfig
     from flexbert.train.run import build_trainer

@@ -94,10 +94,12 @@ def test_collated_batch_runs_in_the_encoder():
     masker = make_masker()
     rows = [split_document(0, 0, np.arange(5, 40), 64), split_document(0, 1, np.arange(5, 15), 64)
             + split_document(0, 2, np.arange(5, 8), 64)]
-    batch = collate_rows(rows, 64, CLS, SEP, masker, epoch=0)
+    batch = collate_rows(rows, 64, CLS, SEP, masker, epochs=[0, 0])
     assert batch.cu_seqlens.tolist() == [0, 37, 49, 54]
     assert batch.max_seqlen == 37
-    assert batch.position_ids[37:49].tolist() == list(range(12))
+    assert batch.host_cu_seqlens.tolist() == [0, 37, 49, 54] and batch.row_pieces.tolist() == [0, 1, 3]
+    assert batch.masked_index.tolist() == np.flatnonzero(batch.labels.numpy() != IGNORE_INDEX).tolist()
+    assert batch.row_masked.tolist() == [0, int((batch.masked_index < 37).sum()), len(batch.masked_index)]
     assert batch.input_ids[[0, 37, 49]].tolist() == [CLS] * 3 and batch.input_ids[[36, 48, 53]].tolist() == [SEP] * 3
     assert batch.packing_efficiency == pytest.approx(54 / 128)
     model = FlexBertForMaskedLM(tiny_config(vocab_size=VOCAB, pad_token_id=3))

@@ -10,12 +10,12 @@ import time
 import pytest
 
 from flexbert.data.convert import ConversionError, convert_to_mds
-from test_convert_to_mds import (MODERNBERT, ROOT, assert_same_samples, crash_on_unit, expected_ids, needs_modernbert,
-                                 read_back, write_jsonl)
+from conftest import ROOT, TOKENIZER
+from test_convert_to_mds import assert_same_samples, crash_on_unit, expected_ids, read_back, write_jsonl
 
 # streaming allocates shared-memory names per machine without locking: datasets built at the same
 # moment in two test processes can collide, so every test that builds one runs in one xdist group.
-pytestmark = [needs_modernbert, pytest.mark.xdist_group("streaming")]
+pytestmark = pytest.mark.xdist_group("streaming")
 BUCKET = "corpora"
 
 
@@ -83,7 +83,7 @@ def test_the_command_line_converts_to_s3_and_streaming_reads_it_back(s3, tmp_pat
     corpus = write_jsonl(tmp_path / "a.jsonl", documents)
     remote = f"s3://{BUCKET}/demo"
 
-    status = command_line()(["--input", str(corpus), "--output", remote, "--tokenizer", str(MODERNBERT),
+    status = command_line()(["--input", str(corpus), "--output", remote, "--tokenizer", str(TOKENIZER),
                              "--workers", "2", "--unit-size", "1KB", "--no-progress"])
 
     assert status == 0
@@ -102,18 +102,18 @@ def test_an_interrupted_upload_resumes_and_a_complete_one_is_kept(s3, tmp_path, 
     with monkeypatch.context() as patch:
         crash_on_unit(patch, 3)
         with pytest.raises(KeyboardInterrupt):
-            convert_to_mds([corpus], remote, MODERNBERT, **settings)
+            convert_to_mds([corpus], remote, TOKENIZER, **settings)
     assert "resumed/index.json" not in keys(s3, "resumed/")
 
-    summary = convert_to_mds([corpus], remote, MODERNBERT, **settings)
+    summary = convert_to_mds([corpus], remote, TOKENIZER, **settings)
     assert summary.resumed_units == 2
     assert_same_samples(read_back(remote, tmp_path / "cache"), expected_ids(documents))
 
     with pytest.raises(ConversionError, match="already holds a complete dataset"):
-        convert_to_mds([corpus], remote, MODERNBERT, **settings)
+        convert_to_mds([corpus], remote, TOKENIZER, **settings)
 
 
 def test_a_missing_bucket_is_one_clear_error(s3, tmp_path):
     corpus = write_jsonl(tmp_path / "a.jsonl", ["some text"])
     with pytest.raises(ConversionError, match="cannot use bucket 'no-such-bucket'"):
-        convert_to_mds([corpus], "s3://no-such-bucket/demo", MODERNBERT, workers=1, progress=False)
+        convert_to_mds([corpus], "s3://no-such-bucket/demo", TOKENIZER, workers=1, progress=False)

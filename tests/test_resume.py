@@ -5,9 +5,7 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 import yaml
 from composer.core import Callback
-from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
+from train_helpers import command, environment, run_recipe, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
 from flexbert.train.config import TrainConfig
@@ -26,7 +24,6 @@ from flexbert.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
-    pytest.mark.skipif(not TOKENIZER.is_dir(), reason=f"needs the ModernBERT tokenizer at {TOKENIZER}"),
     pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
 ]
 STEPS = 12
@@ -90,25 +87,6 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
     assert max(pieces.values()) == 1  # one epoch is far from over: nothing seen twice
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command(recipe: Path, script: Path = ROOT / "main.py", nproc: int = 1) -> list[str]:
-    if nproc == 1:
-        return [sys.executable, str(script), str(recipe)]
-    return [str(Path(sys.executable).with_name("composer")), "-n", str(nproc), "--master_port", str(_free_port()),
-            str(script), str(recipe)]
-
-
-def environment(nproc: int, **variables: str) -> dict[str, str]:
-    # Ranks that each start a thread per core would fight over the test machine's few cores.
-    threads = {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}
-    return {**os.environ, **threads, **variables}
-
-
 def sigkill_mid_step(recipe: Path, step: int, markers: Path, nproc: int = 1) -> None:
     """Run the recipe until every rank is inside ``step`` (backward done, optimizer step not), then
     SIGKILL the whole process group, as a scheduler or a dying node would."""
@@ -126,14 +104,6 @@ def sigkill_mid_step(recipe: Path, step: int, markers: Path, nproc: int = 1) -> 
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
-
-
-def run_recipe(recipe: Path, nproc: int = 1) -> str:
-    """Train as ``python main.py RECIPE`` or ``composer -n NPROC main.py RECIPE`` would; its stderr."""
-    done = subprocess.run(command(recipe, nproc=nproc), cwd=ROOT, env=environment(nproc), capture_output=True,
-                          text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stderr
 
 
 def raw_steps(path: Path) -> list[int]:
@@ -217,12 +187,37 @@ def test_choosing_the_checkpoint_to_resume_from(tmp_path):
         assert choose_resume_checkpoint(tmp_path) == newer
     assert os.readlink(tmp_path / LATEST_LINK) == newer.name
 
-    # Nothing intact left: no link, so training starts over, and says so.
+    # Nothing intact left: the run stops naming the folder and every file it tried, and moves
+    # nothing, so that running it again cannot silently start over either.
     for path in (old, newer):
         path.write_bytes(b"\0" * 64)
-    with pytest.warns(UserWarning, match="no intact checkpoint is left, so training starts over"):
-        assert choose_resume_checkpoint(tmp_path) is None
-    assert not (tmp_path / LATEST_LINK).is_symlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match=rf"autoresume: no intact checkpoint to resume from in {tmp_path}: "
+                                          r"ep0-ba12-rank0\.pt is not a complete checkpoint .*; ep0-ba3-rank0\.pt is "
+                                          r"not a complete checkpoint .*Repair or move them away"):
+        choose_resume_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_empty_or_absent_checkpoint_folder_starts_fresh(tmp_path):
+    assert choose_resume_checkpoint(tmp_path / "absent") is None
+    assert choose_resume_checkpoint(tmp_path) is None
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    assert choose_resume_checkpoint(tmp_path) is None
+
+
+def test_a_run_whose_checkpoints_are_all_damaged_stops_in_one_line(corpus, tmp_path, capsys):
+    checkpoints = tmp_path / "tiny" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (3, 6):
+        (checkpoints / f"ep0-ba{step}-rank0.pt").write_bytes(b"PK\x03\x04 cut short")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, **RESUMABLE))
+    assert cli_main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"flexbert: error: autoresume: no intact checkpoint to resume from "
+                                               f"in {checkpoints}: ep0-ba6-rank0.pt is")
+    assert "ep0-ba3-rank0.pt is" in err[0]
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
 
 
 # --- the NaN guard -------------------------------------------------------------------------------------

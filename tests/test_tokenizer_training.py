@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import SHARED
+from conftest import TOKENIZER
 from tokenizers import Tokenizer, models
 
 from flexbert.data import tokenizer_training
@@ -23,7 +23,6 @@ from flexbert.data.tokenizer_training import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MODERNBERT = SHARED / "tokenizers" / "modernbert"
 
 
 def make_texts(count: int = 200, seed: int = 0) -> list[str]:
@@ -274,24 +273,19 @@ def test_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-needs_modernbert = pytest.mark.skipif(
-    not MODERNBERT.is_dir(), reason=f"ModernBERT tokenizer not found at {MODERNBERT} (../shared is absent)",
-)
 
 
-@needs_modernbert
 def test_load_tokenizer_reads_modernbert():
-    tokenizer = load_tokenizer(MODERNBERT)
+    tokenizer = load_tokenizer(TOKENIZER)
     assert (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id) == (50281, 50282, 50283, 50284)
     assert tokenizer.vocab_size == 50368
     assert {50280, 50281, 50282, 50283, 50284} <= tokenizer.special_ids
 
 
-@needs_modernbert
 def test_autotokenizer_reads_modernbert():
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(MODERNBERT)
+    hf = AutoTokenizer.from_pretrained(TOKENIZER)
     assert (hf.cls_token_id, hf.sep_token_id, hf.pad_token_id, hf.mask_token_id) == (50281, 50282, 50283, 50284)
     assert len(hf) == 50368
 

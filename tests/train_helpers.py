@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+from conftest import ROOT, TOKENIZER
 from data_helpers import random_lengths, write_stream
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-TOKENIZER = SHARED / "tokenizers" / "modernbert"
 
 
 def write_corpus(root: Path, lengths: dict[str, list[int]] | None = None) -> Path:
@@ -50,3 +53,33 @@ def tiny_recipe(corpus: Path, run_root: Path, **overrides) -> dict:
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(recipe: Path, script: Path = ROOT / "main.py", nproc: int = 1) -> list[str]:
+    """``python SCRIPT RECIPE``, or ``composer -n NPROC SCRIPT RECIPE`` as a user launches DDP."""
+    if nproc == 1:
+        return [sys.executable, str(script), str(recipe)]
+    return [str(Path(sys.executable).with_name("composer")), "-n", str(nproc), "--master_port", str(free_port()),
+            str(script), str(recipe)]
+
+
+def environment(nproc: int, **variables: str) -> dict[str, str]:
+    # Ranks that each start a thread per core would fight over the test machine's few cores.
+    threads = {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}
+    return {**os.environ, **threads, **variables}
+
+
+def run_recipe(recipe: Path, nproc: int = 1, script: Path = ROOT / "main.py", expect: int = 0,
+               **variables: str) -> str:
+    """Train as ``python main.py RECIPE`` or ``composer -n NPROC main.py RECIPE`` would; its stderr
+    (rank 0's, under the launcher), after checking the exit code."""
+    done = subprocess.run(command(recipe, script, nproc), cwd=ROOT, env=environment(nproc, **variables),
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stderr

@@ -133,7 +133,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from flexbert.sweep import run_sweep
 
-    return run_sweep(args.sweep, args.out, args.dry_run)
+    return run_sweep(args.sweep, args.out, args.dry_run, args.nproc)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -150,7 +150,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from flexbert.hf import export_hf, model_from_checkpoint
+    from flexbert.hf import export_hf, export_notes, model_from_checkpoint
 
     training_config = load_yaml_config(args.config) if args.config else None
     try:
@@ -160,9 +160,12 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"flexbert: error: {err}", file=sys.stderr)
         return 2
+    notes = export_notes(model.config)
     if tokenizer is None:
-        print(f"flexbert: note: no tokenizer is known for {args.checkpoint}, so {out_dir} holds none; "
-              "add one with --tokenizer DIR", file=sys.stderr)
+        notes.append(f"no tokenizer is known for {args.checkpoint}, so {out_dir} holds none; add one with "
+                     "--tokenizer DIR")
+    for note in notes:
+        print(f"flexbert: note: {note}", file=sys.stderr)
     print(out_dir)
     return 0
 
@@ -223,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. yamls/sweeps/stsb-lr-seed.yaml")
     sweep.add_argument("--out", metavar="DIR", help="where runs and results go (default: runs/sweeps/<sweep name>)")
+    sweep.add_argument("--nproc", type=int, metavar="N",
+                       help="train each run on N processes (GPUs), launched with composer -n N "
+                       "(default: the sweep file's nproc, else 1)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="write OUT/configs/<run>.yaml and OUT/commands.txt (one line per run) and train nothing")
     sweep.set_defaults(run=_cmd_sweep)

@@ -94,12 +94,17 @@ def _refuse_unrepresentable(config: FlexBertConfig) -> None:
             )
     if not config.final_norm:
         raise ValueError("model.final_norm=false has no equivalent in transformers' ModernBERT")
-    if config.attention_probs_dropout != config.attention_output_dropout:
-        raise ValueError(
-            "transformers' ModernBERT has one attention_dropout for probabilities and output; "
-            f"model.attention_probs_dropout={config.attention_probs_dropout} differs from "
-            f"model.attention_output_dropout={config.attention_output_dropout}"
-        )
+
+
+def export_notes(config: FlexBertConfig) -> list[str]:
+    """What an export writes differently from the model's own config. Only training-time settings
+    differ (dropout acts in training alone), so the exported model computes what ours does."""
+    if config.attention_output_dropout == config.attention_probs_dropout:
+        return []
+    return [f"transformers' ModernBERT has one attention_dropout for probabilities and output, so config.json "
+            f"has attention_dropout={config.attention_probs_dropout} (model.attention_probs_dropout) and "
+            f"model.attention_output_dropout={config.attention_output_dropout} is left out; dropout acts only "
+            "in training, so inference is unchanged"]
 
 
 def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
@@ -147,7 +152,7 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
         classifier_bias=config.head_bias,
         decoder_bias=config.decoder_bias,
         embedding_dropout=config.embedding_dropout,
-        attention_dropout=config.attention_output_dropout,
+        attention_dropout=config.attention_probs_dropout,  # see export_notes
         mlp_dropout=config.mlp_dropout,
         initializer_range=config.initializer_range,
         initializer_cutoff_factor=config.initializer_cutoff_factor,
@@ -213,10 +218,12 @@ def _tokenizer_files(tokenizer_dir: str | os.PathLike, config: FlexBertConfig) -
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+              tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
+              weights: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (masked LM, sequence or token classifier) as the matching transformers
     ModernBERT directory: config.json, model.safetensors and, given ``tokenizer_dir``, the
-    tokenizer files.
+    tokenizer files. ``weights`` replaces ``model.state_dict()`` where the model holds only a shard
+    of them (FSDP); :func:`export_notes` says what the config maps.
 
     Everything is checked before anything is written, and the directory appears all at once.
     """
@@ -226,7 +233,8 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike,
 
     config_json = _config_json(model)
     tokenizer_files = _tokenizer_files(tokenizer_dir, model.config) if tokenizer_dir is not None else []
-    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
+    weights = {name: tensor.detach().cpu().contiguous()
+               for name, tensor in (model.state_dict() if weights is None else weights).items()
                if name != _TIED_DECODER_KEY}
     with atomic_output_dir(out_dir, overwrite) as staging:
         (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")

@@ -93,6 +93,7 @@ class SweepSpec:
     grid: dict[str, list[Any]] = field(default_factory=dict)
     random: RandomSearch | None = None
     seed_keys: list[str] | None = None  # swept keys averaged over in the summary; default: seed
+    nproc: int = 1  # processes per run: above 1, each run is launched with `composer -n nproc`
 
     @property
     def recipes(self) -> list[str]:
@@ -110,6 +111,8 @@ class SweepSpec:
         return [key for key in self.swept_keys if key not in seeds]
 
     def validate(self, sweep_dir: Path) -> None:
+        if self.nproc < 1:
+            raise ConfigError("sweep.nproc", f"must be at least 1, got {self.nproc}")
         if not self.recipes:
             raise ConfigError("sweep.recipe", "no recipe given")
         for recipe in self.recipes:
@@ -160,9 +163,14 @@ class Run:
     recipe: str
     swept: dict[str, Any]  # the values of the spec's swept keys
     overrides: list[str]  # key=value, as on the train command line
+    nproc: int = 1
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "flexbert.cli", "train", self.recipe, *self.overrides]
+        train = ["-m", "flexbert.cli", "train", self.recipe, *self.overrides]
+        if self.nproc == 1:
+            return [sys.executable, *train]
+        # The launcher picks a free port for each run, so runs never collide on a stale one.
+        return [str(Path(sys.executable).with_name("composer")), "-n", str(self.nproc), *train]
 
 
 def _dotlist_value(value: Any) -> str:
@@ -203,21 +211,22 @@ def expand(spec: SweepSpec, sweep_file: str | Path, out: str | Path) -> list[Run
                               "(a random search can draw the same choices twice)")
         overrides = [*fixed, *(f"{key}={_dotlist_value(values[key])}" for key in config_keys),
                      f"run_name={name}", f"run_root={_dotlist_value(str(out))}"]
-        runs[name] = Run(name, os.path.normpath(sweep_dir / recipe), swept, overrides)
+        runs[name] = Run(name, os.path.normpath(sweep_dir / recipe), swept, overrides, spec.nproc)
     return list(runs.values())
 
 
 def resolve(run: Run) -> dict[str, Any]:
-    """The run's full config, checked exactly as ``flexbert train`` checks it before training.
+    """The run's full config, checked exactly as ``flexbert train`` checks it before training on
+    ``run.nproc`` processes.
 
     A pretraining recipe thus needs its tokenizer and local MDS shards where the sweep is planned
-    (remote streams are not opened); the sweep launches one process per run, so a world size of 1.
+    (remote streams are not opened).
     """
     from flexbert.train.recipes import parse_recipe
 
     raw = load_yaml_config(run.recipe, run.overrides)
     try:
-        parse_recipe(raw)
+        parse_recipe(raw, world_size=run.nproc)
     except ConfigError as err:
         swept = ", ".join(f"{key}={value}" for key, value in run.swept.items())
         raise ConfigError(f"run {run.name} ({swept})", str(err)) from None
@@ -307,13 +316,21 @@ def write_report(out: Path, title: str, spec: SweepSpec, rows: Sequence[dict[str
                                     + summary_table(rows, spec.group_keys, spec.metrics))
 
 
-def run_sweep(sweep_file: str | Path, out: str | Path | None = None, dry_run: bool = False) -> int:
-    """Validate every run, then plan them (``dry_run``) or train them one after another; 0 when
-    every run finished, 1 when any failed."""
+def run_sweep(sweep_file: str | Path, out: str | Path | None = None, dry_run: bool = False,
+              nproc: int | None = None) -> int:
+    """Validate every run, then plan them (``dry_run``) or train them one after another, each on
+    ``nproc`` processes (default: the sweep file's ``nproc``); 0 when every run finished, 1 when any
+    failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sweep", "runs as one process that launches every run; to train each run on N "
+                          "processes, give --nproc N (or nproc: N in the sweep file) instead of a launcher")
     sweep_file = Path(sweep_file)
     title = sweep_file.stem
     out = Path(out) if out is not None else Path("runs", "sweeps", title)
     spec = load_sweep(sweep_file)
+    if nproc is not None:
+        spec.nproc = nproc
+        spec.validate(sweep_file.parent)
     runs = expand(spec, sweep_file, out)
     print(f"sweep {title}: validating {len(runs)} runs (swept: {', '.join(spec.swept_keys)})", flush=True)
     configs = [resolve(run) for run in runs]

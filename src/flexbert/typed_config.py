@@ -21,7 +21,11 @@ class ConfigError(ValueError):
 
     def __init__(self, key_path: str, message: str):
         self.key_path = key_path
+        self.message = message
         super().__init__(f"{key_path}: {message}")
+
+    def __reduce__(self):  # pickled whole, so that one rank can hand the error to the others
+        return type(self), (self.key_path, self.message)
 
 
 def _child_path(parent: str, key: object) -> str:

@@ -188,11 +188,30 @@ def _order(count: int, shuffle: bool, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(count) if shuffle else np.arange(count)
 
 
-def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int) -> Iterator[dict]:
-    """Unpadded batches: the flat token stream, cu_seqlens, and the labels of each example."""
-    order = _order(len(split.token_ids), shuffle, seed)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+def global_batches(count: int, batch_size: int, world: int) -> list[tuple[int, int]]:
+    """[start, end) of each global batch of ``batch_size`` examples out of ``count``, where a last
+    batch too small to give each of the ``world`` ranks an example joins the one before it."""
+    starts = list(range(0, count, batch_size))
+    if len(starts) > 1 and count - starts[-1] < world:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], count]))
+
+
+def rank_shares(count: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+                ) -> Iterator[np.ndarray]:
+    """The example indices of this rank's share of each global batch: the batch split into ``world``
+    contiguous parts whose sizes differ by at most one. Every rank gets as many batches as the others,
+    none empty (given ``count >= world``), and together the ranks see each example exactly once."""
+    order = _order(count, shuffle, seed)
+    for start, end in global_batches(count, batch_size, world):
+        yield np.array_split(order[start:end], world)[rank]
+
+
+def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+            ) -> Iterator[dict]:
+    """Unpadded batches: the flat token stream, cu_seqlens, and the labels of each example; under
+    several processes, this rank's share of each global batch of ``batch_size`` (see :func:`rank_shares`)."""
+    for chosen in rank_shares(len(split.token_ids), batch_size, shuffle, seed, rank, world):
         yield {
             **unpadded([split.token_ids[i] for i in chosen]),
             "labels": (split.labels[torch.from_numpy(chosen)] if isinstance(split.labels, torch.Tensor)
@@ -239,9 +258,10 @@ def load_pair_split(config: SplitConfig, tokenizer: MLMTokenizer, max_seq_len: i
     return PairSplit(queries, positives)
 
 
-def pair_batches(split: PairSplit, batch_size: int, shuffle: bool, seed: int) -> Iterator[dict]:
-    """Unpadded batches of 2B texts: the B queries, then their B positives in the same order."""
-    order = _order(len(split.queries), shuffle, seed)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
+def pair_batches(split: PairSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+                 ) -> Iterator[dict]:
+    """Unpadded batches of 2B texts: the B queries, then their B positives in the same order. Under
+    several processes each rank takes its share of the pairs, and its in-batch negatives are the
+    other positives of its share."""
+    for chosen in rank_shares(len(split.queries), batch_size, shuffle, seed, rank, world):
         yield unpadded([split.queries[i] for i in chosen] + [split.positives[i] for i in chosen])

@@ -9,7 +9,9 @@ result is the exact row sequence an uninterrupted run would produce.
 
 from __future__ import annotations
 
+import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -70,8 +72,10 @@ class PackedMLMLoader:
         self.dataset: DocumentDataset = build_dataset(config, path)
         self.masker = Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
         self.batch_rows = batch_rows or (lambda rows_so_far: config.rows_per_batch)
+        self.path = path
         self.state = RankState()  # as of the last batch handed out
         self._resume: RankState | None = None
+        self._position: tuple[int, int, tuple] = (0, 0, ())  # (epoch, consumed, pending) after the last row packed
         self.real_tokens = 0
         self.capacity_tokens = 0
 
@@ -144,48 +148,78 @@ class PackedMLMLoader:
             pieces.append(Piece(stream, sample, start, end, tokens[start:end]))
         return pieces
 
-    def _epoch_batches(self, epoch: int) -> Iterator[PackedBatch]:
-        config = self.config
-        packer = GreedyPacker(config.max_seq_len, config.lookahead)
+    def _epoch_rows(self, epoch: int) -> Iterator[list[Piece]]:
+        """This rank's packed rows of one epoch. Before each row is handed on, ``self._position``
+        says where the epoch stands once that row is out: documents consumed, pieces pending."""
+        packer = GreedyPacker(self.config.max_seq_len, self.config.lookahead)
         consumed = 0
         if self._resume is not None:
             packer.add(self._restore_pending(self._resume.pending))
             consumed = self._resume.consumed
-        rows = []
-        _, world = _world()
-        rows_emitted = self.state.rows_emitted
-        wanted = self.batch_rows(rows_emitted * world)
 
-        def emit() -> PackedBatch:
-            nonlocal rows_emitted, wanted
-            batch = collate_rows(rows, config.max_seq_len, self.tokenizer.cls_id, self.tokenizer.sep_id,
-                                 self.masker, epoch)
-            rows_emitted += len(rows)
-            wanted = self.batch_rows(rows_emitted * world)
-            self.state = RankState(epoch, consumed, tuple(p.key() for p in packer.pending), rows_emitted)
-            self.real_tokens += batch.num_tokens
-            self.capacity_tokens += batch.num_rows * batch.row_tokens
-            rows.clear()
-            return batch
+        def row() -> list[Piece]:
+            pieces = packer.pop_row()
+            self._position = (epoch, consumed, tuple(p.key() for p in packer.pending))
+            return pieces
 
         for document in self._documents():
             consumed += 1
             packer.add(self._pieces(document))
             while packer.has_full_lookahead():
-                rows.append(packer.pop_row())
-                if len(rows) == wanted:
-                    yield emit()
+                yield row()
         self._resume = None
         while packer.pending:
-            rows.append(packer.pop_row())
-            if len(rows) == wanted:
-                yield emit()
-        if rows:
-            yield emit()
-        self.state = RankState(epoch + 1, 0, (), rows_emitted)
+            yield row()
 
-    def __iter__(self) -> Iterator[PackedBatch]:
+    def _rows(self) -> Iterator[tuple[int, list[Piece]]]:
+        """(epoch, row) for every row from the current state on, epoch after epoch."""
         epoch = self.state.epoch
         while self.config.epochs is None or epoch < self.config.epochs:
-            yield from self._epoch_batches(epoch)
+            for row in self._epoch_rows(epoch):
+                yield epoch, row
             epoch += 1
+
+    def _emit(self, rows: list[tuple[int, list[Piece]]]) -> PackedBatch:
+        config = self.config
+        batch = collate_rows([row for _, row in rows], config.max_seq_len, self.tokenizer.cls_id,
+                             self.tokenizer.sep_id, self.masker, [epoch for epoch, _ in rows])
+        self.state = RankState(*self._position, self.state.rows_emitted + len(rows))
+        self.real_tokens += batch.num_tokens
+        self.capacity_tokens += batch.num_rows * batch.row_tokens
+        return batch
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        """Batches of ``batch_rows(...)`` rows. An epoch's last rows open the next epoch's first
+        batch rather than forming a short batch of their own, so every rank emits the same number of
+        rows per batch, which the batch-size schedule counts on. A loader with a finite number of
+        ``epochs`` ends with a short batch, and all ranks end together (see :meth:`_agree`)."""
+        _, world = _world()
+        rows = self._rows()
+        while True:
+            wanted = self.batch_rows(self.state.rows_emitted * world)
+            batch_rows = list(itertools.islice(rows, wanted))
+            every_rank_has_one, some_rank_ends = self._agree(bool(batch_rows), len(batch_rows) < wanted)
+            if not every_rank_has_one:
+                if batch_rows:
+                    warnings.warn(f"{self.path}: another rank's data ended first, so this rank drops its last "
+                                  f"{len(batch_rows)} rows and every rank stops at the same batch")
+                break
+            yield self._emit(batch_rows)
+            if some_rank_ends:
+                break
+        self.state = RankState(self.config.epochs, 0, (), self.state.rows_emitted)
+
+    def _agree(self, has_batch: bool, ends: bool) -> tuple[bool, bool]:
+        """(whether every rank has a next batch, whether some rank's data ends with it).
+
+        The ranks of a finite loader pack different numbers of rows from their equal shares of
+        documents. A rank that stopped early would leave the others waiting forever in their next
+        collective, so under several processes the ranks agree before each batch and stop together,
+        the longer ranks dropping their excess. A loader that cycles forever never ends and never asks.
+        """
+        _, world = _world()
+        if world == 1 or self.config.epochs is None:
+            return has_batch, ends
+        answers = [None] * world
+        dist.all_gather_object(answers, (has_batch, ends))
+        return all(has for has, _ in answers), any(end for _, end in answers)

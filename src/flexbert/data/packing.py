@@ -80,20 +80,29 @@ class GreedyPacker:
 
 @dataclass
 class PackedBatch:
-    """What the unpadded encoder needs, plus bookkeeping for packing efficiency and debugging."""
+    """What the unpadded encoder needs, and where its rows, pieces and labelled tokens lie.
 
+    Composer moves a batch's tensors to the device before anything splits or counts it, and leaves
+    everything else on the host. So the tensors are what the model reads, and what the microbatch
+    split, the token counts and the logs need is kept beside them as NumPy arrays and ints: nothing
+    on the training path has to read a device value, and nothing is copied to the device unused.
+    """
+
+    # Device side.
     input_ids: torch.Tensor  # [T] int64
     labels: torch.Tensor  # [T] int64, -100 where not predicted
-    cu_seqlens: torch.Tensor  # [pieces + 1] int32
-    max_seqlen: int
-    position_ids: torch.Tensor  # [T] int64, restarting at 0 in each piece
-    num_rows: int
-    row_tokens: int
-    row_pieces: torch.Tensor  # [rows + 1] int64: row r holds pieces [row_pieces[r], row_pieces[r+1])
+    cu_seqlens: torch.Tensor  # [pieces + 1] int32, for the attention kernels
     # [N] int64 positions of the labelled tokens, found here on the host so that neither the
     # sparse head nor the token count needs a device sync for them.
     masked_index: torch.Tensor
-    piece_keys: torch.Tensor  # [pieces, 4] int64: stream, sample, start, end
+    # Host side.
+    max_seqlen: int
+    num_rows: int
+    row_tokens: int
+    host_cu_seqlens: np.ndarray  # [pieces + 1] int64, cu_seqlens as the host knows it
+    row_pieces: np.ndarray  # [rows + 1] int64: row r holds pieces [row_pieces[r], row_pieces[r+1])
+    row_masked: np.ndarray  # [rows + 1] int64: row r's labelled tokens are masked_index[row_masked[r]:row_masked[r+1]]
+    piece_keys: np.ndarray  # [pieces, 4] int64: stream, sample, start, end
 
     @property
     def num_tokens(self) -> int:
@@ -107,33 +116,59 @@ class PackedBatch:
     def packing_efficiency(self) -> float:
         return self.num_tokens / (self.num_rows * self.row_tokens)
 
+    def select_rows(self, first: int, end: int) -> PackedBatch:
+        """Rows [first, end) as a self-contained batch: device tensors are sliced at offsets read
+        from the host arrays, never from the tensors themselves."""
+        first_piece, end_piece = int(self.row_pieces[first]), int(self.row_pieces[end])
+        start, stop = int(self.host_cu_seqlens[first_piece]), int(self.host_cu_seqlens[end_piece])
+        first_masked, end_masked = int(self.row_masked[first]), int(self.row_masked[end])
+        host_cu_seqlens = self.host_cu_seqlens[first_piece : end_piece + 1] - start
+        return PackedBatch(
+            input_ids=self.input_ids[start:stop],
+            labels=self.labels[start:stop],
+            cu_seqlens=self.cu_seqlens[first_piece : end_piece + 1] - start,
+            masked_index=self.masked_index[first_masked:end_masked] - start,
+            max_seqlen=int(np.diff(host_cu_seqlens).max()),
+            num_rows=end - first,
+            row_tokens=self.row_tokens,
+            host_cu_seqlens=host_cu_seqlens,
+            row_pieces=self.row_pieces[first : end + 1] - first_piece,
+            row_masked=self.row_masked[first : end + 1] - first_masked,
+            piece_keys=self.piece_keys[first_piece:end_piece],
+        )
+
     def as_dict(self) -> dict:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
-def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, sep_id: int, masker, epoch: int) -> PackedBatch:
-    """Frame, mask and concatenate the pieces of ``rows`` into one unpadded batch."""
-    pieces = [piece for row in rows for piece in row]
-    inputs, labels, lengths = [], [], []
-    for piece in pieces:
-        framed = np.concatenate(([cls_id], piece.tokens.astype(np.int64), [sep_id]))
-        corrupted, piece_labels = masker(framed, (epoch, piece.stream, piece.sample, piece.start))
-        inputs.append(corrupted)
-        labels.append(piece_labels)
-        lengths.append(len(framed))
-    lengths_t = torch.tensor(lengths, dtype=torch.int32)
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths_t, 0, dtype=torch.int32), (1, 0))
-    position_ids = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))
+def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, sep_id: int, masker,
+                 epochs: Sequence[int]) -> PackedBatch:
+    """Frame, mask and concatenate the pieces of ``rows`` into one unpadded batch. ``epochs[r]`` is
+    the epoch row r was packed in (a batch may open with the last rows of the previous epoch); it
+    seeds the masks, so that each epoch masks a document afresh."""
+    pieces, inputs, labels, lengths = [], [], [], []
+    for row, epoch in zip(rows, epochs, strict=True):
+        for piece in row:
+            framed = np.concatenate(([cls_id], piece.tokens.astype(np.int64), [sep_id]))
+            corrupted, piece_labels = masker(framed, (epoch, piece.stream, piece.sample, piece.start))
+            pieces.append(piece)
+            inputs.append(corrupted)
+            labels.append(piece_labels)
+            lengths.append(len(framed))
+    host_cu_seqlens = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     all_labels = np.concatenate(labels)
+    masked_index = np.flatnonzero(all_labels != IGNORE_INDEX)
+    row_pieces = np.concatenate(([0], np.cumsum([len(row) for row in rows]))).astype(np.int64)
     return PackedBatch(
         input_ids=torch.from_numpy(np.concatenate(inputs)),
         labels=torch.from_numpy(all_labels),
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=torch.from_numpy(host_cu_seqlens.astype(np.int32)),
+        masked_index=torch.from_numpy(masked_index),
         max_seqlen=max(lengths),
-        position_ids=position_ids,
         num_rows=len(rows),
         row_tokens=row_tokens,
-        row_pieces=torch.tensor([0, *np.cumsum([len(row) for row in rows])], dtype=torch.int64),
-        masked_index=torch.from_numpy(np.flatnonzero(all_labels != IGNORE_INDEX)),
-        piece_keys=torch.tensor([piece.key() for piece in pieces], dtype=torch.int64).reshape(-1, 4),
+        host_cu_seqlens=host_cu_seqlens,
+        row_pieces=row_pieces,
+        row_masked=np.searchsorted(masked_index, host_cu_seqlens[row_pieces]).astype(np.int64),
+        piece_keys=np.array([piece.key() for piece in pieces], dtype=np.int64).reshape(-1, 4),
     )

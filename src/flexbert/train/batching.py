@@ -9,6 +9,7 @@ import torch
 from composer.core import DataSpec, Time
 
 from flexbert.data.loader import PackedMLMLoader, RankState
+from flexbert.data.packing import PackedBatch
 from flexbert.typed_config import ConfigError
 
 
@@ -54,35 +55,20 @@ class BatchSizeSchedule:
 
 
 def split_rows(batch: dict, microbatch_rows: int) -> list[dict]:
-    """Contiguous groups of ``microbatch_rows`` rows; each is a self-contained unpadded batch."""
-    row_pieces = batch["row_pieces"]
-    cu = batch["cu_seqlens"]
-    microbatches = []
-    for first_row in range(0, batch["num_rows"], microbatch_rows):
-        last_row = min(first_row + microbatch_rows, batch["num_rows"])
-        first_piece, end_piece = int(row_pieces[first_row]), int(row_pieces[last_row])
-        start, end = int(cu[first_piece]), int(cu[end_piece])
-        piece_cu = cu[first_piece : end_piece + 1]
-        masked = batch["masked_index"]
-        first_masked, end_masked = torch.searchsorted(masked, torch.tensor([start, end])).tolist()
-        microbatches.append({
-            "input_ids": batch["input_ids"][start:end],
-            "labels": batch["labels"][start:end],
-            "masked_index": masked[first_masked:end_masked] - start,
-            "position_ids": batch["position_ids"][start:end],
-            "cu_seqlens": piece_cu - piece_cu[0],
-            "max_seqlen": int((piece_cu[1:] - piece_cu[:-1]).max()),
-            "num_rows": last_row - first_row,
-            "row_tokens": batch["row_tokens"],
-            "row_pieces": row_pieces[first_row : last_row + 1] - first_piece,
-            "piece_keys": batch["piece_keys"][first_piece:end_piece],
-        })
-    return microbatches
+    """Contiguous groups of ``microbatch_rows`` rows; each is a self-contained unpadded batch.
+
+    Composer calls this on the batch after moving it to the device: every offset comes from the
+    batch's host arrays, and the device tensors are only sliced (see :class:`PackedBatch`)."""
+    if batch["num_rows"] <= microbatch_rows:
+        return [batch]
+    packed = PackedBatch(**batch)
+    return [packed.select_rows(first, min(first + microbatch_rows, packed.num_rows)).as_dict()
+            for first in range(0, packed.num_rows, microbatch_rows)]
 
 
 def count_tokens(batch: dict) -> dict[str, int]:
-    """Real tokens advance the clock; masked tokens weigh gradient accumulation. Both are host
-    ints computed on the CPU batch, so counting never syncs with the device."""
+    """Real tokens advance the clock; masked tokens weigh gradient accumulation. Both are tensor
+    shapes, which the host knows without asking the device."""
     return {"total": batch["input_ids"].shape[0], "loss_generating": batch["masked_index"].shape[0]}
 
 

@@ -1,9 +1,9 @@
 """What a pretraining run measures besides its loss: throughput and MFU, packing, gradient norm.
 
-Every callback here reads the unpadded batch at ``Event.BATCH_END`` (``input_ids`` [T], ``labels``
-[T], ``cu_seqlens``, ``num_rows``, ``row_tokens``), keeps per-rank counters without waiting for the
-device, and on a logged step sums them over ranks in a single all-reduce: that is the only host
-synchronisation it adds.
+Every callback here reads the packed batch at ``Event.BATCH_END`` through what the host knows of it
+(tensor shapes, ``host_cu_seqlens``, ``num_rows``, ``row_tokens``), keeps per-rank counters without
+waiting for the device, and on a logged step sums them over ranks in a single all-reduce: that is
+the only host synchronisation it adds.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _sync(state: State) -> None:
 class _BatchRecord(NamedTuple):
     tokens: int
     rows: int
-    flops: torch.Tensor  # float64 scalar, still on the batch's device
+    flops: float
     seconds: float
 
 
@@ -138,14 +138,15 @@ class ThroughputMonitor(Callback):
         batch = state.batch
         self.history.append(_BatchRecord(
             tokens=len(batch["input_ids"]), rows=batch["num_rows"],
-            flops=self.flops.of_batch(batch["cu_seqlens"], batch["labels"]), seconds=now - self._clock,
+            flops=self.flops.of_batch(batch["host_cu_seqlens"], batch["masked_index"].shape[0]),
+            seconds=now - self._clock,
         ))
         self._clock = now
         if len(self.history) < self.history.maxlen or not _is_logged_step(state, self.log_every):
             return
         tokens, rows, flops, rank_seconds = sum_over_ranks(state, [
             sum(r.tokens for r in self.history), sum(r.rows for r in self.history),
-            torch.stack([r.flops for r in self.history]).sum(), sum(r.seconds for r in self.history),
+            sum(r.flops for r in self.history), sum(r.seconds for r in self.history),
         ])
         world = dist.get_world_size()
         seconds = rank_seconds / world  # ranks step in lockstep; their mean damps clock jitter

@@ -7,10 +7,38 @@ from typing import Any
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from flexbert.model import FlexBertForMaskedLM, MaskedLMOutput
 from flexbert.model.losses import IGNORE_INDEX
 from flexbert.train.metrics import MaskedTokenAccuracy
+
+
+def flexbert_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The FlexBERT model inside what training wraps it in: DistributedDataParallel (``module``),
+    torch.compile (``_orig_mod``) and the ComposerModel (``model``). FSDP2 shards a model in place,
+    without a wrapper; its parameters are then shards (see :func:`full_weights`)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, ComposerModel):
+            model = model.model
+        else:
+            return model
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's whole state dict, on the CPU. Under FSDP the shards are gathered, a
+    collective that every rank must join, and only rank 0 gets them (the others an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = flexbert_module(model)
+    if not any(isinstance(p, DTensor) for p in module.parameters()):
+        return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class ComposerMLM(ComposerModel):

@@ -15,13 +15,15 @@ from composer import Evaluator, Trainer
 from composer.callbacks import LRMonitor
 from composer.core import DataSpec, Time, TimeUnit
 from composer.models import ComposerModel
-from composer.utils import reproducibility
+from composer.utils import dist, reproducibility
 
 from flexbert.data.labeled import (
+    LabeledDataError,
     LabeledSplit,
     PairSplit,
     SplitConfig,
     batches,
+    global_batches,
     load_conll_split,
     load_pair_split,
     load_split,
@@ -80,7 +82,7 @@ class FinetuneConfig:
     eval_splits: dict[str, SplitConfig]  # evaluator name -> split, e.g. {matched: ..., mismatched: ...}
     load_path: str | None = None  # a Composer checkpoint of this project or an HF ModernBERT dir
     max_seq_len: int = 512
-    batch_size: int = 32
+    batch_size: int = 32  # examples per optimizer step, over all processes together
     max_duration: str = "3ep"
     eval_interval: str = "1ep"
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
@@ -160,19 +162,22 @@ class ComposerClassifier(ComposerModel):
 
 
 class Epochs:
-    """A split as Composer's dataloader: a new shuffle every epoch."""
+    """A split as Composer's dataloader: a new shuffle every epoch and, under several processes,
+    this rank's share of every global batch of ``batch_size`` examples (the same count of batches on
+    every rank, together covering the split once)."""
 
     def __init__(self, split: LabeledSplit | PairSplit, batch_size: int, shuffle: bool, seed: int):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
         self.batches = pair_batches if isinstance(split, PairSplit) else batches
+        self.rank, self.world = dist.get_global_rank(), dist.get_world_size()
         self.epoch = 0
 
     def __iter__(self):
         self.epoch += 1
-        return self.batches(self.split, self.batch_size, self.shuffle, self.seed + self.epoch)
+        return self.batches(self.split, self.batch_size, self.shuffle, self.seed + self.epoch, self.rank, self.world)
 
     def __len__(self) -> int:
-        return -(-len(self.split.token_ids) // self.batch_size)
+        return len(global_batches(len(self.split.token_ids), self.batch_size, self.world))
 
 
 def _data_spec(epochs: Epochs) -> DataSpec:
@@ -213,6 +218,13 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
 
     train_split = load(config.train_split, "train_split")
     eval_splits = {name: load(split, f"eval_splits.{name}") for name, split in config.eval_splits.items()}
+    world = dist.get_world_size()
+    if config.batch_size < world:
+        raise ConfigError("batch_size", f"{config.batch_size} examples cannot be shared out over {world} processes")
+    for key_path, split in [("train_split", train_split), *((f"eval_splits.{n}", s) for n, s in eval_splits.items())]:
+        if len(split.token_ids) < world:
+            raise LabeledDataError(f"{key_path}: {len(split.token_ids)} examples cannot be shared out over "
+                                   f"{world} processes")
     if task.kind == "embedding":
         model = FlexBertForSentenceEmbedding(model_config, task.temperature, task.pooling)
     elif task.kind == "token":

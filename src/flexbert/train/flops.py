@@ -15,8 +15,10 @@ out, as is usual for MFU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from flexbert.model.config import FlexBertConfig
@@ -56,20 +58,18 @@ class TrainingFlops:
         predicted = masked_fraction if self.sparse_prediction else 1.0
         return self.per_token + self.per_query_key * keys + predicted * self.per_prediction
 
-    def of_batch(self, cu_seqlens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Exact FLOPs of one unpadded batch, summed document by document.
-
-        Returns a float64 scalar on the batch's device, so that a training loop can accumulate it
-        without waiting for the device.
-        """
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    def of_batch(self, cu_seqlens: Sequence[int] | np.ndarray, num_labelled: int) -> float:
+        """Exact FLOPs of one unpadded batch, summed document by document, from host values alone
+        (a batch's ``host_cu_seqlens`` and its count of labelled tokens), so that a training loop
+        can count them without touching the device."""
+        cu_seqlens = np.asarray(cu_seqlens, dtype=np.int64)
+        lengths = np.diff(cu_seqlens)
         # Each of a document's S queries sees S keys in a global layer and min(window + 1, S) in a
         # local one.
-        keys = (self.global_layers * lengths + self.local_layers * lengths.clamp(max=self.local_keys)) * lengths
-        tokens = labels.shape[0]
-        predicted = (labels != IGNORE_INDEX).sum() if self.sparse_prediction else tokens
-        return (self.per_token * tokens + self.per_query_key * keys.sum()
-                + self.per_prediction * predicted).to(torch.float64)
+        keys = (self.global_layers * lengths + self.local_layers * np.minimum(lengths, self.local_keys)) * lengths
+        tokens = int(cu_seqlens[-1] - cu_seqlens[0])
+        predicted = num_labelled if self.sparse_prediction else tokens
+        return float(self.per_token * tokens + self.per_query_key * int(keys.sum()) + self.per_prediction * predicted)
 
 
 def _mlp_weights(config: FlexBertConfig) -> int:
@@ -86,7 +86,7 @@ def training_flops_per_token(config: FlexBertConfig, doc_len: int, masked_fracti
     return TrainingFlops.of(config).per_token_at(doc_len, masked_fraction)
 
 
-def batch_training_flops(config: FlexBertConfig, cu_seqlens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Training FLOPs of one unpadded batch (``cu_seqlens`` [docs + 1], ``labels`` [T], -100 where
-    not predicted), as a float64 scalar on the batch's device."""
-    return TrainingFlops.of(config).of_batch(cu_seqlens, labels)
+def batch_training_flops(config: FlexBertConfig, cu_seqlens: torch.Tensor, labels: torch.Tensor) -> float:
+    """Training FLOPs of one unpadded batch given as CPU tensors (``cu_seqlens`` [docs + 1],
+    ``labels`` [T], -100 where not predicted)."""
+    return TrainingFlops.of(config).of_batch(cu_seqlens.numpy(), int((labels != IGNORE_INDEX).sum()))

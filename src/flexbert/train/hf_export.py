@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +11,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from flexbert.hf import export_hf, hf_config_from_flexbert
+from flexbert.hf import export_hf, export_notes, hf_config_from_flexbert
 from flexbert.model import FlexBertConfig
+from flexbert.train.composer_model import flexbert_module, full_weights
 
 
 @dataclass
@@ -24,8 +26,14 @@ class HFExportConfig:
 
 
 class HFExport(Callback):
+    """Exports from rank 0 while the other ranks wait at a barrier, so that no rank runs ahead of
+    an export (or times out behind it). Works on the model inside any DDP, compile or FSDP wrapping."""
+
     def __init__(self, config: HFExportConfig, folder: Path, tokenizer_dir: str, model_config: FlexBertConfig):
         hf_config_from_flexbert(model_config)  # refuse an unexportable architecture before training
+        if dist.get_global_rank() == 0:
+            for note in export_notes(model_config):
+                warnings.warn(f"hf_export: {note}")
         self.folder = folder
         self.tokenizer_dir = tokenizer_dir
         self._due = create_interval_scheduler(config.interval.replace("_", ""), include_end_of_training=False,
@@ -34,8 +42,13 @@ class HFExport(Callback):
 
     def _export(self, state: State) -> None:
         batch = int(state.timestamp.batch)
-        if dist.get_global_rank() == 0 and batch != self._last_exported:
-            export_hf(state.model.model, self.folder / f"ba{batch}", tokenizer_dir=self.tokenizer_dir, overwrite=True)
+        if batch == self._last_exported:
+            return
+        weights = full_weights(state.model)  # gathers the shards under FSDP: every rank takes part
+        if dist.get_global_rank() == 0:
+            export_hf(flexbert_module(state.model), self.folder / f"ba{batch}", tokenizer_dir=self.tokenizer_dir,
+                      overwrite=True, weights=weights)
+        dist.barrier()
         self._last_exported = batch
 
     def batch_end(self, state: State, logger: Logger) -> None:

@@ -19,21 +19,26 @@ from flexbert.train.lifecycle import LoaderCheckpoint, SigtermCheckpoint
 from flexbert.train.loggers import build_callbacks, build_loggers
 from flexbert.train.nan_guard import NanGuard
 from flexbert.train.optimizers import build_optimizer
-from flexbert.train.resume import prepare_autoresume
+from flexbert.train.resume import check_on_rank_zero, prepare_autoresume
 from flexbert.train.sample_ids import SampleIdLog
 from flexbert.train.schedulers import build_scheduler
 from flexbert.typed_config import ConfigError
 
 
-def check_checkpoint_matches(path: str, model: torch.nn.Module) -> None:
-    """Refuse, with the first differences named, a checkpoint saved from another architecture."""
+def saved_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The shapes of a Composer checkpoint's model weights. The file is memory-mapped, so no tensor
+    data is read: a large model's checkpoint, optimizer state included, costs a few pages."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved = checkpoint["state"]["model"]
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return {name: tuple(tensor.shape) for name, tensor in checkpoint["state"]["model"].items()}
     except Exception as err:  # a truncated file fails in many ways inside torch.load
         raise ConfigError("load_path", f"{path} is not a readable Composer checkpoint ({err})") from None
+
+
+def check_checkpoint_matches(path: str, model: torch.nn.Module) -> None:
+    """Refuse, with the first differences named, a checkpoint saved from another architecture."""
     expected = {f"model.{name}": tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in saved.items()}
+    found = saved_weight_shapes(path)
     problems = [f"{name}: checkpoint {found[name]} vs model {shape}" for name, shape in expected.items()
                 if name in found and found[name] != shape]
     problems += [f"{name}: missing from the checkpoint" for name in expected if name not in found]
@@ -44,13 +49,18 @@ def check_checkpoint_matches(path: str, model: torch.nn.Module) -> None:
 
 
 def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "amp_bf16" if torch.cuda.is_available() else "fp32"
+    """``auto`` is amp_bf16 on a GPU and fp32 elsewhere; mixed precision without a GPU is refused in
+    one line (Composer would fail with a traceback when the trainer is built)."""
+    if requested == "auto":
+        return "amp_bf16" if torch.cuda.is_available() else "fp32"
+    if requested != "fp32" and not torch.cuda.is_available():
+        raise ConfigError("precision", f"{requested} needs a GPU, and this machine has none; use fp32 or auto")
+    return requested
 
 
 def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     """Everything but ``fit``; ``resolved`` is the plain config written into the run folder."""
+    precision = resolve_precision(config.precision)
     # The process group must exist before the loaders: they coordinate streaming's shared memory
     # across the ranks of a node. (The trainer would otherwise create it later, the same way.)
     dist.initialize_dist(get_device(None), timeout=config.dist_timeout)
@@ -62,7 +72,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     tokenizer = config.tokenizer
     model = FlexBertForMaskedLM(model_config)
     if config.load_path is not None and "://" not in config.load_path:
-        check_checkpoint_matches(config.load_path, model)
+        check_on_rank_zero(lambda: check_checkpoint_matches(config.load_path, model))
 
     schedule = BatchSizeSchedule(config.global_batch_rows, config.device_microbatch_rows, world,
                                  config.train_loader.max_seq_len, config.batch_warmup)
@@ -110,7 +120,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         autoresume=config.autoresume,
         load_path=config.load_path,
         load_weights_only=config.load_weights_only,
-        precision=resolve_precision(config.precision),
+        precision=precision,
         seed=config.seed,
         dist_timeout=config.dist_timeout,
         parallelism_config={"fsdp": config.fsdp_config} if config.fsdp_config else None,

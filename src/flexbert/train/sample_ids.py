@@ -29,7 +29,7 @@ SAMPLE_IDS_FOLDER = "sample_ids"
 class DebugConfig:
     """The ``debug:`` section of a recipe: records that cost time, all off by default."""
 
-    # RUN_DIR/sample_ids/rank{R}.jsonl; copies each batch's piece keys to the host (a sync per step)
+    # RUN_DIR/sample_ids/rank{R}.jsonl: one line per step and rank, written as the step ends
     log_sample_ids: bool = False
 
 
