@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# transformers 5.x, laid over .venv (its torch and NumPy) for the tests that load exports in 5.x.
+HF5 := .venv-hf5
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench clean
@@ -13,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e '.[dev]'
+	rm -rf $(HF5)
+	$(BIN)/uv pip install --quiet --target $(HF5) 'transformers>=5,<6' \
+		"numpy==$$($(BIN)/python -c 'import numpy; print(numpy.__version__)')"
 	touch $(STAMP)
 
 test: install
@@ -52,4 +57,4 @@ bench: install
 	$(BIN)/python bench/bench_model.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(HF5) build src/*.egg-info .pytest_cache

@@ -94,7 +94,7 @@ def test_collated_batch_runs_in_the_encoder():
     masker = make_masker()
     rows = [split_document(0, 0, np.arange(5, 40), 64), split_document(0, 1, np.arange(5, 15), 64)
             + split_document(0, 2, np.arange(5, 8), 64)]
-    batch = collate_rows(rows, 64, CLS, SEP, masker, epochs=[0, 0])
+    batch = collate_rows(rows, 64, CLS, SEP, masker)
     assert batch.cu_seqlens.tolist() == [0, 37, 49, 54]
     assert batch.max_seqlen == 37
     assert batch.host_cu_seqlens.tolist() == [0, 37, 49, 54] and batch.row_pieces.tolist() == [0, 1, 3]

@@ -5,6 +5,12 @@ partition it has consumed, and the keys of the pieces still pending in the packe
 streaming restarts the epoch at the largest whole-batch offset that every rank has passed, each
 rank skips its few remaining consumed documents, and pending pieces are re-read by sample id. The
 result is the exact row sequence an uninterrupted run would produce.
+
+Ranks in step. The packer carries pieces over from one epoch into the next, so every batch has the
+rows the batch-size schedule asks for, on every rank. Streaming opens each epoch with a barrier
+across a node's ranks, and ranks use up their equal shares of documents at different batches, so
+under several processes the ranks agree, before handing out each batch, whether one of them has run
+out: if so, all read the rest of their share into the packer and open the next epoch together.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
@@ -27,9 +34,11 @@ from flexbert.data.tokenizer import MLMTokenizer
 
 @dataclass
 class RankState:
-    epoch: int = 0
+    epoch: int = 0  # the streaming epoch documents are being read from
     consumed: int = 0  # documents of this epoch's partition pulled into the packer
-    pending: tuple[tuple[int, int, int, int], ...] = ()  # (stream, sample, start, end) still unpacked
+    # (epoch read in, stream, sample, start, end) of the pieces still unpacked, which may include
+    # the last pieces of the previous epoch
+    pending: tuple[tuple[int, int, int, int, int], ...] = ()
     rows_emitted: int = 0  # over the whole run, for the batch-size schedule
 
 
@@ -75,7 +84,6 @@ class PackedMLMLoader:
         self.path = path
         self.state = RankState()  # as of the last batch handed out
         self._resume: RankState | None = None
-        self._position: tuple[int, int, tuple] = (0, 0, ())  # (epoch, consumed, pending) after the last row packed
         self.real_tokens = 0
         self.capacity_tokens = 0
 
@@ -105,7 +113,9 @@ class PackedMLMLoader:
                 f"{state['sample_batch_size']}; this run has {world} and {self.config.sample_batch_size}. "
                 "Exact resumption needs both unchanged."
             )
-        ranks = [RankState(r["epoch"], r["consumed"], tuple(tuple(k) for k in r["pending"]), r["rows_emitted"])
+        # Pending keys saved before pieces carried their epoch are of the state's own epoch.
+        ranks = [RankState(r["epoch"], r["consumed"], tuple(tuple(k) if len(k) == 5 else (r["epoch"], *k)
+                                                             for k in r["pending"]), r["rows_emitted"])
                  for r in state["ranks"]]
         self._resume = ranks[rank]
         self.state = ranks[rank]
@@ -123,103 +133,98 @@ class PackedMLMLoader:
     # --- iteration -------------------------------------------------------------------------------
 
     def _documents(self) -> Iterator[dict]:
-        """This rank's documents for one epoch, from where the resume state says."""
+        """This rank's documents of streaming's next epoch, from where the resume state says. The
+        first is fetched at once: streaming opens an epoch with a barrier across the node's ranks,
+        which every rank must reach now, not when it next needs a document."""
         loader = DataLoader(self.dataset, batch_size=self.config.sample_batch_size,
                             num_workers=self.config.num_workers, collate_fn=_identity)
         documents = (sample for batch in loader for sample in batch)
         if self._resume is not None:
             for _ in range(self._resume.consumed - self._resume_offset):
                 next(documents)
-        yield from documents
+            self._resume = None
+        first = next(documents, None)
+        return documents if first is None else itertools.chain([first], documents)
 
-    def _pieces(self, document: dict) -> list[Piece]:
+    def _pieces(self, document: dict, epoch: int) -> list[Piece]:
         tokens = document["input_ids"]
         if tokens.size and int(tokens.max()) >= self.vocab_limit:
             raise DataError(
                 f"stream {list(self.config.streams)[document['stream']]!r} sample {document['sample']}: "
                 f"token id {int(tokens.max())} is outside the model's vocabulary ({self.vocab_limit})"
             )
-        return split_document(document["stream"], document["sample"], tokens, self.config.max_seq_len)
+        return split_document(document["stream"], document["sample"], tokens, self.config.max_seq_len, epoch)
 
     def _restore_pending(self, keys) -> list[Piece]:
         pieces = []
-        for stream, sample, start, end in keys:
+        for epoch, stream, sample, start, end in keys:
             tokens = self.dataset[sample]["input_ids"]
-            pieces.append(Piece(stream, sample, start, end, tokens[start:end]))
+            pieces.append(Piece(stream, sample, start, end, tokens[start:end], epoch))
         return pieces
 
-    def _epoch_rows(self, epoch: int) -> Iterator[list[Piece]]:
-        """This rank's packed rows of one epoch. Before each row is handed on, ``self._position``
-        says where the epoch stands once that row is out: documents consumed, pieces pending."""
-        packer = GreedyPacker(self.config.max_seq_len, self.config.lookahead)
-        consumed = 0
+    def __iter__(self) -> Iterator[PackedBatch]:
+        """Batches of ``batch_rows(...)`` rows on every rank. A loader with a finite number of
+        ``epochs`` ends with a short batch, and all its ranks end at the same batch."""
+        config = self.config
+        _, world = _world()
+        epoch, consumed = self.state.epoch, self.state.consumed
+        if config.epochs is not None and epoch >= config.epochs:
+            return
+        packer = GreedyPacker(config.max_seq_len, config.lookahead)
         if self._resume is not None:
             packer.add(self._restore_pending(self._resume.pending))
-            consumed = self._resume.consumed
-
-        def row() -> list[Piece]:
-            pieces = packer.pop_row()
-            self._position = (epoch, consumed, tuple(p.key() for p in packer.pending))
-            return pieces
-
-        for document in self._documents():
-            consumed += 1
-            packer.add(self._pieces(document))
-            while packer.has_full_lookahead():
-                yield row()
-        self._resume = None
-        while packer.pending:
-            yield row()
-
-    def _rows(self) -> Iterator[tuple[int, list[Piece]]]:
-        """(epoch, row) for every row from the current state on, epoch after epoch."""
-        epoch = self.state.epoch
-        while self.config.epochs is None or epoch < self.config.epochs:
-            for row in self._epoch_rows(epoch):
-                yield epoch, row
-            epoch += 1
-
-    def _emit(self, rows: list[tuple[int, list[Piece]]]) -> PackedBatch:
-        config = self.config
-        batch = collate_rows([row for _, row in rows], config.max_seq_len, self.tokenizer.cls_id,
-                             self.tokenizer.sep_id, self.masker, [epoch for epoch, _ in rows])
-        self.state = RankState(*self._position, self.state.rows_emitted + len(rows))
-        self.real_tokens += batch.num_tokens
-        self.capacity_tokens += batch.num_rows * batch.row_tokens
-        return batch
-
-    def __iter__(self) -> Iterator[PackedBatch]:
-        """Batches of ``batch_rows(...)`` rows. An epoch's last rows open the next epoch's first
-        batch rather than forming a short batch of their own, so every rank emits the same number of
-        rows per batch, which the batch-size schedule counts on. A loader with a finite number of
-        ``epochs`` ends with a short batch, and all ranks end together (see :meth:`_agree`)."""
-        _, world = _world()
-        rows = self._rows()
+        documents = self._documents()
         while True:
             wanted = self.batch_rows(self.state.rows_emitted * world)
-            batch_rows = list(itertools.islice(rows, wanted))
-            every_rank_has_one, some_rank_ends = self._agree(bool(batch_rows), len(batch_rows) < wanted)
-            if not every_rank_has_one:
-                if batch_rows:
+            rows: list[list[Piece]] = []
+            while True:
+                last_epoch = config.epochs is not None and epoch + 1 >= config.epochs
+                ran_out = False
+                while len(rows) < wanted:
+                    if packer.has_full_lookahead():
+                        rows.append(packer.pop_row())
+                    elif (document := next(documents, None)) is not None:
+                        consumed += 1
+                        packer.add(self._pieces(document, epoch))
+                    elif last_epoch and packer.pending:  # the data's end: pack what is left
+                        rows.append(packer.pop_row())
+                    else:
+                        ran_out = True
+                        break
+                next_epoch, every_rank_has_rows, some_rank_ends = self._agree(
+                    ran_out and not last_epoch, bool(rows), len(rows) < wanted)
+                if not next_epoch:
+                    break
+                for document in documents:  # the rest of this rank's share, for the packer to carry over
+                    consumed += 1
+                    packer.add(self._pieces(document, epoch))
+                epoch, consumed = epoch + 1, 0
+                documents = self._documents()
+            if not every_rank_has_rows:
+                if rows:
                     warnings.warn(f"{self.path}: another rank's data ended first, so this rank drops its last "
-                                  f"{len(batch_rows)} rows and every rank stops at the same batch")
+                                  f"{len(rows)} rows and every rank stops at the same batch")
                 break
-            yield self._emit(batch_rows)
+            pending = tuple((p.epoch, *p.key()) for p in packer.pending)
+            self.state = RankState(epoch, consumed, pending, self.state.rows_emitted + len(rows))
+            batch = collate_rows(rows, config.max_seq_len, self.tokenizer.cls_id, self.tokenizer.sep_id, self.masker)
+            self.real_tokens += batch.num_tokens
+            self.capacity_tokens += batch.num_rows * batch.row_tokens
+            yield batch
             if some_rank_ends:
                 break
-        self.state = RankState(self.config.epochs, 0, (), self.state.rows_emitted)
+        self.state = RankState(config.epochs, 0, (), self.state.rows_emitted)
 
-    def _agree(self, has_batch: bool, ends: bool) -> tuple[bool, bool]:
-        """(whether every rank has a next batch, whether some rank's data ends with it).
-
-        The ranks of a finite loader pack different numbers of rows from their equal shares of
-        documents. A rank that stopped early would leave the others waiting forever in their next
-        collective, so under several processes the ranks agree before each batch and stop together,
-        the longer ranks dropping their excess. A loader that cycles forever never ends and never asks.
-        """
+    def _agree(self, ran_out: bool, has_rows: bool, ends: bool) -> tuple[bool, bool, bool]:
+        """Over all ranks: (whether one ran out of its share of the epoch's documents, so that all
+        must open the next epoch now; whether every rank has rows for a batch; whether one rank's
+        data ends with this batch). One small all-reduce under several processes; a finite loader's
+        longer ranks thereby drop their excess rows rather than wait forever for the shorter ones."""
         _, world = _world()
-        if world == 1 or self.config.epochs is None:
-            return has_batch, ends
-        answers = [None] * world
-        dist.all_gather_object(answers, (has_batch, ends))
-        return all(has for has, _ in answers), any(end for _, end in answers)
+        if world == 1:
+            return ran_out, has_rows, ends
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flags = torch.tensor([ran_out, not has_rows, ends], dtype=torch.int32, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        ran_out, no_rows, ends = flags.tolist()
+        return bool(ran_out), not no_rows, bool(ends)

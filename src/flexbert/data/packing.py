@@ -20,13 +20,15 @@ from flexbert.data.masking import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class Piece:
-    """Tokens [start, end) of one document, identified by (stream, sample) in its dataset."""
+    """Tokens [start, end) of one document, identified by (stream, sample) in its dataset, as read
+    in ``epoch`` (which seeds its masks: each epoch masks a document afresh)."""
 
     stream: int
     sample: int
     start: int
     end: int
     tokens: np.ndarray  # the piece's tokens (not the whole document)
+    epoch: int = 0
 
     @property
     def framed_length(self) -> int:
@@ -36,11 +38,11 @@ class Piece:
         return (self.stream, self.sample, self.start, self.end)
 
 
-def split_document(stream: int, sample: int, tokens: np.ndarray, row_tokens: int) -> list[Piece]:
+def split_document(stream: int, sample: int, tokens: np.ndarray, row_tokens: int, epoch: int = 0) -> list[Piece]:
     """Chunks of at most ``row_tokens - 2`` tokens, so each framed chunk fits one row."""
     chunk = row_tokens - 2
     return [
-        Piece(stream, sample, start, min(start + chunk, len(tokens)), tokens[start : start + chunk])
+        Piece(stream, sample, start, min(start + chunk, len(tokens)), tokens[start : start + chunk], epoch)
         for start in range(0, len(tokens), chunk)
     ]
 
@@ -141,20 +143,16 @@ class PackedBatch:
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
 
-def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, sep_id: int, masker,
-                 epochs: Sequence[int]) -> PackedBatch:
-    """Frame, mask and concatenate the pieces of ``rows`` into one unpadded batch. ``epochs[r]`` is
-    the epoch row r was packed in (a batch may open with the last rows of the previous epoch); it
-    seeds the masks, so that each epoch masks a document afresh."""
-    pieces, inputs, labels, lengths = [], [], [], []
-    for row, epoch in zip(rows, epochs, strict=True):
-        for piece in row:
-            framed = np.concatenate(([cls_id], piece.tokens.astype(np.int64), [sep_id]))
-            corrupted, piece_labels = masker(framed, (epoch, piece.stream, piece.sample, piece.start))
-            pieces.append(piece)
-            inputs.append(corrupted)
-            labels.append(piece_labels)
-            lengths.append(len(framed))
+def collate_rows(rows: Sequence[Sequence[Piece]], row_tokens: int, cls_id: int, sep_id: int, masker) -> PackedBatch:
+    """Frame, mask and concatenate the pieces of ``rows`` into one unpadded batch."""
+    pieces = [piece for row in rows for piece in row]
+    inputs, labels, lengths = [], [], []
+    for piece in pieces:
+        framed = np.concatenate(([cls_id], piece.tokens.astype(np.int64), [sep_id]))
+        corrupted, piece_labels = masker(framed, (piece.epoch, piece.stream, piece.sample, piece.start))
+        inputs.append(corrupted)
+        labels.append(piece_labels)
+        lengths.append(len(framed))
     host_cu_seqlens = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
     all_labels = np.concatenate(labels)
     masked_index = np.flatnonzero(all_labels != IGNORE_INDEX)
