@@ -364,3 +364,23 @@ def test_a_tiny_trainer_run_logs_every_metric_to_jsonl(tmp_path):
     assert "throughput/tokens_per_sec" in rows[2] and "throughput/tokens_per_sec" not in rows[1]
 
     assert [p.name for p in plot_run(tmp_path)] == ["loss.png", "throughput.png", "lr.png"]
+
+
+def test_a_fresh_autoresume_run_logging_to_wandb_starts(tmp_path, no_wandb_key):
+    """Composer's autoresume asks each logger for a checkpoint before W&B is initialised; its own W&B
+    logger then raised a RuntimeError, so every first run of a recipe with autoresume and W&B crashed."""
+    config = tiny_config()
+    logging = LoggingConfig.from_dict({"wandb": {"project": "p", "mode": "disabled"}, "progress_bar": False})
+    model = TinyMLM(config)
+    data = DataSpec([packed_batch([40, 30], 1, 64)], get_num_samples_in_batch=lambda b: b["num_rows"],
+                    get_num_tokens_in_batch=lambda b: len(b["input_ids"]), split_batch=lambda b, size: [b])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(model=model, train_dataloader=data, max_duration="1ba", device="cpu", run_name="fresh",
+                          device_train_microbatch_size=1,
+                          optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), autoresume=True,
+                          save_folder=str(tmp_path / "checkpoints"), loggers=build_loggers(logging, tmp_path, "fresh"),
+                          progress_bar=False)
+        trainer.fit()
+        trainer.close()
+    assert (tmp_path / "checkpoints" / "latest-rank0.pt").exists()

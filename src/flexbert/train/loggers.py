@@ -161,6 +161,18 @@ def resolve_wandb_mode(requested: str | None = None) -> str:
     return mode
 
 
+class WandBMetricsLogger(WandBLogger):
+    """Composer's W&B logger for metrics only. Composer's autoresume asks every logger for the latest
+    checkpoint before any logger is initialised, and Composer 0.32.1's W&B logger then raises a
+    RuntimeError (no entity yet) that autoresume does not expect, so every fresh run with
+    ``autoresume: true`` and W&B logging crashed. Checkpoints live in ``save_folder``, never in W&B,
+    so this logger answers that it holds none."""
+
+    def download_file(self, remote_file_name: str, destination: str, overwrite: bool = False,
+                      progress_bar: bool = True):
+        raise NotImplementedError("flexbert keeps checkpoints in save_folder, not in W&B artifacts")
+
+
 def build_wandb_logger(project: str, entity: str | None = None, run_name: str | None = None,
                        tags: Sequence[str] = (), mode: str | None = None,
                        run_dir: str | Path | None = None) -> WandBLogger:
@@ -179,7 +191,7 @@ def build_wandb_logger(project: str, entity: str | None = None, run_name: str | 
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         init_kwargs["dir"] = str(run_dir)
-    return WandBLogger(project=project, entity=entity, name=run_name, tags=list(tags), init_kwargs=init_kwargs)
+    return WandBMetricsLogger(project=project, entity=entity, name=run_name, tags=list(tags), init_kwargs=init_kwargs)
 
 
 @dataclass
