@@ -132,6 +132,14 @@ def test_a_global_batch_the_world_size_does_not_divide(corpus, tmp_path, capsys,
         "flexbert: error: global_batch_rows: 4 rows cannot be split evenly over 3 processes")
 
 
+@pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
+def test_mixed_precision_without_a_gpu(corpus, tmp_path, capsys, precision):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # CPU CI always runs it
+    assert train_error(tiny_recipe(corpus, tmp_path / "runs", precision=precision), tmp_path, capsys) == (
+        f"flexbert: error: precision: {precision} needs a GPU, and this machine has none; use fp32 or auto")
+
+
 # --- data --------------------------------------------------------------------------------------------
 
 def test_a_missing_stream_folder(corpus, tmp_path, capsys):

@@ -12,6 +12,7 @@ the CPU.
 import numpy as np
 import pytest
 import torch
+from composer.core import Event
 from composer.devices import Device
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -175,3 +176,24 @@ def test_the_whole_microbatch_step_runs_on_the_device(cpu_batches, monkeypatch):
         cpu_labels = batch["labels"]
         assert counted == flops.of_batch(batch["cu_seqlens"].numpy(), int((cpu_labels != -100).sum()))
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
+def test_the_step_end_callbacks_read_no_device_value(cpu_batches, tmp_path):
+    """What runs at the end of every step on the device batch: the packing and throughput monitors
+    and the sample-id log (whose keys are host arrays)."""
+    from test_callbacks_loggers import Harness
+
+    from flexbert.train.callbacks import PackingMonitor, ThroughputMonitor
+    from flexbert.train.sample_ids import SampleIdLog, read_sample_ids
+
+    _, batches, model_config = cpu_batches
+    harness = Harness(PackingMonitor(), ThroughputMonitor(model_config, peak_tflops=1.0, window=2),
+                      SampleIdLog(tmp_path))
+    harness.event(Event.FIT_START)
+    for batch in batches:
+        with DevicesMustNotMix():
+            harness.train_batch(MetaDevice().batch_to_device(batch))
+    assert [rows for _, rows in harness.logged("batch/rows")] == [batch["num_rows"] for batch in batches]
+    assert len(harness.logged("throughput/tokens_per_sec")) == len(batches) - 1
+    logged = read_sample_ids(tmp_path)[0]
+    assert [row["pieces"] for row in logged] == [batch["piece_keys"].tolist() for batch in batches]

@@ -119,7 +119,7 @@ def test_nan_on_one_rank_is_caught_on_every_rank(small_corpus, tmp_path, action)
     recipe = tiny_recipe(small_corpus, tmp_path, max_duration="5ba", global_batch_rows=8,
                          **{"nan_guard.action": action, "logging.peak_tflops": 1.0})
     stderr = run_recipe(write_recipe(tmp_path / "recipe.yaml", recipe), nproc=2, script=ROOT / "tests" / "nan_at_step.py",
-                        expect=1 if action == "stop" else 0, FLEXBERT_TEST_NAN_STEP="2", FLEXBERT_TEST_NAN_RANK="1")
+                        fails=action == "stop", FLEXBERT_TEST_NAN_STEP="2", FLEXBERT_TEST_NAN_RANK="1")
     record = json.loads((tmp_path / "tiny" / "nan_guard.jsonl").read_text())
     assert record["step"] == 2 and len(record["pieces_per_rank"]) == 2 and all(record["pieces_per_rank"])
     losses = logged(tmp_path / "tiny", "loss/train/total")

@@ -120,6 +120,23 @@ def test_checkpoint_from_another_architecture_is_refused(corpus, phase1, tmp_pat
         build_trainer(TrainConfig.from_dict(recipe), recipe)
 
 
+def test_the_architecture_check_reads_only_the_weights_shapes(phase1, tmp_path):
+    """A checkpoint whose optimizer state is large: checking it against the model must not load it
+    (a large model's checkpoint is several GB, read on every rank before this change)."""
+    script = (
+        "import resource, sys, torch; from flexbert.train.run import saved_weight_shapes; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; shapes = saved_weight_shapes(sys.argv[1]); "
+        "print(len(shapes), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    checkpoint = torch.load(phase1 / "checkpoints" / "latest-rank0.pt", weights_only=False)
+    checkpoint["state"]["optimizers"]["big"] = torch.ones(150_000_000)  # 600 MB of optimizer state
+    big = tmp_path / "big.pt"
+    torch.save(checkpoint, big)
+    done = subprocess.run([sys.executable, "-c", script, str(big)], capture_output=True, text=True, timeout=120)
+    weights, grown_mb = map(int, done.stdout.split())
+    assert weights == len(checkpoint["state"]["model"])
+    assert grown_mb < 100, grown_mb
+
+
 def test_autoresume_continues_exactly(corpus, tmp_path):
     full = tiny_recipe(corpus, tmp_path / "a", max_duration="6ba", save_interval="3ba", autoresume=True)
     train(full)

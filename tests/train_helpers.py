@@ -75,11 +75,12 @@ def environment(nproc: int, **variables: str) -> dict[str, str]:
     return {**os.environ, **threads, **variables}
 
 
-def run_recipe(recipe: Path, nproc: int = 1, script: Path = ROOT / "main.py", expect: int = 0,
+def run_recipe(recipe: Path, nproc: int = 1, script: Path = ROOT / "main.py", fails: bool = False,
                **variables: str) -> str:
     """Train as ``python main.py RECIPE`` or ``composer -n NPROC main.py RECIPE`` would; its stderr
-    (rank 0's, under the launcher), after checking the exit code."""
+    (rank 0's, and a failed rank's, under the launcher), after checking that it exited 0, or not
+    (the launcher's code for a failed run depends on which rank ended first)."""
     done = subprocess.run(command(recipe, script, nproc), cwd=ROOT, env=environment(nproc, **variables),
                           capture_output=True, text=True, timeout=400)
-    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (done.returncode != 0) == fails, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stderr

@@ -82,6 +82,11 @@ class PackedMLMLoader:
         self.masker = Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
         self.batch_rows = batch_rows or (lambda rows_so_far: config.rows_per_batch)
         self.path = path
+        # The ranks' agreement before each batch is a host matter: under NCCL it goes over a gloo
+        # group of its own, so that it never touches (or waits for) the GPU.
+        self._host_group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+            self._host_group = dist.new_group(backend="gloo")
         self.state = RankState()  # as of the last batch handed out
         self._resume: RankState | None = None
         self.real_tokens = 0
@@ -99,7 +104,7 @@ class PackedMLMLoader:
         _, world = _world()
         states = [None] * world
         if world > 1:
-            dist.all_gather_object(states, self.state)
+            dist.all_gather_object(states, self.state, group=self._host_group)
         else:
             states = [self.state]
         return {"world_size": world, "sample_batch_size": self.config.sample_batch_size,
@@ -223,8 +228,7 @@ class PackedMLMLoader:
         _, world = _world()
         if world == 1:
             return ran_out, has_rows, ends
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        flags = torch.tensor([ran_out, not has_rows, ends], dtype=torch.int32, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = torch.tensor([ran_out, not has_rows, ends], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._host_group)
         ran_out, no_rows, ends = flags.tolist()
         return bool(ran_out), not no_rows, bool(ends)
