@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "modernbert"
+MODERNBERT_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"
 
 
 def stdlib_corpus(path: Path, megabytes: float) -> Path:
@@ -38,7 +38,7 @@ def stdlib_corpus(path: Path, megabytes: float) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="PATH", help="corpus files or folders (default: stdlib sources)")
-    parser.add_argument("--tokenizer", default=str(SHARED_TOKENIZER), help="tokenizer folder (default: ModernBERT's)")
+    parser.add_argument("--tokenizer", default=str(MODERNBERT_TOKENIZER), help="tokenizer folder (default: ModernBERT's)")
     parser.add_argument("--workers", type=int, default=None, help="cores for both sides (default: all)")
     parser.add_argument("--megabytes", type=float, default=8.0, help="size of the default corpus (default: 8)")
     parser.add_argument("--unit-size", default=None, help="convert_to_mds --unit-size (default: its default)")

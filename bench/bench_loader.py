@@ -21,7 +21,7 @@ from flexbert.data.streams import LoaderConfig
 from flexbert.data.tokenizer import load_tokenizer
 from flexbert.typed_config import from_dict
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "modernbert"
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"
 SOURCES = ("web", "code", "science")
 
 

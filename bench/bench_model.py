@@ -40,7 +40,7 @@ from flexbert.model.compile import compile_regions
 from flexbert.model.losses import IGNORE_INDEX
 from flexbert.train.flops import TrainingFlops
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers" / "modernbert"
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MASK_RATE = 0.3
 

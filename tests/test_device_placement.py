@@ -197,3 +197,23 @@ def test_the_step_end_callbacks_read_no_device_value(cpu_batches, tmp_path):
     assert len(harness.logged("throughput/tokens_per_sec")) == len(batches) - 1
     logged = read_sample_ids(tmp_path)[0]
     assert [row["pieces"] for row in logged] == [batch["piece_keys"].tolist() for batch in batches]
+
+
+def test_the_exported_model_is_found_inside_any_training_wrapper(tmp_path):
+    """hf_export unwraps DistributedDataParallel, torch.compile and the ComposerModel."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from flexbert.train.composer_model import flexbert_module, full_weights
+
+    model = FlexBertForMaskedLM(tiny_config())
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(DistributedDataParallel(ComposerMLM(model)))
+        assert flexbert_module(wrapped) is model
+        weights = full_weights(wrapped)
+        assert weights.keys() == model.state_dict().keys()
+        assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+    finally:
+        dist.destroy_process_group()

@@ -3,32 +3,55 @@
 import contextlib
 import csv
 import io
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, TOKENIZER
 
 from flexbert.cli import load_yaml_config, main
 from flexbert.sweep import DONE, Run, expand, final_metrics, load_sweep, run_sweep, summary_table
 from flexbert.train.loggers import read_metrics
 from flexbert.typed_config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 RECIPE = ROOT / "yamls" / "finetune" / "stsb.yaml"
 METRICS = ["metrics/eval/spearman", "metrics/eval/pearson"]
-# tests/test_finetune.py's tiny model on a sixth of its data, one epoch: about 10 s a run.
+# A tiny model on synthetic pairs in STS-B's layout (see write_pairs), one epoch: about 10 s a run.
 TINY = {
-    "vars.glue": str(SHARED / "data" / "glue"), "tokenizer": str(SHARED / "tokenizers" / "modernbert"),
-    "model.hidden_size": 64, "model.num_hidden_layers": 2, "model.num_attention_heads": 4,
-    "model.intermediate_size": 96, "model.attn_backend": "sdpa", "train_split.limit": 200,
-    "eval_splits.eval.limit": 100, "max_duration": "1ep", "batch_size": 32, "logging.progress_bar": False,
+    "tokenizer": str(TOKENIZER), "model.hidden_size": 64, "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 4, "model.intermediate_size": 96, "model.attn_backend": "sdpa",
+    "max_duration": "1ep", "batch_size": 32, "logging.progress_bar": False,
 }
-needs_shared = pytest.mark.skipif(
-    not (SHARED / "data" / "glue" / "STS-B").is_dir() or not (SHARED / "tokenizers" / "modernbert").is_dir(),
-    reason=f"training needs GLUE STS-B and the ModernBERT tokenizer under {SHARED}")
 pytestmark = pytest.mark.xdist_group("streaming")  # the real sweep trains
+GLUE_COLUMNS = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+                "score"]
+
+
+def write_pairs(path: Path, count: int, seed: int) -> None:
+    """Sentence pairs scored 0-5 in GLUE's STS-B layout: the score is the share of words they share."""
+    rng = random.Random(seed)
+    words = "the a cat dog sat ran on under mat park fast slow red blue".split()
+    lines = ["\t".join(GLUE_COLUMNS)]
+    for index in range(count):
+        first = rng.choices(words, k=6)
+        second = [word if rng.random() < 0.5 else rng.choice(words) for word in first]
+        score = 5 * sum(a == b for a, b in zip(first, second)) / 6
+        lines.append("\t".join([str(index), "synthetic", "x", "2026", str(index), "a", "b", " ".join(first),
+                                " ".join(second), f"{score:.3f}"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synthetic_glue(tmp_path_factory):
+    glue = tmp_path_factory.mktemp("glue")
+    write_pairs(glue / "STS-B" / "train.tsv", 200, seed=0)
+    write_pairs(glue / "STS-B" / "dev.tsv", 100, seed=1)
+    TINY["vars.glue"] = str(glue)
+    yield glue
+    del TINY["vars.glue"]
 
 
 def write_sweep(folder: Path, name: str = "tiny", **sections) -> Path:
@@ -161,7 +184,6 @@ def tiny_sweep(tmp_path_factory):
     return path, out, code, printed
 
 
-@needs_shared
 def test_a_tiny_stsb_sweep_trains_every_run_and_summarises_them(tiny_sweep):
     _, out, code, printed = tiny_sweep
     assert code == 0, printed
@@ -180,7 +202,6 @@ def test_a_tiny_stsb_sweep_trains_every_run_and_summarises_them(tiny_sweep):
     assert table[2].startswith("| 0.001 | ") and table[2].count(" ± ") == 2 and table[2].endswith(" | 2 |")
 
 
-@needs_shared
 def test_a_resumed_sweep_skips_finished_runs(tiny_sweep):
     path, out, code, _ = tiny_sweep
     assert code == 0
