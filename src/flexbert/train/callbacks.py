@@ -20,6 +20,7 @@ import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.distributed.tensor import DTensor
 
 from flexbert.model.config import FlexBertConfig
 from flexbert.train.flops import TrainingFlops
@@ -193,6 +194,17 @@ class PackingMonitor(Callback):
         })
 
 
+def global_grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
+    """The L2 norm of all of the model's gradients, on its device (None when it has none). Under
+    FSDP each rank holds a shard of every gradient (a DTensor): the norm is then computed over the
+    shards of all ranks, a collective every rank must join."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 class GradNormMonitor(Callback):
     """The global L2 norm of the gradient as the optimizer saw it, as ``l2_norm/grad/global``.
 
@@ -206,12 +218,6 @@ class GradNormMonitor(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not _is_logged_step(state, self.log_every):
             return
-        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        norm = torch.nn.utils.get_total_norm(grads)
-        if state.fsdp_enabled:  # each rank holds a shard of every gradient
-            (squared,) = sum_over_ranks(state, [norm.double() ** 2])
-            logger.log_metrics({"l2_norm/grad/global": squared**0.5})
-        else:
+        norm = global_grad_norm(state.model)
+        if norm is not None:
             logger.log_metrics({"l2_norm/grad/global": norm.item()})

@@ -17,6 +17,7 @@ from flexbert.train.nan_guard import NanGuardConfig
 from flexbert.train.optimizers import OptimizerConfig
 from flexbert.train.sample_ids import DebugConfig
 from flexbert.train.schedulers import SchedulerConfig
+from flexbert.train.sharding import FSDPConfig
 from flexbert.typed_config import ConfigError, from_dict
 
 PRECISIONS = ("auto", "fp32", "amp_bf16", "amp_fp16")
@@ -79,7 +80,7 @@ class TrainConfig:
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     hf_export: HFExportConfig | None = None
-    fsdp_config: dict[str, Any] | None = None
+    fsdp_config: FSDPConfig | None = None  # shard with FSDP2 (train/sharding.py)
     compile: bool = False
     dist_timeout: float = 600.0
     vars: dict[str, Any] = field(default_factory=dict)  # free values for ${vars.NAME} interpolation
@@ -125,6 +126,8 @@ class TrainConfig:
         if per_device % self.device_microbatch_rows:
             raise ConfigError("device_microbatch_rows", f"{self.device_microbatch_rows} does not divide the "
                               f"{per_device} rows each of the {world_size} processes gets per step")
+        if self.fsdp_config is not None:
+            self.fsdp_config.validate("fsdp_config", world_size)
         if self.batch_warmup is not None:
             parse_time(self.batch_warmup.duration, "batch_warmup.duration")
             if not 0 < self.batch_warmup.start_rows <= self.global_batch_rows:

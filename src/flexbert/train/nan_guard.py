@@ -20,6 +20,7 @@ import torch
 from composer.core import Callback, Precision, State
 from composer.loggers import Logger
 from composer.utils import dist
+from torch.distributed.tensor import DTensor
 
 NAN_GUARD_FILE = "nan_guard.jsonl"
 SAMPLES_NAMED = 24  # in the message; the file holds them all
@@ -106,7 +107,9 @@ class NanGuard(Callback):
         loss_bad = false if self._loss_finite is None else ~self._loss_finite
         grad_bad = false
         if state.precision != Precision.AMP_FP16:
-            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            # This rank's part of each gradient (its shard under FSDP): the all-reduce below covers the rest.
+            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                     for p in state.model.parameters() if p.grad is not None]
             if grads:
                 grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))
         flags = torch.stack([loss_bad, grad_bad]).float()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from composer.optim import DecoupledAdamW
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from flexbert.registry import Registry
 from flexbert.typed_config import ConfigError
@@ -89,7 +90,14 @@ def _stable_adamw_update(
     m_hat = exp_avg / (1 - beta1**step)
     v_hat = exp_avg_sq / (1 - beta2**step)
 
-    rms = (grad.square() / v_hat.clamp(min=eps**2)).mean().sqrt()
+    ratio_sum = (grad.square() / v_hat.clamp(min=eps**2)).sum()
+    if isinstance(ratio_sum, DTensor):
+        # Under FSDP the sum is a partial one on each rank: gather it into a plain tensor before
+        # any scalar arithmetic. (torch 2.7's DTensor reuses the scalar of an earlier call when an
+        # op must redistribute a partial input first, so `partial / numel` divided by the numel of
+        # whichever parameter came first; and a mean would need ReduceOp.AVG, which gloo lacks.)
+        ratio_sum = ratio_sum.full_tensor()
+    rms = (ratio_sum / grad.numel()).sqrt()
     lr = group["lr"] / rms.clamp(min=1.0)  # a 0-d tensor: the clip is applied without reading rms
     if group["weight_decay"]:
         param.mul_(1 - group["weight_decay"] * lr / group["initial_lr"])

@@ -22,6 +22,7 @@ from flexbert.train.optimizers import build_optimizer
 from flexbert.train.resume import check_on_rank_zero, prepare_autoresume
 from flexbert.train.sample_ids import SampleIdLog
 from flexbert.train.schedulers import build_scheduler
+from flexbert.train.sharding import average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units
 from flexbert.typed_config import ConfigError
 
 
@@ -71,6 +72,10 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     model_config = config.model_config
     tokenizer = config.tokenizer
     model = FlexBertForMaskedLM(model_config)
+    parallelism = None
+    if config.fsdp_config is not None:
+        parallelism = {"fsdp": composer_fsdp2_config(config.fsdp_config, torch.distributed.get_backend())}
+        mark_sharding_units(model, model.model.layers)
     if config.load_path is not None and "://" not in config.load_path:
         check_on_rank_zero(lambda: check_checkpoint_matches(config.load_path, model))
 
@@ -96,7 +101,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     if dist.get_global_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
-    return Trainer(
+    trainer = Trainer(
         model=ComposerMLM(model),
         run_name=config.run_name,
         train_dataloader=data_spec(train_loader),
@@ -123,6 +128,9 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         precision=precision,
         seed=config.seed,
         dist_timeout=config.dist_timeout,
-        parallelism_config={"fsdp": config.fsdp_config} if config.fsdp_config else None,
+        parallelism_config=parallelism,
         compile_config={} if config.compile else None,
     )
+    if config.fsdp_config is not None and torch.distributed.get_backend() == "gloo":
+        average_gradients_over_gloo(trainer.state.model)
+    return trainer
