@@ -116,7 +116,7 @@ def test_checkpoint_from_another_architecture_is_refused(corpus, phase1, tmp_pat
 
     recipe = tiny_recipe(corpus, tmp_path, load_path=str(phase1 / "checkpoints" / "latest-rank0.pt"),
                          **{"model.hidden_size": 64})
-    with pytest.raises(ConfigError, match="was saved from a different architecture: model.model.embeddings"):
+    with pytest.raises(ConfigError, match="was saved from a different architecture: model.embeddings"):
         build_trainer(TrainConfig.from_dict(recipe), recipe)
 
 
@@ -124,8 +124,8 @@ def test_the_architecture_check_reads_only_the_weights_shapes(phase1, tmp_path):
     """A checkpoint whose optimizer state is large: checking it against the model must not load it
     (a large model's checkpoint is several GB, read on every rank before this change)."""
     script = (
-        "import resource, sys, torch; from flexbert.train.run import saved_weight_shapes; "
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; shapes = saved_weight_shapes(sys.argv[1]); "
+        "import resource, sys, torch; from flexbert.train.checkpoint import weight_shapes; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; shapes = weight_shapes(sys.argv[1]); "
         "print(len(shapes), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
     checkpoint = torch.load(phase1 / "checkpoints" / "latest-rank0.pt", weights_only=False)
     checkpoint["state"]["optimizers"]["big"] = torch.ones(150_000_000)  # 600 MB of optimizer state

@@ -293,6 +293,8 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, over
     """Turn a ModernBERT directory into a checkpoint file that a recipe loads with ``load_path`` and
     ``load_weights_only: true``; its model config rides along so that :func:`export_hf` can
     re-export it."""
+    from flexbert.train.checkpoint import COMPOSER_MODEL_PREFIX
+
     out = Path(out_checkpoint)
     if out.is_dir():
         raise ValueError(f"output {out} is a directory; name the checkpoint file to write")
@@ -301,7 +303,7 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, over
     model = from_hf(hf_dir)
     checkpoint = {
         # The layout Composer saves: ComposerMLM holds the encoder as its attribute ``model``.
-        "state": {"model": {f"model.{name}": tensor for name, tensor in model.state_dict().items()}},
+        "state": {"model": {COMPOSER_MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}},
         MODEL_CONFIG_KEY: dataclasses.asdict(model.config),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -334,19 +336,20 @@ def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[Fle
 
 def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
                           ) -> tuple[FlexBertForMaskedLM, Path | None]:
-    """The encoder a Composer checkpoint of this project holds, and the tokenizer it was trained
-    with when that is known.
+    """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
+    which are put back together here), and the tokenizer it was trained with when that is known.
 
     The model config comes from ``training_config`` when given, else from the checkpoint itself
     (written by :func:`import_hf`), else from the run folder's config.json (a checkpoint saved by
     training sits in ``<run folder>/checkpoints/``).
     """
+    from flexbert.train.checkpoint import read_weights
+
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        weights = saved["state"]["model"]
+        weights, saved = read_weights(path)
     except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
         raise ValueError(f"{path} is not a readable Composer checkpoint ({err})") from None
 
@@ -364,8 +367,7 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mappin
 
     model = FlexBertForMaskedLM(config)
     try:
-        # ComposerMLM holds the encoder as its attribute ``model``.
-        model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in weights.items()}, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1:2] or [str(err)]
         raise ValueError(f"{path} does not hold the model its config describes: {first[0].strip()}") from None

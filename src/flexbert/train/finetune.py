@@ -37,6 +37,7 @@ from flexbert.model import (
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
+from flexbert.train.checkpoint import is_sharded, read_weights
 from flexbert.train.config import check_fits_positions, model_config_for
 from flexbert.train.loggers import LoggingConfig, build_loggers
 from flexbert.train.metrics import EntityF1, Retrieval
@@ -189,13 +190,12 @@ def _data_spec(epochs: Epochs) -> DataSpec:
 
 def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenClassification, path: str) -> None:
     """Encoder and head weights from an MLM checkpoint (ours or Hugging Face); the classifier stays new."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not is_sharded(path):
         from flexbert.hf import from_hf
 
         weights = from_hf(path).state_dict()
     else:
-        saved = torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
-        weights = {name.removeprefix("model."): tensor for name, tensor in saved.items()}
+        weights, _ = read_weights(path)
     wanted = {name for name in model.state_dict() if not name.startswith("classifier.")}  # new for the task
     missing = sorted(wanted - weights.keys())
     if missing:

@@ -12,6 +12,7 @@ from composer.utils import dist, get_device, reproducibility
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.model import FlexBertForMaskedLM
 from flexbert.train.batching import BatchSizeSchedule, data_spec
+from flexbert.train.checkpoint import load_weights, weight_shapes
 from flexbert.train.composer_model import ComposerMLM
 from flexbert.train.config import TrainConfig
 from flexbert.train.hf_export import HFExport
@@ -26,20 +27,13 @@ from flexbert.train.sharding import average_gradients_over_gloo, composer_fsdp2_
 from flexbert.typed_config import ConfigError
 
 
-def saved_weight_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """The shapes of a Composer checkpoint's model weights. The file is memory-mapped, so no tensor
-    data is read: a large model's checkpoint, optimizer state included, costs a few pages."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        return {name: tuple(tensor.shape) for name, tensor in checkpoint["state"]["model"].items()}
-    except Exception as err:  # a truncated file fails in many ways inside torch.load
-        raise ConfigError("load_path", f"{path} is not a readable Composer checkpoint ({err})") from None
-
-
 def check_checkpoint_matches(path: str, model: torch.nn.Module) -> None:
     """Refuse, with the first differences named, a checkpoint saved from another architecture."""
-    expected = {f"model.{name}": tuple(t.shape) for name, t in model.state_dict().items()}
-    found = saved_weight_shapes(path)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    try:
+        found = weight_shapes(path)
+    except Exception as err:  # a truncated file fails in many ways inside torch.load
+        raise ConfigError("load_path", f"{path} is not a readable Composer checkpoint ({err})") from None
     problems = [f"{name}: checkpoint {found[name]} vs model {shape}" for name, shape in expected.items()
                 if name in found and found[name] != shape]
     problems += [f"{name}: missing from the checkpoint" for name in expected if name not in found]
@@ -76,8 +70,15 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     if config.fsdp_config is not None:
         parallelism = {"fsdp": composer_fsdp2_config(config.fsdp_config, torch.distributed.get_backend())}
         mark_sharding_units(model, model.model.layers)
-    if config.load_path is not None and "://" not in config.load_path:
-        check_on_rank_zero(lambda: check_checkpoint_matches(config.load_path, model))
+    load_path = config.load_path
+    if load_path is not None and "://" not in load_path:
+        check_on_rank_zero(lambda: check_checkpoint_matches(load_path, model))
+        if config.load_weights_only:
+            # Loaded here, into the unwrapped model, from one file or from FSDP shards alike, for a
+            # run with DDP, FSDP or neither (Composer itself loads shards only into FSDP). Memory-
+            # mapped: no rank reads the checkpoint's optimizer state.
+            load_weights(model, load_path)
+            load_path = None
 
     schedule = BatchSizeSchedule(config.global_batch_rows, config.device_microbatch_rows, world,
                                  config.train_loader.max_seq_len, config.batch_warmup)
@@ -123,7 +124,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         save_interval=sigterm.save_interval(),
         save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
         autoresume=config.autoresume,
-        load_path=config.load_path,
+        load_path=load_path,
         load_weights_only=config.load_weights_only,
         precision=precision,
         seed=config.seed,
