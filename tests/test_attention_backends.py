@@ -109,3 +109,78 @@ def test_sdpa_groups_documents_by_length_on_the_cpu():
     small = next(t for t, g in groups if g.num_docs == 3)
     assert small.tolist() == [*range(starts[1], starts[1] + 9), *range(starts[3], starts[3] + 64),
                               *range(starts[6], starts[6] + 2)]
+
+
+# --- FlexAttention's block mask -------------------------------------------------------------------
+
+def element_mask(lengths, half_window, padded_len):
+    """[padded, padded] whether query i may see key j: same document (tail padding being one more),
+    and within the window on local layers. A brute-force reference, for small streams only."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    doc = torch.cat([doc, torch.full((padded_len - len(doc),), -1)])
+    allowed = doc[:, None] == doc[None, :]
+    if half_window is not None:
+        position = torch.arange(padded_len)
+        allowed &= (position[:, None] - position[None, :]).abs() <= half_window
+    return allowed
+
+
+def listed_blocks(counts, indices):
+    return {(i, int(j)) for i, (n, row) in enumerate(zip(counts[0, 0].tolist(), indices[0, 0])) for j in row[:n]}
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layout", [*LAYOUTS, "block_spanning_two_long_docs"])
+def test_flex_block_mask_lists_exactly_the_blocks_the_mask_touches(layout, window):
+    """A listed block that the mask never touches wastes work; a touched block left out, or a partly
+    masked block marked full, gives wrong attention on a GPU (where the kernel skips unlisted blocks;
+    the CPU's eager flex evaluates every pair, so the reference test above cannot see this)."""
+    from flexbert.model.backends import _FLEX_BLOCK, document_block_mask
+
+    lengths = {"block_spanning_two_long_docs": [1000, 1000, 30]}.get(layout) or LAYOUTS[layout]
+    total, half_window = sum(lengths), WINDOWS[window]
+    padded = -(-total // _FLEX_BLOCK) * _FLEX_BLOCK
+    layout_ = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
+    mask = document_block_mask(layout_, half_window, padded)
+    blocks = element_mask(lengths, half_window, padded).unflatten(0, (-1, _FLEX_BLOCK)).unflatten(2, (-1, _FLEX_BLOCK))
+    touched = blocks.any(dim=(1, 3)).nonzero().tolist()
+    whole = blocks.all(dim=(1, 3)).nonzero().tolist()
+    partial = listed_blocks(mask.kv_num_blocks, mask.kv_indices)
+    full = listed_blocks(mask.full_kv_num_blocks, mask.full_kv_indices)
+    assert partial | full == {tuple(b) for b in touched} and not partial & full
+    assert full == {tuple(b) for b in whole}
+    # The mask is symmetric: each key block's query blocks are the same lists.
+    assert listed_blocks(mask.q_num_blocks, mask.q_indices) == partial
+    assert listed_blocks(mask.full_q_num_blocks, mask.full_q_indices) == full
+
+
+@pytest.mark.parametrize("rows, row_tokens", [(96, 1024), (12, 8192)])
+def test_flex_mask_preparation_never_builds_a_tokens_by_tokens_tensor(rows, row_tokens):
+    """A recipe-scale microbatch (96 x 1024 tokens in phase 1, 12 x 8192 in context extension), packed
+    with documents of every length: no tensor made while preparing its masks holds more than a few
+    dozen values per token (a tokens x tokens one would hold 98,304 per token)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from flexbert.model.backends import prepare_flex
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = []
+    for _ in range(rows):  # each row filled by documents of random lengths, the last one cut to fit
+        room = row_tokens
+        while room:
+            lengths.append(min(room, int(torch.randint(1, row_tokens + 1, (1,), generator=gen))))
+            room -= lengths[-1]
+    total = rows * row_tokens
+    largest = []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            largest.append(max((t.numel() for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)), default=0))
+            return out
+
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
+    with Largest():
+        for half_window in (None, 64):
+            prepare_flex(layout, half_window, SCALE)
+    assert max(largest) <= 64 * total, f"{max(largest):,} values for {total:,} tokens"
