@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_loader.py
 	$(BIN)/python bench/bench_attention.py
+	$(BIN)/python bench/bench_flex_mask.py
 	$(BIN)/python bench/bench_model.py
 
 clean:
