@@ -125,3 +125,43 @@ def test_masked_accuracy_counts_from_ids_or_logits_alike():
     from_logits.update(logits, target)
     from_ids.update(logits.argmax(-1), target)
     assert from_logits.compute() == from_ids.compute() == pytest.approx(2 / 3)
+
+
+def test_evaluation_is_chunked_and_its_metrics_exact():
+    """At a recipe's microbatch the labelled tokens' logits would take 3 GB: evaluation computes
+    them a chunk at a time (no [masked, vocab] tensor is ever made), and the
+    cross-entropy, perplexity and accuracy equal those computed from whole logits."""
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+    from torch.utils import _pytree as pytree
+
+    config = tiny_config(num_hidden_layers=2, local_attention=16, loss_chunk_tokens=16)
+    model = ComposerMLM(FlexBertForMaskedLM(config)).eval()
+    batch = packed_batch([70, 9, 40, 1, 30], config.vocab_size)
+    vocab, chunk = config.vocab_size, config.loss_chunk_tokens
+    tallest = []
+
+    class TallestLogits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tallest.extend(t.shape[0] for t in pytree.tree_leaves(out)
+                           if torch.is_tensor(t) and t.dim() == 2 and t.shape[1] == vocab)
+            return out
+
+    metrics = model.get_metrics(is_train=False)
+    with torch.no_grad(), TallestLogits():
+        outputs = model.eval_forward(batch)
+        for metric in metrics.values():
+            model.update_metric(batch, outputs, metric)
+    masked = batch["masked_index"].shape[0]
+    assert outputs.logits is None and chunk in tallest and masked > chunk
+    assert masked not in tallest  # whole logits [masked, vocab] never existed (H x V is the decoder's weight)
+
+    with torch.no_grad():
+        whole = model.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
+                            max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"], return_logits=True)
+    targets = batch["labels"][batch["masked_index"]]
+    for name, reference in (("LanguageCrossEntropy", LanguageCrossEntropy()), ("LanguagePerplexity", LanguagePerplexity())):
+        reference.update(whole.logits, targets)
+        torch.testing.assert_close(metrics[name].compute(), reference.compute(), rtol=1e-6, atol=0)
+    assert metrics["MaskedAccuracy"].compute() == (whole.logits.argmax(-1) == targets).float().mean()
+    torch.testing.assert_close(outputs.loss, whole.loss, rtol=1e-6, atol=0)

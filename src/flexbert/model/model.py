@@ -108,11 +108,12 @@ class FlexBertModel(nn.Module):
 @dataclass
 class MaskedLMOutput:
     loss: torch.Tensor | None
-    # [B, S, V] padded input; [T, V] unpadded; [N, V] at labelled tokens if sparse. None in training
-    # under sparse prediction, where the loss is computed chunk by chunk without whole logits.
+    # [B, S, V] padded input; [T, V] unpadded; [N, V] at labelled tokens if sparse. None where the
+    # caller asked for none (``return_logits=False``): the loss is then computed chunk by chunk.
     logits: torch.Tensor | None
     hidden_states: torch.Tensor  # [B, S, H] or [T, H], the encoder output
     predictions: torch.Tensor | None = None  # [N] argmax ids at the labelled tokens, if sparse
+    token_losses: torch.Tensor | None = None  # [N] fp32 cross-entropy at the labelled tokens, in evaluation
 
 
 class FlexBertForMaskedLM(nn.Module):
@@ -137,11 +138,17 @@ class FlexBertForMaskedLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         masked_index: torch.Tensor | None = None,
+        return_logits: bool | None = None,
     ) -> MaskedLMOutput:
         """Input forms as :meth:`FlexBertModel.encode`; ``labels`` has the shape of ``input_ids``,
         with -100 where there is no target. ``masked_index`` [N] may give the positions in the
         unpadded stream of the labelled tokens: the packed loader finds them on the host, which
-        spares the device a sync to find them here."""
+        spares the device a sync to find them here.
+
+        Under sparse prediction, the labelled tokens' logits [N, V] are returned when
+        ``return_logits`` says so (by default: when no gradient is taken). Otherwise they are never
+        held whole: training takes the loss and its gradient chunk by chunk, and evaluation returns
+        each token's loss (``token_losses``) and the predicted ids instead."""
         encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
         hidden = encoded.hidden  # [T, H]
         labels = encoded.flatten(labels)
@@ -153,15 +160,20 @@ class FlexBertForMaskedLM(nn.Module):
             masked_index = (labels != IGNORE_INDEX).nonzero().squeeze(1)
         targets = labels[masked_index]  # [N]
         predicted = self.head(hidden[masked_index])  # [N, H]
-        from_hidden = getattr(self.loss_fn, "from_hidden", None)
-        if from_hidden is not None and torch.is_grad_enabled():
-            loss, predictions = from_hidden(predicted, self.decoder, targets)
-            logits = None
-        else:
+        training = torch.is_grad_enabled()
+        if return_logits is None:
+            return_logits = not training
+        chunked = getattr(self.loss_fn, "from_hidden" if training else "token_losses_from_hidden", None)
+        if return_logits or chunked is None:
             logits = self.decoder(predicted)  # [N, V]
-            loss = self.loss_fn(logits, targets)
-            predictions = logits.argmax(dim=-1)
-        return MaskedLMOutput(loss, logits, encoded.restore(hidden), predictions)
+            return MaskedLMOutput(self.loss_fn(logits, targets), logits, encoded.restore(hidden),
+                                  logits.argmax(dim=-1))
+        if training:
+            loss, predictions = chunked(predicted, self.decoder, targets)
+            return MaskedLMOutput(loss, None, encoded.restore(hidden), predictions)
+        token_losses, predictions = chunked(predicted, self.decoder, targets)
+        loss = token_losses.sum() / max(targets.shape[0], 1)
+        return MaskedLMOutput(loss, None, encoded.restore(hidden), predictions, token_losses)
 
     def set_rope_theta(self, global_theta: float | None = None, local_theta: float | None = None) -> None:
         """Change RoPE thetas (e.g. 160k global for context extension); frequencies follow at once."""

@@ -34,7 +34,8 @@ INIT = Registry(
 )
 LOSS = Registry(
     "loss", "factory(config) -> module(logits[N, V], labels[N]) -> scalar; optionally also "
-    ".from_hidden(hidden[N, H], decoder, labels[N]) -> (scalar, predicted ids[N]), used in training",
+    ".from_hidden(hidden[N, H], decoder, labels[N]) -> (scalar, predicted ids[N]) for training and "
+    ".token_losses_from_hidden(...) -> (losses[N], predicted ids[N]) for evaluation, without whole logits",
     "the masked-language-modelling objective",
 )
 ATTENTION_BACKENDS = Registry(

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from flexbert.model import FlexBertForMaskedLM, MaskedLMOutput
 from flexbert.model.losses import IGNORE_INDEX
-from flexbert.train.metrics import MaskedTokenAccuracy
+from flexbert.train.metrics import MaskedCrossEntropy, MaskedPerplexity, MaskedTokenAccuracy
 
 
 def flexbert_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -55,13 +55,14 @@ class ComposerMLM(ComposerModel):
         self.train_metrics = {"MaskedAccuracy": MaskedTokenAccuracy(ignore_index=IGNORE_INDEX)}
         self.eval_metrics = {
             "MaskedAccuracy": MaskedTokenAccuracy(ignore_index=IGNORE_INDEX),
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+            "LanguageCrossEntropy": MaskedCrossEntropy(),
+            "LanguagePerplexity": MaskedPerplexity(),
         }
 
     def forward(self, batch: dict[str, Any]) -> MaskedLMOutput:
+        # Never whole [masked, vocab] logits: chunked loss in training, per-token losses in evaluation.
         return self.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                          max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"])
+                          max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"], return_logits=False)
 
     def loss(self, outputs: MaskedLMOutput, batch: dict[str, Any]) -> torch.Tensor:
         return outputs.loss
@@ -73,9 +74,16 @@ class ComposerMLM(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict[str, Any], outputs: MaskedLMOutput, metric) -> None:
-        if not self.model.config.sparse_prediction:
-            metric.update(outputs.logits, batch["labels"])
+        if not self.model.config.sparse_prediction:  # whole logits [T, V]
+            if isinstance(metric, MaskedCrossEntropy):
+                labelled = batch["labels"] != IGNORE_INDEX
+                metric.update(F.cross_entropy(outputs.logits.float()[labelled], batch["labels"][labelled],
+                                              reduction="none"))
+            else:
+                metric.update(outputs.logits, batch["labels"])
             return
-        targets = batch["labels"][batch["masked_index"]]  # outputs exist only at masked tokens
-        # Training computes no whole logits (see MaskedLMOutput); accuracy needs only the argmax.
-        metric.update(outputs.predictions if isinstance(metric, MaskedTokenAccuracy) else outputs.logits, targets)
+        # Outputs exist only at the labelled tokens: their predicted ids, and in evaluation their losses.
+        if isinstance(metric, MaskedCrossEntropy):
+            metric.update(outputs.token_losses)
+        else:
+            metric.update(outputs.predictions, batch["labels"][batch["masked_index"]])

@@ -33,6 +33,32 @@ class MaskedTokenAccuracy(torchmetrics.Metric):
         return self.correct.float() / self.total
 
 
+class MaskedCrossEntropy(torchmetrics.Metric):
+    """Mean cross-entropy over the labelled tokens of an evaluation, from each token's loss (which
+    the model's chunked evaluation returns instead of whole logits)."""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("sum_loss", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, token_losses: torch.Tensor) -> None:
+        self.sum_loss += token_losses.sum(dtype=torch.float64)
+        self.total += token_losses.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return (self.sum_loss / self.total).float()
+
+
+class MaskedPerplexity(MaskedCrossEntropy):
+    """exp of :class:`MaskedCrossEntropy`."""
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(super().compute())
+
+
 def entity_spans(tags: Sequence[str]) -> set[tuple[int, int, str]]:
     """(start, end, type) of each entity in a BIO tag sequence; an I- tag that does not continue an
     entity of its type starts one, as conlleval counts it."""
