@@ -5,7 +5,7 @@ import torch
 from reference import cu_seqlens_from_lengths, reference_attention
 
 from flexbert.model import DocumentLayout
-from flexbert.model.backends import flash_attn_available, resolve_backend
+from flexbert.model.backends import flash3_available, flash_attn_available, resolve_backend
 from flexbert.model.registries import ATTENTION_BACKENDS
 
 HEADS, HEAD_DIM = 2, 16
@@ -82,15 +82,53 @@ def test_auto_resolves_to_sdpa_on_cpu():
     assert resolve_backend("flex", torch.device("cpu")) == "flex"
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()),
-                    reason="flash-attn needs a CUDA GPU; CPU CI covers sdpa and flex above")
-@pytest.mark.parametrize("window", WINDOWS)
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_flash_matches_reference_bf16(layout, window):
-    expected = run_attention("reference", LAYOUTS[layout], WINDOWS[window], device="cuda")
-    actual = run_attention("flash", LAYOUTS[layout], WINDOWS[window], dtype=torch.bfloat16, device="cuda")
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2)
+@pytest.mark.parametrize("fa3, fa2, capability, expected", [
+    (True, True, (9, 0), "flash3"),  # Hopper with FlashAttention-3
+    (True, True, (8, 0), "flash"),  # FA3 runs on Hopper only
+    (False, True, (9, 0), "flash"),
+    (True, False, (8, 6), "flex"),
+    (False, False, (9, 0), "flex"),
+])
+def test_auto_picks_the_fastest_installed_kernel_on_a_gpu(monkeypatch, fa3, fa2, capability, expected):
+    from flexbert.model import backends
+
+    monkeypatch.setattr(backends, "flash3_available", lambda: fa3)
+    monkeypatch.setattr(backends, "flash_attn_available", lambda: fa2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_backend("auto", torch.device("cuda", 0)) == expected
+
+
+def test_flash3_is_refused_where_it_cannot_run(monkeypatch):
+    import importlib.util
+
+    from flexbert.model import FlexBertConfig
+    from flexbert.typed_config import ConfigError
+
+    if flash3_available():
+        pytest.skip("FlashAttention-3 is installed")  # CPU CI never has it
+    with pytest.raises(ConfigError, match=r"model.attn_backend: 'flash3' needs FlashAttention-3"):
+        FlexBertConfig.from_dict({"attn_backend": "flash3"}, path="model")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "flash_attn_interface" else find_spec(name, *args))
+    FlexBertConfig.from_dict({"attn_backend": "flash3"}, path="model")  # installed: accepted
+    with pytest.raises(ConfigError, match="FlashAttention-3 cannot drop attention probabilities"):
+        FlexBertConfig.from_dict({"attn_backend": "flash3", "attention_probs_dropout": 0.1}, path="model")
+
+
+@pytest.mark.parametrize("backend", ["flash", "flash3"])
+def test_flash_kernels_match_reference_bf16(backend):
+    """On every layout and window. The CPU twins: sdpa and flex against the same reference above,
+    and the kernel selection; bench/gpu_check.py repeats this on the lent GPU."""
+    available = {"flash": flash_attn_available, "flash3": flash3_available}[backend]
+    if not (torch.cuda.is_available() and available()):
+        pytest.skip(f"{backend} needs a CUDA GPU and its package")
+    for layout in LAYOUTS:
+        for window in WINDOWS:
+            expected = run_attention("reference", LAYOUTS[layout], WINDOWS[window], device="cuda")
+            actual = run_attention(backend, LAYOUTS[layout], WINDOWS[window], dtype=torch.bfloat16, device="cuda")
+            for a, e in zip(actual, expected):
+                torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2, msg=f"{layout} {window}")
 
 
 def test_sdpa_groups_documents_by_length_on_the_cpu():

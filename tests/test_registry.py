@@ -95,4 +95,4 @@ def test_cli_registry_with_a_plugin_and_a_bad_plugin(tmp_path, monkeypatch, caps
 def test_console_script_runs():
     script = Path(sys.executable).with_name("flexbert")
     result = subprocess.run([script, "registry", "attention_backend"], capture_output=True, text=True, check=True)
-    assert result.stdout.count("\n  - ") == 3  # flash, flex, sdpa
+    assert result.stdout.count("\n  - ") == 4  # flash, flash3, flex, sdpa

@@ -27,11 +27,20 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def flash3_available() -> bool:
+    """Whether FlashAttention-3 (``flash_attn_interface``, Hopper GPUs) is installed."""
+    return importlib.util.find_spec("flash_attn_interface") is not None
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``auto`` means the fastest kernel that can run here."""
+    """``auto`` means the fastest kernel that can run here: FlashAttention-3 on Hopper (compute
+    capability 9) where it is installed, then flash-attn 2, then FlexAttention on other GPUs, and
+    SDPA elsewhere."""
     if name != "auto":
         return name
     if device.type == "cuda":
+        if flash3_available() and torch.cuda.get_device_capability(device)[0] == 9:
+            return "flash3"
         return "flash" if flash_attn_available() else "flex"
     return "sdpa"
 
@@ -322,6 +331,30 @@ def prepare_flash(layout: DocumentLayout, half_window: int | None, scale: float)
             layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen, layout.max_seqlen,
             dropout_p=dropout_p, softmax_scale=scale, causal=False, window_size=window,
         )
+        return out.to(q.dtype)
+
+    return attend
+
+
+@ATTENTION_BACKENDS.register("flash3")
+def prepare_flash3(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
+    """FlashAttention-3's varlen kernel (Hopper), global and sliding-window alike; 16-bit only, so
+    fp32 inputs are computed in bf16. It has no dropout."""
+    if not flash3_available():
+        raise RuntimeError("attn_backend 'flash3' needs FlashAttention-3 (flash_attn_interface)")
+    from flash_attn_interface import flash_attn_varlen_func
+
+    window = (-1, -1) if half_window is None else (half_window, half_window)
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        if dropout_p > 0:
+            raise ValueError("FlashAttention-3 cannot drop attention probabilities; use sdpa or flash")
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        out = flash_attn_varlen_func(
+            q.to(dtype), k.to(dtype), v.to(dtype), layout.cu_seqlens, layout.cu_seqlens,
+            layout.max_seqlen, layout.max_seqlen, softmax_scale=scale, causal=False, window_size=window,
+        )
+        out = out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
         return out.to(q.dtype)
 
     return attend

@@ -12,7 +12,7 @@ from flexbert.model.activations import ACTIVATIONS
 from flexbert.model.compile import REGIONS
 from flexbert.typed_config import ConfigError, from_dict
 
-ATTN_BACKENDS = ("auto", "flash", "flex", "sdpa")
+ATTN_BACKENDS = ("auto", "flash", "flash3", "flex", "sdpa")
 
 
 @dataclass
@@ -141,8 +141,12 @@ class FlexBertConfig:
         if self.attn_backend == "flash" and importlib.util.find_spec("flash_attn") is None:
             fail("attn_backend", "'flash' needs the flash-attn package (pip install 'flexbert[gpu]' "
                  "on a CUDA machine); use 'auto', 'flex' or 'sdpa' instead")
-        if self.attn_backend == "flex" and self.attention_probs_dropout > 0:
-            fail("attention_probs_dropout", "FlexAttention cannot drop attention probabilities; "
+        if self.attn_backend == "flash3" and importlib.util.find_spec("flash_attn_interface") is None:
+            fail("attn_backend", "'flash3' needs FlashAttention-3 (the flash_attn_interface module, built from "
+                 "flash-attention's hopper/ folder on an H100 or H200); use 'auto', 'flash', 'flex' or 'sdpa' instead")
+        if self.attn_backend in ("flex", "flash3") and self.attention_probs_dropout > 0:
+            kernel = {"flex": "FlexAttention", "flash3": "FlashAttention-3"}[self.attn_backend]
+            fail("attention_probs_dropout", f"{kernel} cannot drop attention probabilities; "
                  "use attn_backend 'sdpa' or 'flash', or set it to 0")
         for region in self.compile_regions:
             if region not in REGIONS:
