@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HF5 := .venv-hf5
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -56,6 +56,12 @@ bench: install
 	$(BIN)/python bench/bench_attention.py
 	$(BIN)/python bench/bench_flex_mask.py
 	$(BIN)/python bench/bench_model.py
+
+# On a lent GPU node: its own Python (torch, triton, numpy), no .venv, nothing installed.
+# Writes gpu_check.json and gpu_check.md; see bench/gpu_check.py and BENCHMARKS.md.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(HF5) build src/*.egg-info .pytest_cache

@@ -18,10 +18,8 @@ from PIL import Image
 
 from flexbert.model import FlexBertForMaskedLM
 from flexbert.train import callbacks as callbacks_module
-from flexbert.train.callbacks import (
-    GradNormMonitor, PackingMonitor, ThroughputMonitor, cpu_matmul_flops, gpu_peak_flops,
-)
-from flexbert.train.flops import batch_training_flops
+from flexbert.train.callbacks import GradNormMonitor, PackingMonitor, ThroughputMonitor, cpu_matmul_flops
+from flexbert.train.flops import batch_training_flops, gpu_peak_flops
 from flexbert.train.loggers import (
     JSONLinesLogger, LoggingConfig, build_callbacks, build_loggers, build_wandb_logger, read_metrics,
     resolve_wandb_mode,

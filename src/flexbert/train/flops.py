@@ -15,6 +15,7 @@ out, as is usual for MFU.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,27 @@ import torch
 from flexbert.model.config import FlexBertConfig
 from flexbert.model.losses import IGNORE_INDEX
 from flexbert.model.registries import MLP
+
+
+# Dense bf16 tensor-core peaks per device, TFLOP/s, from NVIDIA's datasheets (the sparse figures
+# there are twice these). A device matches the first entry whose words all occur in its name.
+GPU_PEAK_TFLOPS: tuple[tuple[frozenset[str], float], ...] = (
+    (frozenset({"h100", "pcie"}), 756.0),
+    (frozenset({"h100"}), 989.0),  # SXM
+    (frozenset({"h200"}), 989.0),
+    (frozenset({"a100"}), 312.0),
+    (frozenset({"l40s"}), 362.0),
+    (frozenset({"l4"}), 121.0),
+)
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """Peak FLOP/s of a GPU named like ``torch.cuda.get_device_name()``, or None if unknown."""
+    words = set(re.split(r"[^a-z0-9]+", device_name.lower()))
+    for required, tflops in GPU_PEAK_TFLOPS:
+        if required <= words:
+            return tflops * 1e12
+    return None
 
 
 @dataclass(frozen=True)

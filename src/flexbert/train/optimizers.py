@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from composer.optim import DecoupledAdamW
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -104,10 +103,13 @@ def _stable_adamw_update(
     param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
 
 
-OPTIMIZERS.add(
-    "decoupled_adamw", DecoupledAdamW,
-    description="Composer's AdamW with weight decay scaled by lr_t/initial_lr, no update clipping",
-)
+@OPTIMIZERS.register("decoupled_adamw")
+def decoupled_adamw(params, **settings) -> torch.optim.Optimizer:
+    """Composer's AdamW with weight decay scaled by lr_t/initial_lr, no update clipping."""
+    # Imported here, so that this module (and StableAdamW) also serves a GPU node without Composer.
+    from composer.optim import DecoupledAdamW
+
+    return DecoupledAdamW(params, **settings)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict[str, Any]]:
