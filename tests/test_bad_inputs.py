@@ -132,6 +132,16 @@ def test_a_global_batch_the_world_size_does_not_divide(corpus, tmp_path, capsys,
         "flexbert: error: global_batch_rows: 4 rows cannot be split evenly over 3 processes")
 
 
+def test_an_hsdp_replica_count_the_world_size_does_not_divide(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    recipe = tiny_recipe(corpus, tmp_path / "runs", global_batch_rows=8, fsdp_config={"replicate_degree": 3})
+    assert train_error(recipe, tmp_path, capsys) == (
+        "flexbert: error: fsdp_config.replicate_degree: 3 replicas cannot split 4 processes evenly")
+    recipe = tiny_recipe(corpus, tmp_path / "runs", fsdp_config={"state_dict_type": "monolithic"})
+    assert train_error(recipe, tmp_path, capsys).startswith(
+        "flexbert: error: fsdp_config.state_dict_type: must be one of ['sharded', 'full']")
+
+
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
 def test_mixed_precision_without_a_gpu(corpus, tmp_path, capsys, precision):
     if torch.cuda.is_available():
