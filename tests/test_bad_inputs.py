@@ -275,7 +275,7 @@ def test_a_checkpoint_from_another_architecture_is_refused_before_training(corpu
         check_checkpoint_matches(str(tiny_checkpoint), wider)
     assert str(error.value).startswith(
         f"load_path: {tiny_checkpoint} was saved from a different architecture: "
-        "model.model.embeddings.tok_embeddings.weight: checkpoint (50368, 32) vs model (50368, 64);")
+        "model.embeddings.tok_embeddings.weight: checkpoint (50368, 32) vs model (50368, 64);")
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:1000])

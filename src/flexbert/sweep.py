@@ -148,11 +148,7 @@ class SweepSpec:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
-    data = load_yaml_config(path)
-    if isinstance(data, dict) and data.get("random") is not None:
-        # Built first: as an optional section, its errors would be reported as just "expected RandomSearch".
-        data["random"] = from_dict(RandomSearch, data["random"], "sweep.random")
-    spec = from_dict(SweepSpec, data, "sweep")
+    spec = from_dict(SweepSpec, load_yaml_config(path), "sweep")
     spec.validate(Path(path).parent)
     return spec
 

@@ -46,6 +46,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        alternatives = [arg for arg in args if arg is not type(None)]
+        if len(alternatives) == 1:  # an optional value or section: its own, precise error
+            return _coerce(value, alternatives[0], path)
         for arg in args:
             if arg is type(None):
                 continue
