@@ -28,7 +28,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -41,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flexbert.data.masking import Masker, MaskingConfig  # noqa: E402
-from flexbert.data.packing import GreedyPacker, PackedBatch, collate_rows, split_document  # noqa: E402
+from flexbert.data.packing import GreedyPacker, collate_rows, split_document  # noqa: E402
 from flexbert.model import DocumentLayout, FlexBertConfig, FlexBertForMaskedLM  # noqa: E402
 from flexbert.model.registries import ATTENTION_BACKENDS  # noqa: E402
 from flexbert.train.flops import TrainingFlops, gpu_peak_flops  # noqa: E402
