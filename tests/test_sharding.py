@@ -30,7 +30,7 @@ def losses(run_dir):
     return [row["loss/train/total"] for row in read_metrics(run_dir) if "loss/train/total" in row]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: xdist may run another module's tests in between
 def runs(tmp_path_factory):
     """A DDP run, an FSDP2 run (activation checkpointing on, weights kept gathered between forward
     and backward, the hf_export callback), and an FSDP2 run stopped after step 3 and resumed by the
