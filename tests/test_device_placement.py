@@ -150,8 +150,8 @@ def test_microbatches_are_the_rows_they_claim_to_be(cpu_batches, microbatch_rows
 
 
 def test_the_whole_microbatch_step_runs_on_the_device(cpu_batches, monkeypatch):
-    """Split, forward, loss, backward and the metric update on meta batches with a meta model; the
-    MFU counter's FLOPs come from host values alone and equal the CPU batch's."""
+    """Split, forward, loss, backward and the metric update on meta batches with a meta model, then
+    the evaluation step; the MFU counter's FLOPs come from host values alone and equal the CPU batch's."""
     spec, batches, model_config = cpu_batches
     # sdpa groups documents by length only where lengths are host values; treat nothing as host.
     monkeypatch.setattr(backends, "GROUPING_DEVICES", ())
@@ -176,6 +176,16 @@ def test_the_whole_microbatch_step_runs_on_the_device(cpu_batches, monkeypatch):
         cpu_labels = batch["labels"]
         assert counted == flops.of_batch(batch["cu_seqlens"].numpy(), int((cpu_labels != -100).sum()))
     assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+    # Evaluation: Composer splits the device batch the same way, then runs eval_forward without
+    # gradients (the chunked per-token losses) and updates every eval metric.
+    eval_metrics = {name: metric.to("meta") for name, metric in model.get_metrics(is_train=False).items()}
+    with torch.no_grad(), DevicesMustNotMix():
+        for micro in spec.split_batch(MetaDevice().batch_to_device(batches[0]), 3):
+            outputs = model.eval_forward(micro)
+            assert outputs.token_losses.device.type == "meta" and outputs.logits is None
+            for metric in eval_metrics.values():
+                model.update_metric(micro, outputs, metric)
 
 
 def test_the_step_end_callbacks_read_no_device_value(cpu_batches, tmp_path):
