@@ -37,7 +37,7 @@ credentials as for boto3.
 
 EPILOG = """\
 examples:
-  python data_prep/convert_to_mds.py --input corpus/ --output data/mds --tokenizer ../shared/tokenizers/modernbert
+  python data_prep/convert_to_mds.py --input corpus/ --output data/mds --tokenizer tokenizers/modernbert
   python data_prep/convert_to_mds.py --input a.jsonl.zst b.parquet --output s3://bucket/mds --text-field content
 
 Errors in the request (missing input, unknown tokenizer, an output that is already complete, too
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, metavar="DIR_OR_URL",
                         help="output folder, or s3://bucket/prefix")
     parser.add_argument("--tokenizer", required=True, metavar="DIR",
-                        help="tokenizer folder holding tokenizer.json (e.g. ../shared/tokenizers/modernbert)")
+                        help="tokenizer folder holding tokenizer.json (e.g. tokenizers/modernbert, shipped with the project)")
     parser.add_argument("--text-field", default="text",
                         help="JSON key or column holding each document's text (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
