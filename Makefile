@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HF5 := .venv-hf5
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install test lint format demo bench gpu-check clean
 
 install: $(STAMP)
 
@@ -20,8 +20,18 @@ $(STAMP): pyproject.toml
 		"numpy==$$($(BIN)/python -c 'import numpy; print(numpy.__version__)')"
 	touch $(STAMP)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# Style is checked, never argued: ruff's lint rules and its formatter (settings in pyproject.toml).
+LINTED := src tests bench data_prep main.py
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: install
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 # The embedded default: corpus -> tokenizer -> MDS -> three training phases, on CPU, no network.
 # Data steps are file targets, so a second `make demo` reuses them; each phase resumes or reruns.
@@ -39,14 +49,14 @@ demo: install $(foreach s,$(DEMO_SOURCES),$(DEMO_DATA)/mds/$(s)/index.json)
 		"Hugging Face model in $(DEMO)/hf"
 
 $(DEMO_DATA)/corpus/manifest.json: | install
-	$(BIN)/python data_prep/build_demo_corpus.py $(DEMO_DATA)/corpus --overwrite
+	$(BIN)/flexbert prepare corpus $(DEMO_DATA)/corpus --overwrite
 
 $(DEMO_DATA)/tokenizer/tokenizer.json: $(DEMO_DATA)/corpus/manifest.json
-	$(BIN)/python data_prep/train_tokenizer.py --input $(DEMO_DATA)/corpus --output $(DEMO_DATA)/tokenizer \
+	$(BIN)/flexbert prepare tokenizer --input $(DEMO_DATA)/corpus --output $(DEMO_DATA)/tokenizer \
 		--vocab-size 4096 --overwrite
 
 $(DEMO_DATA)/mds/%/index.json: $(DEMO_DATA)/tokenizer/tokenizer.json
-	$(BIN)/python data_prep/convert_to_mds.py --input $(DEMO_DATA)/corpus/$* --output $(DEMO_DATA)/mds/$* \
+	$(BIN)/flexbert prepare mds --input $(DEMO_DATA)/corpus/$* --output $(DEMO_DATA)/mds/$* \
 		--tokenizer $(DEMO_DATA)/tokenizer --overwrite
 
 # Speed is measured here, never in tests; see BENCHMARKS.md for recorded figures.

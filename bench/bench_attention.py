@@ -14,7 +14,7 @@ import torch
 from bench_model import DTYPES, side_by_side
 
 from flexbert.model import DocumentLayout
-from flexbert.model.backends import _banded_sdpa, _full_sdpa
+from flexbert.model.backends.sdpa import _banded_sdpa, _full_sdpa
 
 HEADS, HEAD_DIM, HALF_WINDOW = 12, 64, 64
 
@@ -31,17 +31,17 @@ def main() -> None:
         docs = 8192 // doc_len
         cu_seqlens = torch.arange(0, 8193, doc_len, dtype=torch.int32, device=device)
         layout = DocumentLayout.from_cu_seqlens(cu_seqlens, doc_len, 8192)
-        q, k, v = (torch.randn(8192, HEADS, HEAD_DIM, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
+        q, k, v = (torch.randn(8192, HEADS, HEAD_DIM, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
 
-        def step(prepare):
+        def step(prepare, layout=layout, q=q, k=k, v=v):
             attend = prepare(layout, HALF_WINDOW, HEAD_DIM**-0.5)
             return lambda: attend(q, k, v, 0.0).sum().backward()
 
-        seconds = side_by_side({"full": step(_full_sdpa), "banded": step(_banded_sdpa)}, device,
-                               args.repeats, warmup=1)
-        print(f"  {docs} x {doc_len:>5} tokens: full grid {seconds['full'] * 1e3:8.1f} ms, "
-              f"banded {seconds['banded'] * 1e3:7.1f} ms: {seconds['full'] / seconds['banded']:5.2f}x")
+        seconds = side_by_side({"full": step(_full_sdpa), "banded": step(_banded_sdpa)}, device, args.repeats, warmup=1)
+        print(
+            f"  {docs} x {doc_len:>5} tokens: full grid {seconds['full'] * 1e3:8.1f} ms, "
+            f"banded {seconds['banded'] * 1e3:7.1f} ms: {seconds['full'] / seconds['banded']:5.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def stdlib_corpus(path: Path, megabytes: float) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="PATH", help="corpus files or folders (default: stdlib sources)")
-    parser.add_argument("--tokenizer", default=str(MODERNBERT_TOKENIZER), help="tokenizer folder (default: ModernBERT's)")
+    parser.add_argument(
+        "--tokenizer", default=str(MODERNBERT_TOKENIZER), help="tokenizer folder (default: ModernBERT's)"
+    )
     parser.add_argument("--workers", type=int, default=None, help="cores for both sides (default: all)")
     parser.add_argument("--megabytes", type=float, default=8.0, help="size of the default corpus (default: 8)")
     parser.add_argument("--unit-size", default=None, help="convert_to_mds --unit-size (default: its default)")
@@ -51,9 +53,8 @@ def main() -> None:
     workers = args.workers or available_cores()
     # Before the tokenizer's thread pool starts: the bare side gets the same cores as the converter.
     os.environ.update(TOKENIZERS_PARALLELISM="true" if workers > 1 else "false", RAYON_NUM_THREADS=str(workers))
-    from tokenizers import Tokenizer
-
     from flexbert.data.sources import iter_documents
+    from tokenizers import Tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
         inputs = args.inputs or [str(stdlib_corpus(Path(scratch) / "stdlib.jsonl", args.megabytes))]
@@ -70,23 +71,36 @@ def main() -> None:
 
         def convert() -> float:
             started = time.perf_counter()
-            summary = convert_to_mds(inputs, Path(scratch) / "mds", args.tokenizer, text_field=args.text_field,
-                                     workers=workers, overwrite=True, unit_size=args.unit_size or DEFAULT_UNIT_SIZE,
-                                     progress=False)
+            summary = convert_to_mds(
+                inputs,
+                Path(scratch) / "mds",
+                args.tokenizer,
+                text_field=args.text_field,
+                workers=workers,
+                overwrite=True,
+                unit_size=args.unit_size or DEFAULT_UNIT_SIZE,
+                progress=False,
+            )
             assert summary.total.tokens == tokens, "convert_to_mds and the tokenizer disagree on the token count"
             return time.perf_counter() - started
 
         cold = convert()
         # Interleaved, so that a busy moment on the machine does not favour one side.
         bare_seconds, warm_seconds = zip(*[(bare(), convert()) for _ in range(args.repeats)])
-        rate = {name: tokens / seconds for name, seconds in
-                (("bare", min(bare_seconds)), ("cold", cold), ("warm", min(warm_seconds)))}
+        rate = {
+            name: tokens / seconds
+            for name, seconds in (("bare", min(bare_seconds)), ("cold", cold), ("warm", min(warm_seconds)))
+        }
         print(f"tokens: {tokens:,}")
         print(f"bare tokenizers encode_batch: {rate['bare']:,.0f} tokens/s (best of {args.repeats})")
-        print(f"convert_to_mds, cold (imports and worker start-up included): {rate['cold']:,.0f} tokens/s, "
-              f"{rate['cold'] / rate['bare']:.2f} x bare")
-        print(f"convert_to_mds, warm: {rate['warm']:,.0f} tokens/s (best of {args.repeats}), "
-              f"{rate['warm'] / rate['bare']:.2f} x bare")
+        print(
+            f"convert_to_mds, cold (imports and worker start-up included): {rate['cold']:,.0f} tokens/s, "
+            f"{rate['cold'] / rate['bare']:.2f} x bare"
+        )
+        print(
+            f"convert_to_mds, warm: {rate['warm']:,.0f} tokens/s (best of {args.repeats}), "
+            f"{rate['warm'] / rate['bare']:.2f} x bare"
+        )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def measure(method: str, rows: int, row_tokens: int, device: str) -> dict:
     from torch.nn.attention.flex_attention import create_block_mask
 
     from flexbert.model import DocumentLayout
-    from flexbert.model.backends import _FLEX_BLOCK, document_block_mask
+    from flexbert.model.backends.flex import _FLEX_BLOCK, document_block_mask
 
     lengths = packed_lengths(rows, row_tokens)
     total = rows * row_tokens
@@ -57,7 +57,7 @@ def measure(method: str, rows: int, row_tokens: int, device: str) -> dict:
             doc_ids = layout.doc_ids
 
             def mask(b, h, q, kv, hw=half_window):
-                same = doc_ids[q] == doc_ids[kv]
+                same = doc_ids[q] == doc_ids[kv]  # noqa: B023 (used at once, within this iteration)
                 return same if hw is None else same & ((q - kv).abs() <= hw)
 
             create_block_mask(mask, None, None, total, total, device=device)
@@ -72,8 +72,11 @@ def measure(method: str, rows: int, row_tokens: int, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    )
     return {"method": method, "rows": rows, "row_tokens": row_tokens, "seconds": seconds, "peak_bytes": peak}
 
 
@@ -94,8 +97,12 @@ def main() -> None:
             if method != "ours" and rows * row_tokens > EAGER_MAX_TOKENS:
                 line += f"  {method} not run (tokens x tokens would need {(rows * row_tokens) ** 2 * 17 / 1e9:.0f} GB)"
                 continue
-            done = subprocess.run([sys.executable, __file__, "--device", args.device, "--one", method, str(rows),
-                                   str(row_tokens)], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--device", args.device, "--one", method, str(rows), str(row_tokens)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(done.stdout)
             line += f"  {method} {result['seconds'] * 1e3:9.1f} ms {result['peak_bytes'] / 2**20:8.1f} MiB"
         print(line, flush=True)

@@ -16,9 +16,9 @@ from pathlib import Path
 from flexbert.data.convert import convert_to_mds
 from flexbert.data.demo_corpus import build_demo_corpus
 from flexbert.data.loader import PackedMLMLoader
-from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.streams import LoaderConfig
 from flexbert.data.tokenizer import load_tokenizer
+from flexbert.model.losses import IGNORE_INDEX
 from flexbert.typed_config import from_dict
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"
@@ -44,10 +44,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         mds = args.mds or prepare_demo_streams(Path(workdir), args.tokenizer)
         streams = {d.name: {"local": str(d)} for d in sorted(mds.iterdir()) if (d / "index.json").is_file()}
-        config = from_dict(LoaderConfig, dict(
-            tokenizer=str(args.tokenizer), streams=streams, max_seq_len=args.seq_len, rows_per_batch=args.rows,
-            num_workers=args.workers, epochs=1,
-        ), "train_loader")
+        config = from_dict(
+            LoaderConfig,
+            dict(
+                tokenizer=str(args.tokenizer),
+                streams=streams,
+                max_seq_len=args.seq_len,
+                rows_per_batch=args.rows,
+                num_workers=args.workers,
+                epochs=1,
+            ),
+            "train_loader",
+        )
         loader = PackedMLMLoader(config, load_tokenizer(args.tokenizer))
         tokens = masked = batches = 0
         started = time.perf_counter()
@@ -56,8 +64,10 @@ def main() -> None:
             tokens += batch.num_tokens
             masked += int((batch.labels != IGNORE_INDEX).sum())
         elapsed = time.perf_counter() - started
-    print(f"loader: {tokens / elapsed:,.0f} tokens/s ({tokens:,} tokens, {batches} batches of {args.rows} rows "
-          f"x {args.seq_len}, {elapsed:.2f} s, workers={args.workers})")
+    print(
+        f"loader: {tokens / elapsed:,.0f} tokens/s ({tokens:,} tokens, {batches} batches of {args.rows} rows "
+        f"x {args.seq_len}, {elapsed:.2f} s, workers={args.workers})"
+    )
     print(f"packing efficiency {loader.packing_efficiency:.4f}, masked fraction {masked / tokens:.3f}")
 
 

@@ -65,9 +65,8 @@ class PaddedBatch:
 
 def corpus_document_lengths(tokenizer_dir: Path, source: str, count: int) -> list[int]:
     """Token counts of the first ``count`` documents of one demo-corpus source."""
-    from tokenizers import Tokenizer
-
     from flexbert.data import demo_corpus
+    from tokenizers import Tokenizer
 
     documents = getattr(demo_corpus, f"{source}_documents")()
     texts = [doc.text for doc in itertools.islice(documents, count)]
@@ -86,8 +85,9 @@ def padded_batch(lengths: list[int], seq_len: int, vocab_size: int, generator: t
     return PaddedBatch(input_ids, attention_mask, labels)
 
 
-def packed_stream(lengths: list[int], rows: int, seq_len: int, vocab_size: int,
-                  generator: torch.Generator) -> dict[str, torch.Tensor | int]:
+def packed_stream(
+    lengths: list[int], rows: int, seq_len: int, vocab_size: int, generator: torch.Generator
+) -> dict[str, torch.Tensor | int]:
     """Documents of the given lengths packed back to back into ``rows`` rows of ``seq_len`` tokens
     (a document that does not fit is cut at the row's end), as the loader's unpadded batch."""
     boundaries = [0]
@@ -113,8 +113,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def side_by_side(contenders: dict[str, Callable[[], None]], device: torch.device,
-                 repeats: int, warmup: int) -> dict[str, float]:
+def side_by_side(
+    contenders: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
+) -> dict[str, float]:
     """Median seconds per call of each contender, calls interleaved round by round, in reverse order
     every other round so that neither always runs right after the other."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
@@ -157,8 +158,9 @@ def forward_backward(model: torch.nn.Module, batch: PaddedBatch, autocast: Calla
     return step
 
 
-def compare(title: str, tokens: int, contenders: dict[str, Callable[[], None]], device: torch.device,
-            args: argparse.Namespace) -> None:
+def compare(
+    title: str, tokens: int, contenders: dict[str, Callable[[], None]], device: torch.device, args: argparse.Namespace
+) -> None:
     """Time ``contenders`` side by side and print tokens/s and each one's speed-up over the first."""
     seconds = side_by_side(contenders, device, args.repeats, args.warmup)
     baseline = next(iter(seconds))
@@ -171,11 +173,17 @@ def compare(title: str, tokens: int, contenders: dict[str, Callable[[], None]], 
 def build_models(args: argparse.Namespace, device: torch.device) -> tuple[FlexBertForMaskedLM, torch.nn.Module]:
     import transformers
 
-    config = FlexBertConfig(**{**PRESETS[args.preset], "attn_backend": args.backend,
-                               **({"num_hidden_layers": args.layers} if args.layers else {})})
+    config = FlexBertConfig(
+        **{
+            **PRESETS[args.preset],
+            "attn_backend": args.backend,
+            **({"num_hidden_layers": args.layers} if args.layers else {}),
+        }
+    )
     config.validate()
-    hf_config = hf_config_from_flexbert(config, attn_implementation="sdpa", sparse_prediction=True,
-                                        reference_compile=args.compile)
+    hf_config = hf_config_from_flexbert(
+        config, attn_implementation="sdpa", sparse_prediction=True, reference_compile=args.compile
+    )
     torch.manual_seed(0)
     reference = transformers.ModernBertForMaskedLM(hf_config)
     ours = from_hf(reference, attn_backend=args.backend)
@@ -192,16 +200,25 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16 runs under autocast")
     parser.add_argument("--backend", default="sdpa", help="our attention backend: sdpa, flex, flash or auto")
     parser.add_argument("--compile", action="store_true", help="transformers' reference_compile")
-    parser.add_argument("--compile-regions", nargs="*", default=[], metavar="REGION",
-                        help="our compiled regions (mlp, norm, head)")
+    parser.add_argument(
+        "--compile-regions", nargs="*", default=[], metavar="REGION", help="our compiled regions (mlp, norm, head)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
-                        help="tokenizer that measures the demo corpus's document lengths")
-    parser.add_argument("--length-source", default="science", choices=("web", "code", "science"),
-                        help="demo-corpus source whose document lengths make the variable-length batches")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=DEFAULT_TOKENIZER,
+        help="tokenizer that measures the demo corpus's document lengths",
+    )
+    parser.add_argument(
+        "--length-source",
+        default="science",
+        choices=("web", "code", "science"),
+        help="demo-corpus source whose document lengths make the variable-length batches",
+    )
     parser.add_argument("--sections", default="abd", help="which sections to run")
     args = parser.parse_args()
 
@@ -217,10 +234,12 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     doc_lengths = [min(n, args.seq_len) for n in corpus_document_lengths(args.tokenizer, args.length_source, 400)]
     doc_lengths = [n for n in doc_lengths if n > 0]
-    print(f"{args.preset} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), {args.device}, "
-          f"{args.dtype}, ours: {args.backend} regions={args.compile_regions or 'none'}; "
-          f"transformers {__import__('transformers').__version__}: sdpa reference_compile={args.compile}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{args.preset} ({config.num_hidden_layers} layers, hidden {config.hidden_size}), {args.device}, "
+        f"{args.dtype}, ours: {args.backend} regions={args.compile_regions or 'none'}; "
+        f"transformers {__import__('transformers').__version__}: sdpa reference_compile={args.compile}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
 
     fixed = padded_batch([args.seq_len] * args.batch, args.seq_len, config.vocab_size, generator).to(device)
     variable_lengths = doc_lengths[: args.batch]
@@ -229,28 +248,41 @@ def main() -> None:
     if "a" in args.sections:
         print("(a) forward+backward, ours vs transformers, same weights and padded inputs")
         for name, batch in ((f"fixed {args.batch}x{args.seq_len}", fixed), ("variable", variable)):
-            compare(f"{name}: {batch.real_tokens:,} real tokens, padding {batch.padding_fraction:.0%}",
-                    batch.real_tokens, {
-                        "transformers ModernBertForMaskedLM": forward_backward(reference, batch, autocast),
-                        "flexbert FlexBertForMaskedLM": forward_backward(ours, batch, autocast),
-                    }, device, args)
+            compare(
+                f"{name}: {batch.real_tokens:,} real tokens, padding {batch.padding_fraction:.0%}",
+                batch.real_tokens,
+                {
+                    "transformers ModernBertForMaskedLM": forward_backward(reference, batch, autocast),
+                    "flexbert FlexBertForMaskedLM": forward_backward(ours, batch, autocast),
+                },
+                device,
+                args,
+            )
 
     if "b" in args.sections:
         print("(b) ours on the variable-length batch: unpadded vs padded compute")
         full = PaddedBatch(variable.input_ids, torch.ones_like(variable.attention_mask), variable.labels)
-        compare(f"{variable.real_tokens:,} real tokens in a {tuple(variable.input_ids.shape)} grid",
-                variable.real_tokens, {
-                    "padded (rows as full sequences)": forward_backward(ours, full, autocast),
-                    "unpadded": forward_backward(ours, variable, autocast),
-                }, device, args)
+        compare(
+            f"{variable.real_tokens:,} real tokens in a {tuple(variable.input_ids.shape)} grid",
+            variable.real_tokens,
+            {
+                "padded (rows as full sequences)": forward_backward(ours, full, autocast),
+                "unpadded": forward_backward(ours, variable, autocast),
+            },
+            device,
+            args,
+        )
 
     if "d" in args.sections:
         gemm_sizes = (1024, 2048, 4096) if device.type == "cpu" else (8192, 16384)
         peak, size = matmul_peak(device, dtype, gemm_sizes)
-        packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in
-                  packed_stream(doc_lengths, args.batch, args.seq_len, config.vocab_size, generator).items()}
-        flops = TrainingFlops.of(config).of_batch(packed["cu_seqlens"].cpu().numpy(),
-                                                  int((packed["labels"] != IGNORE_INDEX).sum()))
+        packed = {
+            k: v.to(device) if torch.is_tensor(v) else v
+            for k, v in packed_stream(doc_lengths, args.batch, args.seq_len, config.vocab_size, generator).items()
+        }
+        flops = TrainingFlops.of(config).of_batch(
+            packed["cu_seqlens"].cpu().numpy(), int((packed["labels"] != IGNORE_INDEX).sum())
+        )
         optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
 
         def training_step() -> None:
@@ -263,11 +295,15 @@ def main() -> None:
         seconds = side_by_side({"step": training_step}, device, args.repeats, args.warmup)["step"]
         peak, size = max((peak, size), matmul_peak(device, dtype, gemm_sizes))  # before and after: the best
         tokens = packed["input_ids"].shape[0]
-        print(f"(d) training step (forward, backward, AdamW), {args.batch} packed rows x {args.seq_len}, "
-              f"{packed['cu_seqlens'].shape[0] - 1} documents")
-        print(f"    matmul peak {peak / 1e9:,.1f} GFLOP/s ({size}^2 GEMM, {args.dtype}); step {seconds * 1e3:,.1f} ms, "
-              f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e9:,.1f} model GFLOP/s: "
-              f"MFU {flops / seconds / peak:.1%}")
+        print(
+            f"(d) training step (forward, backward, AdamW), {args.batch} packed rows x {args.seq_len}, "
+            f"{packed['cu_seqlens'].shape[0] - 1} documents"
+        )
+        print(
+            f"    matmul peak {peak / 1e9:,.1f} GFLOP/s ({size}^2 GEMM, {args.dtype}); step {seconds * 1e3:,.1f} ms, "
+            f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e9:,.1f} model GFLOP/s: "
+            f"MFU {flops / seconds / peak:.1%}"
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from flexbert.data.masking import Masker, MaskingConfig  # noqa: E402
-from flexbert.data.packing import GreedyPacker, collate_rows, split_document  # noqa: E402
+from flexbert.data.packing import GreedyPacker, Masker, MaskingConfig, collate_rows, split_document  # noqa: E402  # noqa: E402
 from flexbert.model import DocumentLayout, FlexBertConfig, FlexBertForMaskedLM  # noqa: E402
 from flexbert.model.registries import ATTENTION_BACKENDS  # noqa: E402
 from flexbert.train.flops import TrainingFlops, gpu_peak_flops  # noqa: E402
@@ -80,6 +79,7 @@ def synchronize(device: torch.device) -> None:
 
 # --- data ---------------------------------------------------------------------------------------
 
+
 def packed_batches(count: int, rows: int, row_tokens: int, seed: int = 0) -> list[dict]:
     """``count`` packed MLM batches of ``rows`` rows, from synthetic documents whose lengths spread
     like web text (log-normal around 400 tokens, some much longer than a row), masked at 30%."""
@@ -103,24 +103,12 @@ def packed_batches(count: int, rows: int, row_tokens: int, seed: int = 0) -> lis
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
-            for key, value in batch.items()}
+    return {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value for key, value in batch.items()
+    }
 
 
 # --- (a) agreement ----------------------------------------------------------------------------
-
-def reference_attention(q, k, v, cu_seqlens, half_window, scale):
-    """fp32 softmax attention document by document, with an explicit score matrix."""
-    outputs = []
-    bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qd, kd, vd = (x[start:end].transpose(0, 1).float() for x in (q, k, v))
-        scores = (qd @ kd.transpose(1, 2)) * scale
-        if half_window is not None:
-            idx = torch.arange(end - start, device=q.device)
-            scores = scores.masked_fill((idx[:, None] - idx[None, :]).abs() > half_window, float("-inf"))
-        outputs.append((scores.softmax(-1) @ vd).transpose(0, 1))
-    return torch.cat(outputs)
 
 
 def check_agreement(device: torch.device, smoke: bool) -> list[dict]:
@@ -135,12 +123,13 @@ def check_agreement(device: torch.device, smoke: bool) -> list[dict]:
     layout = DocumentLayout.from_cu_seqlens(cu.to(device), max(lengths), total)
     scale = head_dim**-0.5
     results = []
+
     def leaves(dtype_: torch.dtype) -> list[torch.Tensor]:  # fresh copies, so that no two runs share grads
         return [x.to(device, dtype_).detach().clone().requires_grad_() for x in (q, k, v)]
 
     for window in (None, half_window):
         inputs = leaves(torch.float32)
-        reference = reference_attention(*inputs, cu, window, scale)
+        reference = ATTENTION_BACKENDS.get("eager")(layout, window, scale)(*inputs, 0.0)  # the definition, fp32
         reference.backward(grad.to(device))
         expected = [reference.detach(), *(x.grad for x in inputs)]
         for kernel in kernels():
@@ -161,19 +150,32 @@ def check_agreement(device: torch.device, smoke: bool) -> list[dict]:
 
 # --- (b, c, d) training -------------------------------------------------------------------------
 
+
 def model_config(kernel: str, seq_len: int, compiled: bool, smoke: bool) -> FlexBertConfig:
-    sizes = (dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, local_attention=16)
-             if smoke else {})
-    return FlexBertConfig.from_dict({
-        "preset": "modernbert-base", **sizes, "attn_backend": kernel, "max_position_embeddings": max(seq_len, 1024),
-        "global_rope_theta": 160_000.0 if seq_len > 1024 else 10_000.0, "local_rope_theta": 10_000.0,
-        "pad_token_id": 50283, "cls_token_id": CLS, "sep_token_id": SEP,
-        "compile_regions": ["mlp", "norm", "head"] if compiled else [],
-    })
+    sizes = (
+        dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, local_attention=16)
+        if smoke
+        else {}
+    )
+    return FlexBertConfig.from_dict(
+        {
+            "preset": "modernbert-base",
+            **sizes,
+            "attn_backend": kernel,
+            "max_position_embeddings": max(seq_len, 1024),
+            "global_rope_theta": 160_000.0 if seq_len > 1024 else 10_000.0,
+            "local_rope_theta": 10_000.0,
+            "pad_token_id": 50283,
+            "cls_token_id": CLS,
+            "sep_token_id": SEP,
+            "compile_regions": ["mlp", "norm", "head"] if compiled else [],
+        }
+    )
 
 
-def train_steps(config: FlexBertConfig, batches: list[dict], device: torch.device, steps: int, warmup: int,
-                fsdp: bool = False) -> dict:
+def train_steps(
+    config: FlexBertConfig, batches: list[dict], device: torch.device, steps: int, warmup: int, fsdp: bool = False
+) -> dict:
     """Forward, backward and StableAdamW on each batch (one microbatch per step), timed after
     ``warmup`` steps; bf16 autocast on a GPU as amp_bf16 would, fp32 on a CPU."""
     torch.manual_seed(0)
@@ -186,7 +188,7 @@ def train_steps(config: FlexBertConfig, batches: list[dict], device: torch.devic
         fully_shard(model)
     optimizer = OPTIMIZERS.get("stable_adamw")(parameter_groups(model, 1e-5), lr=8e-4)
     flops = TrainingFlops.of(config)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     losses, seconds, tokens, model_flops = [], 0.0, 0, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -195,8 +197,14 @@ def train_steps(config: FlexBertConfig, batches: list[dict], device: torch.devic
         synchronize(device)
         start = time.perf_counter()
         with autocast:
-            output = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                           max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"], return_logits=False)
+            output = model(
+                batch["input_ids"],
+                labels=batch["labels"],
+                cu_seqlens=batch["cu_seqlens"],
+                max_seqlen=batch["max_seqlen"],
+                masked_index=batch["masked_index"],
+                return_logits=False,
+            )
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -207,17 +215,33 @@ def train_steps(config: FlexBertConfig, batches: list[dict], device: torch.devic
             model_flops += flops.of_batch(batch["host_cu_seqlens"], batch["masked_index"].shape[0])
         losses.append(output.loss.item())
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"steps": steps, "tokens_per_s": tokens / seconds, "model_tflops_per_s": model_flops / seconds / 1e12,
-            "peak_memory_gib": None if peak is None else peak / 2**30, "first_loss": losses[0],
-            "last_loss": losses[-1], "losses_finite": all(map(math.isfinite, losses))}
+    return {
+        "steps": steps,
+        "tokens_per_s": tokens / seconds,
+        "model_tflops_per_s": model_flops / seconds / 1e12,
+        "peak_memory_gib": None if peak is None else peak / 2**30,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "losses_finite": all(map(math.isfinite, losses)),
+    }
 
 
 def peak_flops(device: torch.device) -> float | None:
     return gpu_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def training_section(name: str, device: torch.device, budget: Budget, smoke: bool, seq_len: int, rows: int,
-                     steps: int, estimate_s: float, compiled_options=(False, True), fsdp: bool = False) -> list[dict]:
+def training_section(
+    name: str,
+    device: torch.device,
+    budget: Budget,
+    smoke: bool,
+    seq_len: int,
+    rows: int,
+    steps: int,
+    estimate_s: float,
+    compiled_options=(False, True),
+    fsdp: bool = False,
+) -> list[dict]:
     if smoke:
         seq_len, rows, steps = min(seq_len, 128), 2, 2
     batches = [to_device(b, device) for b in packed_batches(3, rows, seq_len, seed=len(name))]
@@ -231,8 +255,16 @@ def training_section(name: str, device: torch.device, budget: Budget, smoke: boo
                 results.append(row)
                 continue
             try:
-                row.update(train_steps(model_config(kernel, seq_len, compiled, smoke), batches, device, steps,
-                                       warmup=1 if smoke else 3, fsdp=fsdp))
+                row.update(
+                    train_steps(
+                        model_config(kernel, seq_len, compiled, smoke),
+                        batches,
+                        device,
+                        steps,
+                        warmup=1 if smoke else 3,
+                        fsdp=fsdp,
+                    )
+                )
                 if peak:
                     row["mfu"] = row["model_tflops_per_s"] * 1e12 / peak
             except Exception as err:
@@ -254,20 +286,23 @@ def fsdp_section(device: torch.device, budget: Budget, smoke: bool) -> list[dict
     store = dist.HashStore()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
     try:
-        return training_section("fsdp2", device, budget, smoke, 1024, 96, 20, 45, compiled_options=(False,),
-                                fsdp=True)
+        return training_section("fsdp2", device, budget, smoke, 1024, 96, 20, 45, compiled_options=(False,), fsdp=True)
     finally:
         dist.destroy_process_group()
 
 
 # --- report -------------------------------------------------------------------------------------
 
+
 def markdown(report: dict) -> str:
     env = report["environment"]
-    lines = [f"GPU check on {env['device']} (torch {env['torch']}, {env['python']}; kernels: "
-             f"{', '.join(env['kernels'])}; missing: {', '.join(env['missing']) or 'none'}), {env['date']}:", "",
-             "| section | kernel | compiled | tokens/s | MFU | peak GiB | loss first → last | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU check on {env['device']} (torch {env['torch']}, {env['python']}; kernels: "
+        f"{', '.join(env['kernels'])}; missing: {', '.join(env['missing']) or 'none'}), {env['date']}:",
+        "",
+        "| section | kernel | compiled | tokens/s | MFU | peak GiB | loss first → last | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["training"]:
         if "section" not in row:
             continue
@@ -276,11 +311,19 @@ def markdown(report: dict) -> str:
         memory = f"{row['peak_memory_gib']:.1f}" if row.get("peak_memory_gib") is not None else "—"
         loss = f"{row['first_loss']:.3f} → {row['last_loss']:.3f}" if "first_loss" in row else "—"
         note = row.get("error") or row.get("skipped") or ""
-        lines.append(f"| {row['section']} ({row.get('rows', '')} × {row.get('seq_len', '')}) | {row.get('kernel', '')} | "
-                     f"{'on' if row.get('compiled') else 'off'} | {speed} | {mfu} | {memory} | {loss} | {note} |")
-    lines += ["", "| agreement (bf16 vs fp32 reference) | window | max abs error out / dq / dk / dv | ok |", "|---|---|---|---|"]
+        lines.append(
+            f"| {row['section']} ({row.get('rows', '')} × {row.get('seq_len', '')}) | {row.get('kernel', '')} | "
+            f"{'on' if row.get('compiled') else 'off'} | {speed} | {mfu} | {memory} | {loss} | {note} |"
+        )
+    lines += [
+        "",
+        "| agreement (bf16 vs fp32 reference) | window | max abs error out / dq / dk / dv | ok |",
+        "|---|---|---|---|",
+    ]
     for row in report["agreement"]:
-        errors = " / ".join(f"{row[k]:.1e}" for k in ("out", "dq", "dk", "dv")) if "out" in row else row.get("error", "")
+        errors = (
+            " / ".join(f"{row[k]:.1e}" for k in ("out", "dq", "dk", "dv")) if "out" in row else row.get("error", "")
+        )
         lines.append(f"| {row['kernel']} | {row['window']} | {errors} | {'yes' if row['ok'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
@@ -288,8 +331,12 @@ def markdown(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--budget-s", type=float, default=480.0,
-                        help="stop starting sections after this many seconds (default 480: one 10-minute command)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="stop starting sections after this many seconds (default 480: one 10-minute command)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, few tokens: checks that the script runs")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gpu_check.json and gpu_check.md")
     args = parser.parse_args()
@@ -302,20 +349,25 @@ def main() -> int:
     report = {
         "environment": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version(), "kernels": found,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "kernels": found,
             "missing": [name for name in KERNEL_MODULES if name not in found],
-            "triton": importlib.util.find_spec("triton") is not None, "smoke": args.smoke,
-            "date": time.strftime("%Y-%m-%d"), "budget_s": args.budget_s,
+            "triton": importlib.util.find_spec("triton") is not None,
+            "smoke": args.smoke,
+            "date": time.strftime("%Y-%m-%d"),
+            "budget_s": args.budget_s,
             "peak_tflops": (peak_flops(device) or 0) / 1e12 or None,
-        },
+        }
     }
     print(json.dumps(report["environment"]), flush=True)
     report["agreement"] = check_agreement(device, args.smoke)
     for row in report["agreement"]:
         print(json.dumps(row), flush=True)
     report["training"] = training_section("pretraining", device, budget, args.smoke, 1024, 96, 30, 60)
-    report["training"] += training_section("context extension", device, budget, args.smoke, 8192, 12, 5, 60,
-                                           compiled_options=(True,))
+    report["training"] += training_section(
+        "context extension", device, budget, args.smoke, 8192, 12, 5, 60, compiled_options=(True,)
+    )
     report["training"] += fsdp_section(device, budget, args.smoke)
     report["seconds"] = args.budget_s - budget.left()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -324,7 +376,8 @@ def main() -> int:
     (args.out / "gpu_check.md").write_text(table)
     print(table)
     failed = [row for row in report["agreement"] if not row["ok"]] + [
-        row for row in report["training"] if "error" in row or row.get("losses_finite") is False]
+        row for row in report["training"] if "error" in row or row.get("losses_finite") is False
+    ]
     return 1 if failed else 0
 
 

@@ -20,9 +20,17 @@ needs_stsb = pytest.mark.skipif(not STSB.is_dir(), reason=f"needs GLUE STS-B at 
 def tiny_config(**overrides) -> FlexBertConfig:
     """A few-layer model with ModernBERT's structure, small enough for fp32 tests on 2 cores."""
     values = dict(
-        vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=1024, local_attention=16,
-        pad_token_id=0, cls_token_id=1, sep_token_id=2, attn_backend="sdpa",
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=1024,
+        local_attention=16,
+        pad_token_id=0,
+        cls_token_id=1,
+        sep_token_id=2,
+        attn_backend="sdpa",
     )
     values.update(overrides)
     return FlexBertConfig.from_dict(values)

@@ -15,10 +15,18 @@ from flexbert.typed_config import from_dict
 corpus, tokenizer_dir, out = (Path(arg) for arg in sys.argv[1:4])
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-config = from_dict(LoaderConfig, dict(
-    tokenizer=str(tokenizer_dir), max_seq_len=256, rows_per_batch=2, sample_batch_size=4, epochs=1,
-    streams={name: {"local": str(corpus / name)} for name in ("web", "code")},
-), "train_loader")
+config = from_dict(
+    LoaderConfig,
+    dict(
+        tokenizer=str(tokenizer_dir),
+        max_seq_len=256,
+        rows_per_batch=2,
+        sample_batch_size=4,
+        epochs=1,
+        streams={name: {"local": str(corpus / name)} for name in ("web", "code")},
+    ),
+    "train_loader",
+)
 tokenizer = load_tokenizer(tokenizer_dir)
 
 

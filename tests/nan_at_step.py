@@ -12,7 +12,7 @@ import sys
 from composer.core import Callback
 from composer.utils import dist
 
-import flexbert.train.run
+import flexbert.train.pretrain
 from flexbert.cli import main
 
 
@@ -33,8 +33,8 @@ def build_trainer_that_diverges(config, resolved):
     return trainer
 
 
-build_trainer = flexbert.train.run.build_trainer
-flexbert.train.run.build_trainer = build_trainer_that_diverges
+build_trainer = flexbert.train.pretrain.build_trainer
+flexbert.train.pretrain.build_trainer = build_trainer_that_diverges
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from composer.core import Callback
 from composer.utils import dist
 
-import flexbert.train.run
+import flexbert.train.pretrain
 from flexbert.cli import main
 
 GIVE_UP_SECONDS = 300
@@ -43,8 +43,8 @@ def build_trainer_that_pauses(config, resolved):
     return trainer
 
 
-build_trainer = flexbert.train.run.build_trainer
-flexbert.train.run.build_trainer = build_trainer_that_pauses
+build_trainer = flexbert.train.pretrain.build_trainer
+flexbert.train.pretrain.build_trainer = build_trainer_that_pauses
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

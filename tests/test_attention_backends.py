@@ -1,11 +1,13 @@
-"""All attention backends agree with each other and with a plain reference, values and gradients."""
+"""All attention backends agree with the package's eager backend, the plain softmax attention
+that defines the semantics, on values and gradients."""
 
 import pytest
 import torch
-from reference import cu_seqlens_from_lengths, reference_attention
 
 from flexbert.model import DocumentLayout
 from flexbert.model.backends import flash3_available, flash_attn_available, resolve_backend
+from flexbert.model.backends.flex import _FLEX_BLOCK, document_block_mask, prepare_flex
+from flexbert.model.backends.sdpa import _length_groups
 from flexbert.model.registries import ATTENTION_BACKENDS
 
 HEADS, HEAD_DIM = 2, 16
@@ -18,9 +20,15 @@ LAYOUTS = {
     "equal_full_rows": [256, 256],  # the grid is the stream itself: no scatter, no padding mask
     "lengths_in_several_groups": [700, 9, 300, 64, 65, 130, 2],  # sdpa: one grid per length group
     "empty_documents": [0, 90, 0],  # all-padding rows of a padded batch; alone in their length group
-    "many_docs_one_packed_row": [int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))],
+    "many_docs_one_packed_row": [
+        int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))
+    ],
 }
 WINDOWS = {"global": None, "local_128": 64, "local_8": 4}
+
+
+def cu_seqlens_from_lengths(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cpu"):
@@ -28,12 +36,8 @@ def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cp
     total = sum(lengths)
     q, k, v, grad_out = (torch.randn(total, HEADS, HEAD_DIM, generator=gen) for _ in range(4))
     q, k, v = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
-    cu = cu_seqlens_from_lengths(lengths).to(device)
-    if backend == "reference":
-        out = reference_attention(q, k, v, cu.cpu(), half_window, SCALE)
-    else:
-        layout = DocumentLayout.from_cu_seqlens(cu, max(lengths), total)
-        out = ATTENTION_BACKENDS.get(backend)(layout, half_window, SCALE)(q, k, v, 0.0)
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths).to(device), max(lengths), total)
+    out = ATTENTION_BACKENDS.get(backend)(layout, half_window, SCALE)(q, k, v, 0.0)
     out.backward(grad_out.to(device, dtype))
     return [t.float().cpu() for t in (out, q.grad, k.grad, v.grad)]
 
@@ -41,12 +45,27 @@ def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cp
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_backend_matches_reference_fp32(backend, layout, window):
-    expected = run_attention("reference", LAYOUTS[layout], WINDOWS[window])
+def test_backend_matches_eager_fp32(backend, layout, window):
+    expected = run_attention("eager", LAYOUTS[layout], WINDOWS[window])
     actual = run_attention(backend, LAYOUTS[layout], WINDOWS[window])
     for name, a, e in zip(("output", "dq", "dk", "dv"), actual, expected):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, e, atol=1e-5, rtol=0, msg=f"{backend} {name} differs")
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_eager_is_one_masked_softmax_over_the_stream(window):
+    """The oracle itself, against the semantics written another way: one score matrix over the whole
+    stream, with every pair that crosses a document or the window masked out."""
+    lengths = [300, 1, 170, 5]
+    total, half_window = sum(lengths), WINDOWS[window]
+    q, k, v = (torch.randn(total, HEADS, HEAD_DIM) for _ in range(3))
+    scores = torch.einsum("qhd,khd->hqk", q, k) * SCALE
+    scores = scores.masked_fill(~element_mask(lengths, half_window, total), float("-inf"))
+    expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
+    actual = ATTENTION_BACKENDS.get("eager")(layout, half_window, SCALE)(q, k, v, 0.0)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
 def test_window_really_limits_attention():
@@ -69,7 +88,7 @@ def test_documents_do_not_see_each_other():
     k2, v2 = k.clone(), v.clone()
     k2[30:70] += 5.0
     v2[30:70] -= 3.0
-    for backend in ("sdpa", "flex"):
+    for backend in ("eager", "sdpa", "flex"):
         attend = ATTENTION_BACKENDS.get(backend)(layout, None, SCALE)
         before, after = attend(q, k, v, 0.0), attend(q, k2, v2, 0.0)
         torch.testing.assert_close(before[:30], after[:30])
@@ -82,13 +101,16 @@ def test_auto_resolves_to_sdpa_on_cpu():
     assert resolve_backend("flex", torch.device("cpu")) == "flex"
 
 
-@pytest.mark.parametrize("fa3, fa2, capability, expected", [
-    (True, True, (9, 0), "flash3"),  # Hopper with FlashAttention-3
-    (True, True, (8, 0), "flash"),  # FA3 runs on Hopper only
-    (False, True, (9, 0), "flash"),
-    (True, False, (8, 6), "flex"),
-    (False, False, (9, 0), "flex"),
-])
+@pytest.mark.parametrize(
+    "fa3, fa2, capability, expected",
+    [
+        (True, True, (9, 0), "flash3"),  # Hopper with FlashAttention-3
+        (True, True, (8, 0), "flash"),  # FA3 runs on Hopper only
+        (False, True, (9, 0), "flash"),
+        (True, False, (8, 6), "flex"),
+        (False, False, (9, 0), "flex"),
+    ],
+)
 def test_auto_picks_the_fastest_installed_kernel_on_a_gpu(monkeypatch, fa3, fa2, capability, expected):
     from flexbert.model import backends
 
@@ -109,23 +131,26 @@ def test_flash3_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(ConfigError, match=r"model.attn_backend: 'flash3' needs FlashAttention-3"):
         FlexBertConfig.from_dict({"attn_backend": "flash3"}, path="model")
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: object() if name == "flash_attn_interface" else find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: object() if name == "flash_attn_interface" else find_spec(name, *args),
+    )
     FlexBertConfig.from_dict({"attn_backend": "flash3"}, path="model")  # installed: accepted
     with pytest.raises(ConfigError, match="FlashAttention-3 cannot drop attention probabilities"):
         FlexBertConfig.from_dict({"attn_backend": "flash3", "attention_probs_dropout": 0.1}, path="model")
 
 
 @pytest.mark.parametrize("backend", ["flash", "flash3"])
-def test_flash_kernels_match_reference_bf16(backend):
-    """On every layout and window. The CPU twins: sdpa and flex against the same reference above,
+def test_flash_kernels_match_eager_bf16(backend):
+    """On every layout and window. The CPU twins: sdpa and flex against the same oracle above,
     and the kernel selection; bench/gpu_check.py repeats this on the lent GPU."""
     available = {"flash": flash_attn_available, "flash3": flash3_available}[backend]
     if not (torch.cuda.is_available() and available()):
         pytest.skip(f"{backend} needs a CUDA GPU and its package")
     for layout in LAYOUTS:
         for window in WINDOWS:
-            expected = run_attention("reference", LAYOUTS[layout], WINDOWS[window], device="cuda")
+            expected = run_attention("eager", LAYOUTS[layout], WINDOWS[window], device="cuda")
             actual = run_attention(backend, LAYOUTS[layout], WINDOWS[window], dtype=torch.bfloat16, device="cuda")
             for a, e in zip(actual, expected):
                 torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2, msg=f"{layout} {window}")
@@ -134,8 +159,6 @@ def test_flash_kernels_match_reference_bf16(backend):
 def test_sdpa_groups_documents_by_length_on_the_cpu():
     """Each group holds documents within a factor of two (all under 64 together), and the groups'
     tokens are the stream's tokens, each exactly once, in document order within a group."""
-    from flexbert.model.backends import _length_groups
-
     lengths = LAYOUTS["lengths_in_several_groups"]
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), sum(lengths))
     groups = _length_groups(layout)
@@ -145,11 +168,15 @@ def test_sdpa_groups_documents_by_length_on_the_cpu():
     assert sorted(tokens.tolist()) == list(range(sum(lengths)))
     starts = cu_seqlens_from_lengths(lengths)[:-1].tolist()
     small = next(t for t, g in groups if g.num_docs == 3)
-    assert small.tolist() == [*range(starts[1], starts[1] + 9), *range(starts[3], starts[3] + 64),
-                              *range(starts[6], starts[6] + 2)]
+    assert small.tolist() == [
+        *range(starts[1], starts[1] + 9),
+        *range(starts[3], starts[3] + 64),
+        *range(starts[6], starts[6] + 2),
+    ]
 
 
 # --- FlexAttention's block mask -------------------------------------------------------------------
+
 
 def element_mask(lengths, half_window, padded_len):
     """[padded, padded] whether query i may see key j: same document (tail padding being one more),
@@ -172,9 +199,7 @@ def listed_blocks(counts, indices):
 def test_flex_block_mask_lists_exactly_the_blocks_the_mask_touches(layout, window):
     """A listed block that the mask never touches wastes work; a touched block left out, or a partly
     masked block marked full, gives wrong attention on a GPU (where the kernel skips unlisted blocks;
-    the CPU's eager flex evaluates every pair, so the reference test above cannot see this)."""
-    from flexbert.model.backends import _FLEX_BLOCK, document_block_mask
-
+    the CPU's eager flex evaluates every pair, so the oracle test above cannot see this)."""
     lengths = {"block_spanning_two_long_docs": [1000, 1000, 30]}.get(layout) or LAYOUTS[layout]
     total, half_window = sum(lengths), WINDOWS[window]
     padded = -(-total // _FLEX_BLOCK) * _FLEX_BLOCK
@@ -199,8 +224,6 @@ def test_flex_mask_preparation_never_builds_a_tokens_by_tokens_tensor(rows, row_
     dozen values per token (a tokens x tokens one would hold 98,304 per token)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from flexbert.model.backends import prepare_flex
-
     gen = torch.Generator().manual_seed(0)
     lengths = []
     for _ in range(rows):  # each row filled by documents of random lengths, the last one cut to fit
@@ -214,7 +237,9 @@ def test_flex_mask_preparation_never_builds_a_tokens_by_tokens_tensor(rows, row_
     class Largest(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            largest.append(max((t.numel() for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)), default=0))
+            largest.append(
+                max((t.numel() for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)), default=0)
+            )
             return out
 
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
@@ -222,3 +247,27 @@ def test_flex_mask_preparation_never_builds_a_tokens_by_tokens_tensor(rows, row_
         for half_window in (None, 64):
             prepare_flex(layout, half_window, SCALE)
     assert max(largest) <= 64 * total, f"{max(largest):,} values for {total:,} tokens"
+
+
+@pytest.mark.parametrize("window", WINDOWS.values(), ids=WINDOWS.keys())
+def test_flash_kernels_are_called_as_their_varlen_interface_expects(window):
+    # The CPU twin of flash and flash3: a stand-in kernel with flash-attn's varlen signature checks the
+    # arguments it is given and computes with the eager definition, so the result must equal eager's.
+    from flexbert.model.backends.flash import call_varlen
+
+    lengths = LAYOUTS["long_docs_beyond_window"]
+    total = sum(lengths)
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
+    q, k, v = (torch.randn(total, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, softmax_scale, causal, window_size, **options):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16  # fp32 is computed in bf16
+        assert cu_q is cu_k is layout.cu_seqlens and max_q == max_k == max(lengths) and not causal
+        assert window_size == ((-1, -1) if window is None else (window, window)) and options == {"dropout_p": 0.0}
+        eager = ATTENTION_BACKENDS.get("eager")(layout, None if window_size[0] < 0 else window_size[0], softmax_scale)
+        return eager(q.float(), k.float(), v.float(), 0.0).to(q.dtype)
+
+    out = call_varlen(kernel, layout, window, SCALE, q, k, v, dropout_p=0.0)
+    expected = ATTENTION_BACKENDS.get("eager")(layout, window, SCALE)(q, k, v, 0.0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)  # bf16 inputs

@@ -15,6 +15,7 @@ import torch
 from conftest import tiny_config
 from data_helpers import write_stream
 from streaming import MDSWriter
+from test_callbacks_loggers import LOGGING_CONFIG_ERRORS
 from test_convert_to_mds import write_jsonl
 from test_remote_streaming import command_line as convert_command_line
 from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
@@ -25,11 +26,11 @@ from flexbert.data.loader import DataError, PackedMLMLoader
 from flexbert.data.streams import DocumentDataset, LoaderConfig
 from flexbert.data.tokenizer import load_tokenizer
 from flexbert.model import FlexBertForMaskedLM
-from flexbert.train.config import TrainConfig
+from flexbert.train.pretrain import TrainConfig
 from flexbert.typed_config import ConfigError, from_dict
 
 pytestmark = [
-    pytest.mark.xdist_group("streaming"),  # loaders and conversions build streaming datasets
+    pytest.mark.xdist_group("streaming")  # loaders and conversions build streaming datasets
 ]
 
 
@@ -57,8 +58,17 @@ def train_error(recipe: dict, tmp_path: Path, capsys, *overrides: str) -> str:
 def convert_error(tmp_path: Path, capsys, *inputs: Path, **options: str) -> str:
     """What data_prep/convert_to_mds.py prints for ``inputs``; no output folder may appear."""
     out = tmp_path / "out"
-    argv = ["--input", *map(str, inputs), "--output", str(out), "--tokenizer", str(TOKENIZER), "--workers", "1",
-            "--no-progress"]
+    argv = [
+        "--input",
+        *map(str, inputs),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     for option, value in options.items():
         argv += [f"--{option.replace('_', '-')}", value]
     error = one_line_error(convert_command_line()(argv), capsys)
@@ -67,8 +77,15 @@ def convert_error(tmp_path: Path, capsys, *inputs: Path, **options: str) -> str:
 
 
 def loader_config(streams: dict, **overrides) -> LoaderConfig:
-    values = dict(tokenizer=str(TOKENIZER), max_seq_len=64, rows_per_batch=2, sample_batch_size=4, epochs=1,
-                  streams=streams, **overrides)
+    values = dict(
+        tokenizer=str(TOKENIZER),
+        max_seq_len=64,
+        rows_per_batch=2,
+        sample_batch_size=4,
+        epochs=1,
+        streams=streams,
+        **overrides,
+    )
     return from_dict(LoaderConfig, values, "train_loader")
 
 
@@ -78,18 +95,29 @@ def streams_at(*folders: Path) -> dict:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary, staging or partial files under ``folder``."""
-    return sorted(str(path) for path in folder.rglob("*")
-                  if path.name.startswith(".") or path.suffix in (".tmp", ".partial"))
+    return sorted(
+        str(path) for path in folder.rglob("*") if path.name.startswith(".") or path.suffix in (".tmp", ".partial")
+    )
 
 
 # --- recipes -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, where, problem", [
-    ("run_name: tiny\nmodel:\n  preset: [modernbert-base\nrun_root: runs\n", "line 4, column 9",
-     "is not valid YAML: did not find expected ',' or ']' (while parsing a flow sequence that starts at line 3)"),
-    ("run_name: tiny\n\tmodel: {}\n", "line 2, column 1",
-     "is not valid YAML: found a tab character that violates indentation"),
-])
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        (
+            "run_name: tiny\nmodel:\n  preset: [modernbert-base\nrun_root: runs\n",
+            "line 4, column 9",
+            "is not valid YAML: did not find expected ',' or ']' (while parsing a flow sequence that starts at line 3)",
+        ),
+        (
+            "run_name: tiny\n\tmodel: {}\n",
+            "line 2, column 1",
+            "is not valid YAML: found a tab character that violates indentation",
+        ),
+    ],
+)
 def test_broken_yaml_names_the_file_and_line(tmp_path, capsys, text, where, problem):
     path = tmp_path / "broken.yaml"
     path.write_text(text)
@@ -97,18 +125,25 @@ def test_broken_yaml_names_the_file_and_line(tmp_path, capsys, text, where, prob
     assert error.startswith(f"flexbert: error: {path}, {where}: {problem}")
 
 
+@pytest.mark.parametrize("values, key_path, message", LOGGING_CONFIG_ERRORS)
+def test_a_bad_logging_section_stops_flexbert_train(corpus, tmp_path, capsys, values, key_path, message):
+    recipe = tiny_recipe(corpus, tmp_path / "runs", logging={"progress_bar": False, **values})
+    error = train_error(recipe, tmp_path, capsys)
+    assert error.startswith(f"flexbert: error: {key_path}: ") and message in error, error
+
+
 def test_a_recipe_that_is_not_a_mapping(tmp_path, capsys):
     path = tmp_path / "list.yaml"
     path.write_text("- run_name: tiny\n- model: {}\n")
     assert one_line_error(cli_main(["train", str(path)]), capsys) == (
-        f"flexbert: error: {path}: must hold a mapping of config keys (key: value lines), not a list")
+        f"flexbert: error: {path}: must hold a mapping of config keys (key: value lines), not a list"
+    )
 
 
-@pytest.mark.parametrize("section, typo, close", [
-    ("train_loader", "strems", "streams"),
-    ("optimizer", "lrr", "lr"),
-    ("model", "hidden_sizee", "hidden_size"),
-])
+@pytest.mark.parametrize(
+    "section, typo, close",
+    [("train_loader", "strems", "streams"), ("optimizer", "lrr", "lr"), ("model", "hidden_sizee", "hidden_size")],
+)
 def test_an_unknown_key_names_its_path_and_the_close_valid_key(corpus, tmp_path, capsys, section, typo, close):
     recipe = tiny_recipe(corpus, tmp_path / "runs")
     recipe[section][typo] = recipe[section].pop(close, 1.0)
@@ -123,23 +158,27 @@ def test_a_wrong_type_names_the_key_and_the_value(corpus, tmp_path, capsys, in_y
         recipe["train_loader"]["max_seq_len"] = "abc"
     overrides = [] if in_yaml else ["train_loader.max_seq_len=abc"]
     assert train_error(recipe, tmp_path, capsys, *overrides) == (
-        "flexbert: error: train_loader.max_seq_len: expected an integer, got str 'abc'")
+        "flexbert: error: train_loader.max_seq_len: expected an integer, got str 'abc'"
+    )
 
 
 def test_a_global_batch_the_world_size_does_not_divide(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as the composer launcher sets it
     assert train_error(tiny_recipe(corpus, tmp_path / "runs"), tmp_path, capsys) == (
-        "flexbert: error: global_batch_rows: 4 rows cannot be split evenly over 3 processes")
+        "flexbert: error: global_batch_rows: 4 rows cannot be split evenly over 3 processes"
+    )
 
 
 def test_an_hsdp_replica_count_the_world_size_does_not_divide(corpus, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     recipe = tiny_recipe(corpus, tmp_path / "runs", global_batch_rows=8, fsdp_config={"replicate_degree": 3})
     assert train_error(recipe, tmp_path, capsys) == (
-        "flexbert: error: fsdp_config.replicate_degree: 3 replicas cannot split 4 processes evenly")
+        "flexbert: error: fsdp_config.replicate_degree: 3 replicas cannot split 4 processes evenly"
+    )
     recipe = tiny_recipe(corpus, tmp_path / "runs", fsdp_config={"state_dict_type": "monolithic"})
     assert train_error(recipe, tmp_path, capsys).startswith(
-        "flexbert: error: fsdp_config.state_dict_type: must be one of ['sharded', 'full']")
+        "flexbert: error: fsdp_config.state_dict_type: must be one of ['sharded', 'full']"
+    )
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "amp_fp16"])
@@ -147,22 +186,24 @@ def test_mixed_precision_without_a_gpu(corpus, tmp_path, capsys, precision):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")  # CPU CI always runs it
     assert train_error(tiny_recipe(corpus, tmp_path / "runs", precision=precision), tmp_path, capsys) == (
-        f"flexbert: error: precision: {precision} needs a GPU, and this machine has none; use fp32 or auto")
+        f"flexbert: error: precision: {precision} needs a GPU, and this machine has none; use fp32 or auto"
+    )
 
 
 # --- data --------------------------------------------------------------------------------------------
+
 
 def test_a_missing_stream_folder(corpus, tmp_path, capsys):
     recipe = tiny_recipe(corpus, tmp_path / "runs", **{"train_loader.streams.web.local": str(tmp_path / "nowhere")})
     assert train_error(recipe, tmp_path, capsys) == (
         f"flexbert: error: train_loader.streams.web.local: no MDS dataset at {tmp_path / 'nowhere'} "
-        f"({tmp_path / 'nowhere' / 'index.json'} missing)")
+        f"({tmp_path / 'nowhere' / 'index.json'} missing)"
+    )
 
 
 def test_a_missing_input_to_data_prep(tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
-    assert convert_error(tmp_path, capsys, missing) == (
-        f"convert_to_mds: error: input not found: {missing} does not exist")
+    assert convert_error(tmp_path, capsys, missing) == (f"flexbert: error: input not found: {missing} does not exist")
 
 
 def test_an_empty_stream(corpus, tmp_path, capsys):
@@ -170,7 +211,8 @@ def test_an_empty_stream(corpus, tmp_path, capsys):
         pass  # an index with no shards, as a conversion of nothing would leave
     recipe = tiny_recipe(corpus, tmp_path / "runs", **{"train_loader.streams.web.local": str(tmp_path / "empty")})
     assert train_error(recipe, tmp_path, capsys) == (
-        f"flexbert: error: train_loader.streams.web.local: the MDS dataset at {tmp_path / 'empty'} holds no samples")
+        f"flexbert: error: train_loader.streams.web.local: the MDS dataset at {tmp_path / 'empty'} holds no samples"
+    )
 
 
 @pytest.mark.parametrize("corpus_kind", ["no documents", "no input files"])
@@ -180,10 +222,10 @@ def test_data_prep_input_without_documents(tmp_path, capsys, corpus_kind):
     if corpus_kind == "no documents":
         write_jsonl(folder / "a.jsonl", ["", ""])
         (folder / "b.txt").write_text("")
-        expected = f"convert_to_mds: error: empty corpus: no document with any text in {folder}"
+        expected = f"flexbert: error: empty corpus: no document with any text in {folder}"
     else:
         (folder / "notes.csv").write_text("not,a,corpus\n")
-        expected = f"convert_to_mds: error: no input files under {folder}: looked for"
+        expected = f"flexbert: error: no input files under {folder}: looked for"
     assert convert_error(tmp_path, capsys, folder).startswith(expected)
 
 
@@ -199,8 +241,10 @@ def test_a_truncated_shard_is_refused_before_training(tmp_path, capsys):
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
     error = train_error(tiny_recipe(corpus, tmp_path / "runs"), tmp_path, capsys)
-    assert error == (f"flexbert: error: train_loader.streams.web.local: shard file {shard} is truncated or corrupt: "
-                     f"{size // 2:,} bytes where index.json records {size:,}; convert or copy the dataset again")
+    assert error == (
+        f"flexbert: error: train_loader.streams.web.local: shard file {shard} is truncated or corrupt: "
+        f"{size // 2:,} bytes where index.json records {size:,}; convert or copy the dataset again"
+    )
 
 
 @pytest.mark.parametrize("reader", ["in step", "behind the prefetch"])
@@ -226,18 +270,26 @@ def test_a_garbled_shard_stops_the_epoch_naming_its_file(tmp_path, monkeypatch, 
 
 # --- the tokenizer, the model and their sizes ------------------------------------------------------
 
-@pytest.mark.parametrize("override, expected", [
-    ({"model.vocab_size": 1000}, "model.vocab_size: 1000 is smaller than the 50368 tokens of {tokenizer}"),
-    ({"model.pad_token_id": 0}, "model.pad_token_id: 0 disagrees with the tokenizer {tokenizer}, whose id is 50283"),
-])
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ({"model.vocab_size": 1000}, "model.vocab_size: 1000 is smaller than the 50368 tokens of {tokenizer}"),
+        (
+            {"model.pad_token_id": 0},
+            "model.pad_token_id: 0 disagrees with the tokenizer {tokenizer}, whose id is 50283",
+        ),
+    ],
+)
 def test_a_tokenizer_that_does_not_fit_the_model(corpus, tmp_path, capsys, override, expected):
     recipe = tiny_recipe(corpus, tmp_path / "runs", **override)
     assert train_error(recipe, tmp_path, capsys) == "flexbert: error: " + expected.format(tokenizer=TOKENIZER)
 
 
 def test_a_loader_refuses_a_tokenizer_larger_than_the_model(corpus):
-    with pytest.raises(DataError, match=f"train_loader.tokenizer: {TOKENIZER} has 50368 tokens but the model's "
-                                        "vocab_size is 1000"):
+    with pytest.raises(
+        DataError, match=f"train_loader.tokenizer: {TOKENIZER} has 50368 tokens but the model's vocab_size is 1000"
+    ):
         PackedMLMLoader(loader_config(streams_at(corpus / "web")), load_tokenizer(TOKENIZER), model_vocab_size=1000)
 
 
@@ -246,8 +298,9 @@ def test_token_ids_beyond_the_model_vocabulary(tmp_path):
     loader = PackedMLMLoader(loader_config(streams_at(wide)), load_tokenizer(TOKENIZER), 50368)
     with pytest.raises(DataError) as error:
         list(loader)
-    reported = re.fullmatch(r"stream 'wide' sample \d: token id (\d+) is outside the model's vocabulary \(50368\)",
-                            str(error.value))
+    reported = re.fullmatch(
+        r"stream 'wide' sample \d: token id (\d+) is outside the model's vocabulary \(50368\)", str(error.value)
+    )
     assert reported is not None and int(reported[1]) >= 50368, error.value
 
 
@@ -263,19 +316,22 @@ def tiny_checkpoint(corpus, tmp_path) -> Path:
 def test_a_missing_checkpoint(corpus, tmp_path, capsys):
     recipe = tiny_recipe(corpus, tmp_path / "runs", load_path=str(tmp_path / "nope.pt"))
     assert train_error(recipe, tmp_path, capsys) == (
-        f"flexbert: error: load_path: checkpoint not found: {tmp_path / 'nope.pt'}")
+        f"flexbert: error: load_path: checkpoint not found: {tmp_path / 'nope.pt'}"
+    )
 
 
 def test_a_checkpoint_from_another_architecture_is_refused_before_training(corpus, tmp_path, tiny_checkpoint):
-    from flexbert.train.run import check_checkpoint_matches
+    from flexbert.train.checkpoint import check_checkpoint_matches
 
-    wider = FlexBertForMaskedLM(TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"model.hidden_size": 64}))
-                                .model_config)
+    wider = FlexBertForMaskedLM(
+        TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"model.hidden_size": 64})).model_config
+    )
     with pytest.raises(ConfigError) as error:
         check_checkpoint_matches(str(tiny_checkpoint), wider)
     assert str(error.value).startswith(
         f"load_path: {tiny_checkpoint} was saved from a different architecture: "
-        "model.embeddings.tok_embeddings.weight: checkpoint (50368, 32) vs model (50368, 64);")
+        "model.embeddings.tok_embeddings.weight: checkpoint (50368, 32) vs model (50368, 64);"
+    )
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:1000])
@@ -287,10 +343,12 @@ def test_exporting_a_checkpoint_with_another_architecture_writes_nothing(corpus,
     recipe = write_recipe(tmp_path / "wider.yaml", tiny_recipe(corpus, tmp_path, **{"model.hidden_size": 64}))
     out = tmp_path / "hf"
     error = one_line_error(cli_main(["export-hf", str(tiny_checkpoint), str(out), "--config", str(recipe)]), capsys)
-    assert error.startswith(f"flexbert: error: {tiny_checkpoint} does not hold the model its config describes: "
-                            "size mismatch for model.embeddings.tok_embeddings.weight: copying a param with shape "
-                            "torch.Size([50368, 32]) from checkpoint, the shape in current model is "
-                            "torch.Size([50368, 64]).")
+    assert error.startswith(
+        f"flexbert: error: {tiny_checkpoint} does not hold the model its config describes: "
+        "size mismatch for model.embeddings.tok_embeddings.weight: copying a param with shape "
+        "torch.Size([50368, 32]) from checkpoint, the shape in current model is "
+        "torch.Size([50368, 64])."
+    )
     assert not out.exists() and not leftovers(tmp_path)
 
 
@@ -300,18 +358,24 @@ def test_a_loader_sequence_longer_than_the_model_positions(corpus, tmp_path, cap
     recipe["eval_loader"] = {**recipe["train_loader"]}
     recipe[loader] = {**recipe[loader], "max_seq_len": 128}
     assert train_error(recipe, tmp_path, capsys) == (
-        f"flexbert: error: {loader}.max_seq_len: 128 exceeds model.max_position_embeddings=64")
+        f"flexbert: error: {loader}.max_seq_len: 128 exceeds model.max_position_embeddings=64"
+    )
 
 
 def test_fine_tuning_sequences_longer_than_the_model_positions(corpus, tmp_path, capsys):
     recipe = {
-        "run_name": "tiny-task", "run_root": str(tmp_path / "runs"), "tokenizer": str(TOKENIZER),
+        "run_name": "tiny-task",
+        "run_root": str(tmp_path / "runs"),
+        "tokenizer": str(TOKENIZER),
         "model": {**tiny_recipe(corpus, tmp_path)["model"], "max_position_embeddings": 256},
-        "task": {"metrics": ["accuracy"]}, "train_split": {"path": str(tmp_path / "train.tsv")},
-        "eval_splits": {"dev": {"path": str(tmp_path / "dev.tsv")}}, "max_seq_len": 512,
+        "task": {"metrics": ["accuracy"]},
+        "train_split": {"path": str(tmp_path / "train.tsv")},
+        "eval_splits": {"dev": {"path": str(tmp_path / "dev.tsv")}},
+        "max_seq_len": 512,
     }
     assert train_error(recipe, tmp_path, capsys) == (
-        "flexbert: error: max_seq_len: 512 exceeds model.max_position_embeddings=256")
+        "flexbert: error: max_seq_len: 512 exceeds model.max_position_embeddings=256"
+    )
 
 
 def test_a_packed_document_longer_than_the_model_positions():
@@ -323,14 +387,16 @@ def test_a_packed_document_longer_than_the_model_positions():
 
 # --- data_prep: text that is not UTF-8, a full disk --------------------------------------------------
 
+
 def test_a_text_file_that_is_not_utf8(tmp_path, capsys):
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "a.txt").write_text("A fine document.")
     (folder / "b.txt").write_bytes(b"Latin-1, not UTF-8: caf\xe9")
     assert convert_error(tmp_path, capsys, folder).startswith(
-        f"convert_to_mds: error: 1 of 2 records are bad (invalid_utf8: 1, first in {folder / 'b.txt'}, byte 23; "
-        "text field 'text'), more than --max-bad-fraction 0.001")
+        f"flexbert: error: 1 of 2 records are bad (invalid_utf8: 1, first in {folder / 'b.txt'}, byte 23; "
+        "text field 'text'), more than --max-bad-fraction 0.001"
+    )
 
 
 def test_json_lines_that_are_not_utf8(tmp_path, capsys):
@@ -338,8 +404,10 @@ def test_json_lines_that_are_not_utf8(tmp_path, capsys):
     corpus = tmp_path / "a.jsonl"
     corpus.write_bytes(good + b'{"text": "caf\xe9"}\n' + good + b'{"text": "\xff"}\n')
     error = convert_error(tmp_path, capsys, corpus, max_bad_fraction="0.05")
-    assert error.startswith(f"convert_to_mds: error: 2 of 18 records are bad (invalid_utf8: 2, first in {corpus}, "
-                            f"the line at byte {len(good)}; text field 'text'), more than --max-bad-fraction 0.05")
+    assert error.startswith(
+        f"flexbert: error: 2 of 18 records are bad (invalid_utf8: 2, first in {corpus}, "
+        f"the line at byte {len(good)}; text field 'text'), more than --max-bad-fraction 0.05"
+    )
 
 
 def fill_the_disk_at(monkeypatch, step: str, number: int) -> None:
@@ -356,6 +424,7 @@ def fill_the_disk_at(monkeypatch, step: str, number: int) -> None:
         write_bytes(path, data)
 
     if step == "shard":
+
         def shard_file(writer, raw_data, raw_basename, zip_basename):
             infos = process_file(writer, raw_data, raw_basename, zip_basename)
             written = Path(writer.local, zip_basename or raw_basename)
@@ -364,6 +433,7 @@ def fill_the_disk_at(monkeypatch, step: str, number: int) -> None:
 
         monkeypatch.setattr(Writer, "_process_file", shard_file)
     else:
+
         def unit_record(path: Path, data: bytes) -> None:
             (half_written if path.name.startswith("unit-") and path.suffix == ".partial" else write_bytes)(path, data)
 
@@ -375,14 +445,26 @@ def test_a_full_disk_during_data_prep_leaves_a_resumable_output(tmp_path, capsys
     documents = [f"Document number {index}: " + "some words " * (index % 13) for index in range(60)]
     corpus = write_jsonl(tmp_path / "a.jsonl", documents)
     out = tmp_path / "out"
-    argv = ["--input", str(corpus), "--output", str(out), "--tokenizer", str(TOKENIZER), "--workers", "1",
-            "--unit-size", "256", "--no-progress"]
+    argv = [
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--workers",
+        "1",
+        "--unit-size",
+        "256",
+        "--no-progress",
+    ]
     with monkeypatch.context() as patch:
         fill_the_disk_at(patch, step, 3)
         error = one_line_error(convert_command_line()(argv), capsys)
-    assert error.startswith(f"convert_to_mds: error: no space left on the device while writing {out} (")
-    assert error.endswith("the units finished so far are kept: free some space and run the same command again "
-                          "to resume")
+    assert error.startswith(f"flexbert: error: no space left on the device while writing {out} (")
+    assert error.endswith(
+        "the units finished so far are kept: free some space and run the same command again to resume"
+    )
     # As documented: no index.json, the finished units recorded, no half unit and no partial file.
     assert not (out / "index.json").exists()
     assert sorted(path.name for path in (out / "conversion").glob("unit-*")) == ["unit-00000.json", "unit-00001.json"]
@@ -396,6 +478,7 @@ def test_a_full_disk_during_data_prep_leaves_a_resumable_output(tmp_path, capsys
 
 # --- remote streams ------------------------------------------------------------------------------------
 
+
 def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -403,18 +486,30 @@ def closed_port() -> int:
 
 
 def test_an_unreachable_remote_stream_fails_after_bounded_retries(corpus, tmp_path, capsys, monkeypatch):
-    for name, value in {"S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for name, value in {
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    recipe = tiny_recipe(corpus, tmp_path / "runs", **{
-        "train_loader.streams": {"web": {"remote": "s3://bucket/path", "local": str(tmp_path / "cache")}},
-        "train_loader.download_retry": 2, "train_loader.download_timeout": 5.0})
+    recipe = tiny_recipe(
+        corpus,
+        tmp_path / "runs",
+        **{
+            "train_loader.streams": {"web": {"remote": "s3://bucket/path", "local": str(tmp_path / "cache")}},
+            "train_loader.download_retry": 2,
+            "train_loader.download_timeout": 5.0,
+        },
+    )
     started = time.monotonic()
     error = train_error(recipe, tmp_path, capsys)
     assert time.monotonic() - started < 60
-    assert error.startswith("flexbert: error: train_loader.streams.web.remote: cannot read "
-                            "s3://bucket/path/index.json after 2 attempts (EndpointConnectionError: ")
+    assert error.startswith(
+        "flexbert: error: train_loader.streams.web.remote: cannot read "
+        "s3://bucket/path/index.json after 2 attempts (EndpointConnectionError: "
+    )
     assert not any((tmp_path / "cache").rglob("*"))  # no partial index left in the cache

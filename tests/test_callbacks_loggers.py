@@ -17,13 +17,17 @@ from conftest import tiny_config
 from PIL import Image
 
 from flexbert.model import FlexBertForMaskedLM
-from flexbert.train import callbacks as callbacks_module
-from flexbert.train.callbacks import GradNormMonitor, PackingMonitor, ThroughputMonitor, cpu_matmul_flops
+from flexbert.train import monitors as monitors_module
 from flexbert.train.flops import batch_training_flops, gpu_peak_flops
 from flexbert.train.loggers import (
-    JSONLinesLogger, LoggingConfig, build_callbacks, build_loggers, build_wandb_logger, read_metrics,
+    JSONLinesLogger,
+    LoggingConfig,
+    build_loggers,
+    build_wandb_logger,
+    read_metrics,
     resolve_wandb_mode,
 )
+from flexbert.train.monitors import GradNormMonitor, PackingMonitor, ThroughputMonitor, build_monitors, cpu_matmul_flops
 from flexbert.train.plotting import plot_run
 from flexbert.typed_config import ConfigError
 
@@ -50,8 +54,7 @@ class Harness:
     """A real Composer State and Logger, driven event by event without a Trainer."""
 
     def __init__(self, *callbacks, model=None):
-        self.state = State(model=model or torch.nn.Linear(2, 2), rank_zero_seed=0, run_name="test",
-                           device=DeviceCPU())
+        self.state = State(model=model or torch.nn.Linear(2, 2), rank_zero_seed=0, run_name="test", device=DeviceCPU())
         self.recorder = InMemoryLogger()
         self.logger = Logger(self.state, destinations=[self.recorder])
         self.recorder.init(self.state, self.logger)
@@ -63,8 +66,9 @@ class Harness:
 
     def train_batch(self, batch):
         self.state.batch = batch
-        self.state.timestamp = self.state.timestamp.to_next_batch(samples=batch["num_rows"],
-                                                                  tokens=len(batch["input_ids"]))
+        self.state.timestamp = self.state.timestamp.to_next_batch(
+            samples=batch["num_rows"], tokens=len(batch["input_ids"])
+        )
         self.event(Event.BATCH_END)
 
     def logged(self, key):
@@ -79,19 +83,23 @@ def clock(monkeypatch):
     class Clock:
         now = 0.0
 
-    callbacks_module.cpu_matmul_flops()  # the CPU peak is measured once, on the real clock
-    monkeypatch.setattr(callbacks_module.time, "perf_counter", lambda: Clock.now)
+    monitors_module.cpu_matmul_flops()  # the CPU peak is measured once, on the real clock
+    monkeypatch.setattr(monitors_module.time, "perf_counter", lambda: Clock.now)
     return Clock
 
 
 # --- throughput and MFU -----------------------------------------------------------------------
 
+
 def test_throughput_and_mfu_over_a_sliding_window(clock):
     config = tiny_config()
     monitor = ThroughputMonitor(config, peak_tflops=1e-6, window=2)  # a 1 MFLOP/s device
     harness = Harness(monitor)
-    batches = [packed_batch([30, 20, 14], 1, 64, seed=0), packed_batch([64, 64], 2, 64, seed=1),
-               packed_batch([10] * 12, 2, 64, seed=2)]
+    batches = [
+        packed_batch([30, 20, 14], 1, 64, seed=0),
+        packed_batch([64, 64], 2, 64, seed=1),
+        packed_batch([10] * 12, 2, 64, seed=2),
+    ]
     seconds = [1.0, 2.0, 0.5]
     harness.event(Event.FIT_START)
     for batch, duration in zip(batches, seconds):
@@ -124,8 +132,11 @@ def test_evaluation_time_does_not_count_against_throughput(clock):
 
 
 def test_log_every_skips_steps(clock):
-    harness = Harness(ThroughputMonitor(tiny_config(), peak_tflops=1.0, window=1, log_every=2),
-                      PackingMonitor(log_every=2), GradNormMonitor(log_every=2))
+    harness = Harness(
+        ThroughputMonitor(tiny_config(), peak_tflops=1.0, window=1, log_every=2),
+        PackingMonitor(log_every=2),
+        GradNormMonitor(log_every=2),
+    )
     harness.event(Event.FIT_START)
     for _ in range(5):
         clock.now += 1
@@ -159,6 +170,7 @@ def test_mfu_on_cpu_uses_the_measured_peak(clock):
 
 # --- packing, batch size, gradient norm -------------------------------------------------------
 
+
 def test_packing_efficiency_and_batch_size():
     harness = Harness(PackingMonitor())
     harness.train_batch(packed_batch([60, 60, 100], 4, 64))  # 220 of 256 slots
@@ -179,6 +191,7 @@ def test_grad_norm_is_the_global_l2_norm():
 
 
 # --- metrics.jsonl ----------------------------------------------------------------------------
+
 
 def test_jsonl_writes_one_line_per_step_and_appends_on_resume(tmp_path):
     def run(steps):
@@ -221,6 +234,7 @@ def test_read_metrics_explains_a_missing_or_empty_file(tmp_path):
 
 # --- W&B --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def no_wandb_key(monkeypatch, tmp_path):
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
@@ -253,6 +267,7 @@ def test_wandb_offline_run_logs_without_network(no_wandb_key):
     logger = Logger(harness.state, destinations=[destination])
     destination.init(harness.state, logger)
     import wandb
+
     assert wandb.run is not None and wandb.run.settings.mode == "offline"
     logger.log_metrics({"loss/train/total": 3.5})
     destination.post_close()
@@ -263,15 +278,21 @@ def test_wandb_offline_run_logs_without_network(no_wandb_key):
 
 # --- config -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values,key_path,message", [
+
+# Also refused by `flexbert train` itself: tests/test_bad_inputs.py.
+LOGGING_CONFIG_ERRORS = [
     ({"log_interval": "1ep"}, "logging.log_interval", "whole number of batches"),
     ({"log_interval": "0ba"}, "logging.log_interval", "whole number of batches"),
     ({"peak_tflops": 0}, "logging.peak_tflops", "must be > 0"),
+    ({"peak_tflops": -3.0}, "logging.peak_tflops", "must be > 0"),
     ({"throughput_window": 0}, "logging.throughput_window", "at least 1"),
     ({"wandb": {"project": "p", "mode": "sometimes"}}, "logging.wandb.mode", "must be one of"),
     ({"wandb": {"entity": "e"}}, "logging.wandb.project", "missing required key"),
     ({"jsonll": True}, "logging.jsonll", "unknown key"),
-])
+]
+
+
+@pytest.mark.parametrize("values,key_path,message", LOGGING_CONFIG_ERRORS)
 def test_logging_config_errors_name_their_key(values, key_path, message):
     with pytest.raises(ConfigError, match=message) as info:
         LoggingConfig.from_dict(values)
@@ -282,19 +303,32 @@ def test_builders_follow_the_config(tmp_path, no_wandb_key):
     config = LoggingConfig.from_dict({"log_interval": "5ba", "wandb": {"project": "p", "mode": "disabled"}})
     jsonl, wandb_logger = build_loggers(config, tmp_path, "run")
     assert isinstance(jsonl, JSONLinesLogger) and isinstance(wandb_logger, WandBLogger)
-    callbacks = build_callbacks(config, tiny_config())
-    assert [type(cb).__name__ for cb in callbacks] == ["ThroughputMonitor", "PackingMonitor", "GradNormMonitor",
-                                                       "LRMonitor"]  # no MemoryMonitor on CPU
+    callbacks = build_monitors(config, tiny_config())
+    assert [type(cb).__name__ for cb in callbacks] == [
+        "ThroughputMonitor",
+        "PackingMonitor",
+        "GradNormMonitor",
+        "LRMonitor",
+    ]  # no MemoryMonitor on CPU
     assert callbacks[0].log_every == 5
     assert build_loggers(LoggingConfig(jsonl=False), tmp_path, "run") == []
 
 
 # --- plots ------------------------------------------------------------------------------------
 
+
 def test_plot_run_draws_loss_throughput_and_lr(tmp_path):
-    rows = [{"step": s, "tokens": 4096 * s, "loss/train/total": 6.0 / (1 + 0.1 * s),
-             "throughput/tokens_per_sec": 9000.0 + 50 * (s % 7), "throughput/mfu": 0.3,
-             "lr-DecoupledAdamW/group0": 8e-4 * min(1.0, s / 20)} for s in range(1, 101)]
+    rows = [
+        {
+            "step": s,
+            "tokens": 4096 * s,
+            "loss/train/total": 6.0 / (1 + 0.1 * s),
+            "throughput/tokens_per_sec": 9000.0 + 50 * (s % 7),
+            "throughput/mfu": 0.3,
+            "lr-DecoupledAdamW/group0": 8e-4 * min(1.0, s / 20),
+        }
+        for s in range(1, 101)
+    ]
     for row in rows[19::20]:
         row["metrics/eval/LanguageCrossEntropy"] = row["loss/train/total"] + 0.2
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -319,14 +353,19 @@ def test_plot_command_reports_a_missing_run(tmp_path, capsys):
 
 # --- a real Trainer ---------------------------------------------------------------------------
 
+
 class TinyMLM(ComposerModel):
     def __init__(self, config):
         super().__init__()
         self.net = FlexBertForMaskedLM(config)
 
     def forward(self, batch):
-        return self.net(input_ids=batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                        max_seqlen=batch["max_seqlen"])
+        return self.net(
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],
+        )
 
     def loss(self, outputs, batch):
         return outputs.loss
@@ -334,18 +373,33 @@ class TinyMLM(ComposerModel):
 
 def test_a_tiny_trainer_run_logs_every_metric_to_jsonl(tmp_path):
     config = tiny_config()
-    batches = [packed_batch([40, 30, 58], 2, 64, seed=0), packed_batch([64, 20, 40], 2, 64, seed=1),
-               packed_batch([50] * 5, 4, 64, seed=2)]
-    data = DataSpec(batches, get_num_samples_in_batch=lambda b: b["num_rows"],
-                    get_num_tokens_in_batch=lambda b: len(b["input_ids"]), split_batch=lambda b, size: [b])
+    batches = [
+        packed_batch([40, 30, 58], 2, 64, seed=0),
+        packed_batch([64, 20, 40], 2, 64, seed=1),
+        packed_batch([50] * 5, 4, 64, seed=2),
+    ]
+    data = DataSpec(
+        batches,
+        get_num_samples_in_batch=lambda b: b["num_rows"],
+        get_num_tokens_in_batch=lambda b: len(b["input_ids"]),
+        split_batch=lambda b, size: [b],
+    )
     logging = LoggingConfig.from_dict({"throughput_window": 2})
     model = TinyMLM(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Composer's notes on unsized dataloaders and the like
-        trainer = Trainer(model=model, train_dataloader=data, max_duration="3ba", device="cpu",
-                          device_train_microbatch_size=1, optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                          loggers=build_loggers(logging, tmp_path, "tiny"),
-                          callbacks=build_callbacks(logging, config), progress_bar=False, run_name="tiny")
+        trainer = Trainer(
+            model=model,
+            train_dataloader=data,
+            max_duration="3ba",
+            device="cpu",
+            device_train_microbatch_size=1,
+            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+            loggers=build_loggers(logging, tmp_path, "tiny"),
+            callbacks=build_monitors(logging, config),
+            progress_bar=False,
+            run_name="tiny",
+        )
         trainer.fit()
         trainer.close()
 
@@ -370,15 +424,27 @@ def test_a_fresh_autoresume_run_logging_to_wandb_starts(tmp_path, no_wandb_key):
     config = tiny_config()
     logging = LoggingConfig.from_dict({"wandb": {"project": "p", "mode": "disabled"}, "progress_bar": False})
     model = TinyMLM(config)
-    data = DataSpec([packed_batch([40, 30], 1, 64)], get_num_samples_in_batch=lambda b: b["num_rows"],
-                    get_num_tokens_in_batch=lambda b: len(b["input_ids"]), split_batch=lambda b, size: [b])
+    data = DataSpec(
+        [packed_batch([40, 30], 1, 64)],
+        get_num_samples_in_batch=lambda b: b["num_rows"],
+        get_num_tokens_in_batch=lambda b: len(b["input_ids"]),
+        split_batch=lambda b, size: [b],
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = Trainer(model=model, train_dataloader=data, max_duration="1ba", device="cpu", run_name="fresh",
-                          device_train_microbatch_size=1,
-                          optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3), autoresume=True,
-                          save_folder=str(tmp_path / "checkpoints"), loggers=build_loggers(logging, tmp_path, "fresh"),
-                          progress_bar=False)
+        trainer = Trainer(
+            model=model,
+            train_dataloader=data,
+            max_duration="1ba",
+            device="cpu",
+            run_name="fresh",
+            device_train_microbatch_size=1,
+            optimizers=torch.optim.AdamW(model.parameters(), lr=1e-3),
+            autoresume=True,
+            save_folder=str(tmp_path / "checkpoints"),
+            loggers=build_loggers(logging, tmp_path, "fresh"),
+            progress_bar=False,
+        )
         trainer.fit()
         trainer.close()
     assert (tmp_path / "checkpoints" / "latest-rank0.pt").exists()

@@ -8,31 +8,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexbert.cli import load_yaml_config
 from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
-from flexbert.typed_config import ConfigError
+from flexbert.typed_config import ConfigError, load_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("values,key_path,message", [
-    ({"hidden_sizee": 768}, "model.hidden_sizee", "unknown key"),
-    ({"blocks": {"mlpp": "glu"}}, "model.blocks.mlpp", "unknown key"),
-    ({"hidden_size": 100, "num_attention_heads": 12}, "model.hidden_size", "not divisible"),
-    ({"hidden_size": 60, "num_attention_heads": 4}, "model.num_attention_heads", "odd"),
-    ({"local_attention": 127}, "model.local_attention", "even"),
-    ({"pad_token_id": 50368}, "model.pad_token_id", "outside the vocabulary"),
-    ({"vocab_size": 1000}, "model.pad_token_id", "outside the vocabulary"),
-    ({"cls_token_id": -1}, "model.cls_token_id", "outside the vocabulary"),
-    ({"attn_backend": "xformers"}, "model.attn_backend", "unknown backend"),
-    ({"hidden_size": "768"}, "model.hidden_size", "expected an integer"),
-    ({"norm_bias": "no"}, "model.norm_bias", "expected a boolean"),
-    ({"blocks": {"mlp": "swiglu"}}, "model.blocks.mlp", "registered: glu, mlp"),
-    ({"hidden_activation": "gelu_fast"}, "model.hidden_activation", "unknown activation"),
-    ({"global_rope_theta": -1}, "model.global_rope_theta", "must be > 0"),
-    ({"preset": "modernbert-huge"}, "model.preset", "unknown preset"),
-    ({"plugins": ["no_such_module_xyz"]}, "model.plugins[0]", "cannot import"),
-])
+@pytest.mark.parametrize(
+    "values,key_path,message",
+    [
+        ({"hidden_sizee": 768}, "model.hidden_sizee", "unknown key"),
+        ({"blocks": {"mlpp": "glu"}}, "model.blocks.mlpp", "unknown key"),
+        ({"hidden_size": 100, "num_attention_heads": 12}, "model.hidden_size", "not divisible"),
+        ({"hidden_size": 60, "num_attention_heads": 4}, "model.num_attention_heads", "odd"),
+        ({"local_attention": 127}, "model.local_attention", "even"),
+        ({"pad_token_id": 50368}, "model.pad_token_id", "outside the vocabulary"),
+        ({"vocab_size": 1000}, "model.pad_token_id", "outside the vocabulary"),
+        ({"cls_token_id": -1}, "model.cls_token_id", "outside the vocabulary"),
+        ({"attn_backend": "xformers"}, "model.attn_backend", "unknown backend"),
+        ({"hidden_size": "768"}, "model.hidden_size", "expected an integer"),
+        ({"norm_bias": "no"}, "model.norm_bias", "expected a boolean"),
+        ({"blocks": {"mlp": "geglu"}}, "model.blocks.mlp", "registered: glu, mlp"),
+        (
+            {"blocks": {"mlp": {"name": "swiglu", "multiple_of": "8"}}},
+            "model.blocks.mlp.multiple_of",
+            "expected an integer",
+        ),
+        ({"blocks": {"mlp": {"name": "glu", "multiple_of": 8}}}, "model.blocks.mlp.multiple_of", "takes no options"),
+        ({"hidden_activation": "gelu_fast"}, "model.hidden_activation", "must be one of \\['gelu'"),
+        ({"global_rope_theta": -1}, "model.global_rope_theta", "must be > 0"),
+        ({"preset": "modernbert-huge"}, "model.preset", "unknown preset"),
+        ({"plugins": ["no_such_module_xyz"]}, "model.plugins[0]", "cannot import"),
+    ],
+)
 def test_bad_value_names_its_field(values, key_path, message):
     with pytest.raises(ConfigError, match=message) as info:
         FlexBertConfig.from_dict(values)
@@ -53,8 +61,9 @@ def test_flex_refuses_attention_probability_dropout():
 
 
 def test_preset_keys_can_be_overridden():
-    config = FlexBertConfig.from_dict({"preset": "modernbert-large", "num_hidden_layers": 2,
-                                       "blocks": {"norm": "rmsnorm"}})
+    config = FlexBertConfig.from_dict(
+        {"preset": "modernbert-large", "num_hidden_layers": 2, "blocks": {"norm": "rmsnorm"}}
+    )
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (1024, 2, 2624)
     assert config.blocks.norm == "rmsnorm" and config.blocks.mlp == "glu"
 

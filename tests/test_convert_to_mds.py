@@ -11,19 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from tokenizers import Tokenizer, models, pre_tokenizers
+from conftest import ROOT, TOKENIZER
 
 from flexbert.data import convert
 from flexbert.data.convert import ConversionError, convert_to_mds
 from flexbert.data.sources import BadRecords, SourceError, find_inputs, plan_slices, read_slice
-from conftest import ROOT, TOKENIZER
-
 from flexbert.data.tokenizer import TokenizerError, load_tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 # Reading back builds streaming datasets; see test_remote_streaming.py for why they share a group.
 pytestmark = pytest.mark.xdist_group("streaming")
-
-
 
 
 DOCUMENTS = [
@@ -93,7 +90,8 @@ def make_input(kind: str, directory: Path, documents: list[str]) -> Path:
         import datasets  # imported here: it takes seconds
 
         datasets.Dataset.from_dict({"id": list(range(len(documents))), "text": documents}).save_to_disk(
-            directory / "saved")
+            directory / "saved"
+        )
         return directory / "saved"
     raise AssertionError(kind)
 
@@ -106,8 +104,10 @@ def test_each_input_kind_converts_to_the_tokenizers_ids(tmp_path, kind):
 
     assert summary.total.documents == len(DOCUMENTS) and not summary.total.bad.counts
     index = json.loads((tmp_path / "out" / "index.json").read_text())
-    assert {(tuple(shard["column_names"]), tuple(shard["column_encodings"]), shard["compression"])
-            for shard in index["shards"]} == {(("input_ids",), ("ndarray:uint16",), "zstd")}
+    assert {
+        (tuple(shard["column_names"]), tuple(shard["column_encodings"]), shard["compression"])
+        for shard in index["shards"]
+    } == {(("input_ids",), ("ndarray:uint16",), "zstd")}
     assert_same_samples(read_back(tmp_path / "out", tmp_path / "cache"), expected_ids(DOCUMENTS))
 
 
@@ -124,8 +124,9 @@ def test_plain_json_lines_cut_anywhere_are_read_once_each(tmp_path):
 def test_long_documents_stay_whole_and_empty_ones_are_skipped(tmp_path):
     long_document = " ".join(f"word{index}" for index in range(30_000))
     documents = ["", long_document, "after the long one"]
-    summary = convert_to_mds([write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path / "out", TOKENIZER,
-                             workers=1, progress=False)
+    summary = convert_to_mds(
+        [write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path / "out", TOKENIZER, workers=1, progress=False
+    )
 
     samples = read_back(tmp_path / "out", tmp_path / "cache")
     assert summary.total.empty == 1 and summary.total.documents == 2
@@ -141,8 +142,9 @@ def test_a_vocabulary_past_uint16_is_stored_as_uint32(tmp_path):
     tokenizer.save(str(tmp_path / "wide" / "tokenizer.json"))
     documents = ["w1 w69999 w65536", "w65535 unknown w2"]
 
-    convert_to_mds([write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path / "out", tmp_path / "wide",
-                   workers=1, progress=False)
+    convert_to_mds(
+        [write_jsonl(tmp_path / "a.jsonl", documents)], tmp_path / "out", tmp_path / "wide", workers=1, progress=False
+    )
 
     samples = read_back(tmp_path / "out", tmp_path / "cache")
     assert_same_samples(samples, [[6, 70004, 65541], [65540, 0, 7]], dtype="uint32")
@@ -150,8 +152,17 @@ def test_a_vocabulary_past_uint16_is_stored_as_uint32(tmp_path):
 
 def corpus_with_bad_records(path: Path, good: int) -> Path:
     lines = [json.dumps({"text": f"document {index}"}).encode() for index in range(good)]
-    lines += [b"{not json", b'{"title": "no text"}', b'["not", "an", "object"]', b'{"text": 5}', b'{"text": null}',
-              b'{"text": "\xff\xfe not utf-8"}', b'{"text": "\\ud800 a lone surrogate"}', b"", b"   "]
+    lines += [
+        b"{not json",
+        b'{"title": "no text"}',
+        b'["not", "an", "object"]',
+        b'{"text": 5}',
+        b'{"text": null}',
+        b'{"text": "\xff\xfe not utf-8"}',
+        b'{"text": "\\ud800 a lone surrogate"}',
+        b"",
+        b"   ",
+    ]
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path
 
@@ -237,8 +248,7 @@ def test_workers_do_not_change_the_output(tmp_path):
     documents = [f"Document {index}. " + "text " * (index % 17) for index in range(300)]
     corpus = write_jsonl(tmp_path / "a.jsonl", documents)
     for workers in (1, 2):
-        convert_to_mds([corpus], tmp_path / f"out{workers}", TOKENIZER, workers=workers, unit_size=1024,
-                       progress=False)
+        convert_to_mds([corpus], tmp_path / f"out{workers}", TOKENIZER, workers=workers, unit_size=1024, progress=False)
 
     assert (tmp_path / "out1" / "index.json").read_text() == (tmp_path / "out2" / "index.json").read_text()
     assert shard_files(tmp_path / "out1") == shard_files(tmp_path / "out2")
@@ -272,14 +282,17 @@ def parquet_without_text(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("problem, error, message", [
-    ("missing input", SourceError, "input not found: .*missing.jsonl does not exist"),
-    ("unknown tokenizer", TokenizerError, "tokenizer not found"),
-    ("empty corpus", ConversionError, "empty corpus"),
-    ("no text column", SourceError, "no column 'text' \\(columns: content\\)"),
-    ("no input files", SourceError, "no input files under"),
-    ("truncated archive", SourceError, "corrupt or truncated archive"),
-])
+@pytest.mark.parametrize(
+    "problem, error, message",
+    [
+        ("missing input", SourceError, "input not found: .*missing.jsonl does not exist"),
+        ("unknown tokenizer", TokenizerError, "tokenizer not found"),
+        ("empty corpus", ConversionError, "empty corpus"),
+        ("no text column", SourceError, "no column 'text' \\(columns: content\\)"),
+        ("no input files", SourceError, "no input files under"),
+        ("truncated archive", SourceError, "corrupt or truncated archive"),
+    ],
+)
 def test_a_bad_request_is_one_clear_error_and_writes_nothing(tmp_path, problem, error, message):
     inputs, tokenizer = [write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)], TOKENIZER
     if problem == "missing input":
@@ -305,14 +318,33 @@ def test_a_bad_request_is_one_clear_error_and_writes_nothing(tmp_path, problem, 
 
 def test_the_command_line_reports_errors_in_one_line_with_status_2(tmp_path):
     missing = tmp_path / "missing.jsonl"
-    command = [sys.executable, str(ROOT / "data_prep" / "convert_to_mds.py"), "--input", str(missing),
-               "--output", str(tmp_path / "out"), "--tokenizer", str(TOKENIZER)]
+    command = [
+        sys.executable,
+        str(ROOT / "data_prep" / "convert_to_mds.py"),
+        "--input",
+        str(missing),
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        str(TOKENIZER),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [f"convert_to_mds: error: input not found: {missing} does not exist"]
+    assert result.stderr.splitlines() == [f"flexbert: error: input not found: {missing} does not exist"]
 
     help_text = subprocess.run(command[:2] + ["--help"], capture_output=True, text=True, cwd=ROOT, timeout=120).stdout
-    for option in ("--input", "--output", "--tokenizer", "--text-field", "--workers", "--max-bad-fraction",
-                   "--overwrite", "--shard-size", "--unit-size", "ndarray:uint16", "s3://"):
+    for option in (
+        "--input",
+        "--output",
+        "--tokenizer",
+        "--text-field",
+        "--workers",
+        "--max-bad-fraction",
+        "--overwrite",
+        "--shard-size",
+        "--unit-size",
+        "ndarray:uint16",
+        "s3://",
+    ):
         assert option in help_text

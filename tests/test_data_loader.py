@@ -14,13 +14,13 @@ from conftest import TOKENIZER
 from data_helpers import document_tokens, random_lengths, write_stream
 
 from flexbert.data.loader import PackedMLMLoader
-from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.streams import LoaderConfig
 from flexbert.data.tokenizer import load_tokenizer
+from flexbert.model.losses import IGNORE_INDEX
 from flexbert.typed_config import from_dict
 
 pytestmark = [
-    pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
+    pytest.mark.xdist_group("streaming")  # see test_remote_streaming.py
 ]
 LENGTHS = {"web": random_lengths(120, seed=1), "code": random_lengths(80, seed=2, high=2500)}
 
@@ -34,8 +34,14 @@ def corpus(tmp_path_factory):
 
 
 def loader_config(corpus, streams=None, **overrides) -> LoaderConfig:
-    values = dict(tokenizer=str(TOKENIZER), max_seq_len=256, rows_per_batch=4, sample_batch_size=8, epochs=1,
-                  streams=streams or {name: {"local": str(corpus / name)} for name in LENGTHS})
+    values = dict(
+        tokenizer=str(TOKENIZER),
+        max_seq_len=256,
+        rows_per_batch=4,
+        sample_batch_size=8,
+        epochs=1,
+        streams=streams or {name: {"local": str(corpus / name)} for name in LENGTHS},
+    )
     values.update(overrides)
     return from_dict(LoaderConfig, values, "train_loader")
 
@@ -55,7 +61,9 @@ def test_one_epoch_covers_every_document_exactly_once(corpus):
     for batch in loader:
         assert batch.num_rows <= 4 and batch.max_seqlen <= 256
         tokens = originals(batch)
-        for (stream, sample, start, end), a, b in zip(batch.piece_keys.tolist(), batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
+        for (stream, sample, start, end), a, b in zip(
+            batch.piece_keys.tolist(), batch.cu_seqlens[:-1], batch.cu_seqlens[1:]
+        ):
             piece = tokens[a:b]
             assert piece[0] == 50281 and piece[-1] == 50282  # [CLS] ... [SEP]
             spans.setdefault((stream, sample), {})[start] = (end, piece[1:-1].numpy())
@@ -70,12 +78,14 @@ def test_one_epoch_covers_every_document_exactly_once(corpus):
 
 
 def test_mixture_proportions(corpus):
-    streams = {"web": {"local": str(corpus / "web"), "proportion": 0.75},
-               "code": {"local": str(corpus / "code"), "proportion": 0.25}}
+    streams = {
+        "web": {"local": str(corpus / "web"), "proportion": 0.75},
+        "code": {"local": str(corpus / "code"), "proportion": 0.25},
+    }
     loader = make_loader(loader_config(corpus, streams, epoch_size=400))
     documents = {}
     for batch in loader:
-        for stream, sample, start, _ in batch.piece_keys.tolist():
+        for stream, _sample, start, _ in batch.piece_keys.tolist():
             if start == 0:
                 documents[stream] = documents.get(stream, 0) + 1
     assert documents[0] + documents[1] == 400
@@ -115,8 +125,15 @@ def test_ddp_ranks_get_distinct_data_and_resume_exactly(corpus, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, str(DDP_WORKER), str(corpus), str(TOKENIZER), str(tmp_path)],
-            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                 "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+            env={
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
         )
         for rank in range(2)
     ]

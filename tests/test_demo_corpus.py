@@ -10,7 +10,13 @@ import pytest
 
 from flexbert.data.atomic_output import OutputExistsError
 from flexbert.data.demo_corpus import (
-    MAX_DOCUMENT_SHARE, MIN_CHARS, PART, SCIENCE_PACKAGES, DemoCorpusError, build_demo_corpus, module_docstrings,
+    MAX_DOCUMENT_SHARE,
+    MIN_CHARS,
+    PART,
+    SCIENCE_PACKAGES,
+    DemoCorpusError,
+    build_demo_corpus,
+    module_docstrings,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,8 +25,7 @@ CAP = 200_000
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "data_prep/build_demo_corpus.py", *args], cwd=REPO, capture_output=True, text=True,
-        timeout=120,
+        [sys.executable, "data_prep/build_demo_corpus.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -34,7 +39,7 @@ def corpus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "corpus"
     result = run_cli(str(out), "--max-bytes-per-source", str(CAP), "--no-progress")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("build_demo_corpus: code ")
+    assert result.stdout.startswith("flexbert prepare corpus: code ")
     return out
 
 
@@ -100,8 +105,7 @@ def test_an_existing_output_is_refused_and_kept(tmp_path):
     result = run_cli(str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr == (
-        f"build_demo_corpus: error: output {tmp_path / 'out'} already exists and is not empty; "
-        "use --overwrite to replace it\n"
+        f"flexbert: error: output {tmp_path / 'out'} already exists and is not empty; use --overwrite to replace it\n"
     )
 
 

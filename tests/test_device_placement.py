@@ -14,18 +14,17 @@ import pytest
 import torch
 from composer.core import Event
 from composer.devices import Device
+from conftest import tiny_config
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from conftest import tiny_config
 from train_helpers import tiny_recipe, write_corpus
 
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.packing import PackedBatch
 from flexbert.model import FlexBertForMaskedLM, backends
-from flexbert.train.batching import data_spec
-from flexbert.train.composer_model import ComposerMLM
-from flexbert.train.config import TrainConfig
 from flexbert.train.flops import TrainingFlops
+from flexbert.train.pretrain import TrainConfig
+from flexbert.train.step import ComposerMLM, data_spec
 
 pytestmark = pytest.mark.xdist_group("streaming")  # builds a streaming dataset
 
@@ -67,9 +66,8 @@ def cpu_batches(tmp_path_factory):
     long documents split over rows, and a batch that opens with the last rows of an epoch."""
     root = tmp_path_factory.mktemp("placement")
     corpus = write_corpus(root / "corpus", {"web": [20, 150, 7, 90, 33, 61, 5], "code": [120, 44, 9, 70]})
-    recipe = tiny_recipe(corpus, root / "runs", **{"train_loader.rows_per_batch": 6})
-    config = TrainConfig.from_dict(recipe)
-    loader = PackedMLMLoader(config.train_loader, config.tokenizer, config.model_config.vocab_size)
+    config = TrainConfig.from_dict(tiny_recipe(corpus, root / "runs"))
+    loader = PackedMLMLoader(config.train_loader, config.tokenizer, config.model_config.vocab_size, batch_rows=6)
     spec = data_spec(loader)
     batches = []
     for batch in spec.dataloader:
@@ -118,8 +116,9 @@ def test_split_and_counts_on_the_device_match_the_cpu(cpu_batches, microbatch_ro
                 else:
                     assert meta[key] == value, key
             for token_type in ("total", "loss_generating"):
-                assert (spec.get_num_tokens_in_batch(meta, token_type=token_type)
-                        == spec.get_num_tokens_in_batch(cpu, token_type=token_type))
+                assert spec.get_num_tokens_in_batch(meta, token_type=token_type) == spec.get_num_tokens_in_batch(
+                    cpu, token_type=token_type
+                )
             assert spec.get_num_samples_in_batch(meta) == spec.get_num_samples_in_batch(cpu) == cpu["num_rows"]
         assert sum(mb["num_rows"] for mb in on_meta) == batch["num_rows"]
         assert sum(spec.get_num_tokens_in_batch(mb) for mb in on_meta) == spec.get_num_tokens_in_batch(batch)
@@ -139,7 +138,7 @@ def test_microbatches_are_the_rows_they_claim_to_be(cpu_batches, microbatch_rows
             start, end = cu[first_piece], cu[end_piece]
             assert torch.equal(micro["input_ids"], batch["input_ids"][start:end])
             assert torch.equal(micro["labels"], batch["labels"][start:end])
-            assert micro["cu_seqlens"].tolist() == [c - start for c in cu[first_piece:end_piece + 1]]
+            assert micro["cu_seqlens"].tolist() == [c - start for c in cu[first_piece : end_piece + 1]]
             assert micro["host_cu_seqlens"].tolist() == micro["cu_seqlens"].tolist()
             labelled = torch.nonzero(micro["labels"] != -100).squeeze(1)
             assert torch.equal(micro["masked_index"], labelled)
@@ -155,9 +154,14 @@ def test_the_whole_microbatch_step_runs_on_the_device(cpu_batches, monkeypatch):
     spec, batches, model_config = cpu_batches
     # sdpa groups documents by length only where lengths are host values; treat nothing as host.
     monkeypatch.setattr(backends, "GROUPING_DEVICES", ())
-    config = tiny_config(vocab_size=model_config.vocab_size, pad_token_id=model_config.pad_token_id,
-                         cls_token_id=model_config.cls_token_id, sep_token_id=model_config.sep_token_id,
-                         local_attention=16, loss_chunk_tokens=16)
+    config = tiny_config(
+        vocab_size=model_config.vocab_size,
+        pad_token_id=model_config.pad_token_id,
+        cls_token_id=model_config.cls_token_id,
+        sep_token_id=model_config.sep_token_id,
+        local_attention=16,
+        loss_chunk_tokens=16,
+    )
     model = ComposerMLM(FlexBertForMaskedLM(config)).to("meta")
     flops = TrainingFlops.of(config)
     metric = model.get_metrics(is_train=True)["MaskedAccuracy"].to("meta")
@@ -193,12 +197,13 @@ def test_the_step_end_callbacks_read_no_device_value(cpu_batches, tmp_path):
     and the sample-id log (whose keys are host arrays)."""
     from test_callbacks_loggers import Harness
 
-    from flexbert.train.callbacks import PackingMonitor, ThroughputMonitor
+    from flexbert.train.monitors import PackingMonitor, ThroughputMonitor
     from flexbert.train.sample_ids import SampleIdLog, read_sample_ids
 
     _, batches, model_config = cpu_batches
-    harness = Harness(PackingMonitor(), ThroughputMonitor(model_config, peak_tflops=1.0, window=2),
-                      SampleIdLog(tmp_path))
+    harness = Harness(
+        PackingMonitor(), ThroughputMonitor(model_config, peak_tflops=1.0, window=2), SampleIdLog(tmp_path)
+    )
     harness.event(Event.FIT_START)
     for batch in batches:
         with DevicesMustNotMix():
@@ -214,7 +219,7 @@ def test_the_exported_model_is_found_inside_any_training_wrapper(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from flexbert.train.composer_model import flexbert_module, full_weights
+    from flexbert.train.step import flexbert_module, full_weights
 
     model = FlexBertForMaskedLM(tiny_config())
     started_here = not dist.is_initialized()  # an in-process trainer of another test may have started one

@@ -20,12 +20,12 @@ import yaml
 from conftest import ROOT, TOKENIZER
 from train_helpers import command, environment, run_recipe, tiny_recipe, write_corpus, write_recipe
 
-from flexbert.cli import load_yaml_config
 from flexbert.sweep import run_sweep
-from flexbert.train.batching import BatchSizeSchedule, BatchWarmupConfig
+from flexbert.train.checkpoint import LATEST_LINK
 from flexbert.train.loggers import read_metrics
-from flexbert.train.resume import LATEST_LINK
 from flexbert.train.sample_ids import read_sample_ids, trained_pieces
+from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig
+from flexbert.typed_config import load_yaml_config
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trainings never share the 2 cores (see test_finetune.py)
 
@@ -34,8 +34,10 @@ pytestmark = pytest.mark.xdist_group("streaming")  # trainings never share the 2
 def small_corpus(tmp_path_factory):
     """About 20 rows of 64 tokens per rank: an epoch ends every few steps."""
     rng = random.Random(5)
-    return write_corpus(tmp_path_factory.mktemp("corpus"), {
-        "web": [rng.randint(5, 100) for _ in range(24)], "code": [rng.randint(5, 100) for _ in range(24)]})
+    return write_corpus(
+        tmp_path_factory.mktemp("corpus"),
+        {"web": [rng.randint(5, 100) for _ in range(24)], "code": [rng.randint(5, 100) for _ in range(24)]},
+    )
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
@@ -44,15 +46,30 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
 
 # --- pretraining ------------------------------------------------------------------------------------
 
+
 def test_pretraining_with_eval_export_warmup_and_an_epoch_boundary(small_corpus, tmp_path):
     transformers = pytest.importorskip("transformers")
     warmup = {"start_rows": 4, "duration": "1_500tok"}
     recipe = tiny_recipe(
-        small_corpus, tmp_path, max_duration="10ba", save_interval="5ba", eval_interval="5ba",
-        global_batch_rows=8, device_microbatch_rows=2, batch_warmup=warmup, hf_export={"interval": "5ba"},
-        eval_loader={"tokenizer": str(TOKENIZER), "max_seq_len": 64, "rows_per_batch": 2, "shuffle": False,
-                     "epochs": 1, "streams": {"web": {"local": str(small_corpus / "web")}}},
-        **{"debug.log_sample_ids": True, "logging.peak_tflops": 1.0, "train_loader.sample_batch_size": 4})
+        small_corpus,
+        tmp_path,
+        max_duration="10ba",
+        save_interval="5ba",
+        eval_interval="5ba",
+        global_batch_rows=8,
+        device_microbatch_rows=2,
+        batch_warmup=warmup,
+        hf_export={"interval": "5ba"},
+        eval_loader={
+            "tokenizer": str(TOKENIZER),
+            "max_seq_len": 64,
+            "rows_per_batch": 2,
+            "shuffle": False,
+            "epochs": 1,
+            "streams": {"web": {"local": str(small_corpus / "web")}},
+        },
+        **{"debug.log_sample_ids": True, "logging.peak_tflops": 1.0, "train_loader.sample_batch_size": 4},
+    )
     run_recipe(write_recipe(tmp_path / "recipe.yaml", recipe), nproc=2)
     run_dir = tmp_path / "tiny"
 
@@ -74,18 +91,33 @@ def test_pretraining_with_eval_export_warmup_and_an_epoch_boundary(small_corpus,
 
     # Rank 0 exported while rank 1 waited; the final export holds the final weights.
     assert sorted(p.name for p in (run_dir / "hf").iterdir()) == ["ba10", "ba5"]
-    hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(run_dir / "hf" / "ba10", output_loading_info=True)
+    hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+        run_dir / "hf" / "ba10", output_loading_info=True
+    )
     assert not any(info.values())
     final = torch.load(run_dir / "checkpoints" / LATEST_LINK, weights_only=False)["state"]["model"]
     assert all(torch.equal(tensor, final[f"model.{name}"]) for name, tensor in hf_model.state_dict().items())
 
 
 def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resumes(small_corpus, tmp_path):
-    recipe = tiny_recipe(small_corpus, tmp_path, max_duration="100000ba", save_interval="100000ba", autoresume=True,
-                         global_batch_rows=8, **{"debug.log_sample_ids": True, "logging.peak_tflops": 1.0})
+    recipe = tiny_recipe(
+        small_corpus,
+        tmp_path,
+        max_duration="100000ba",
+        save_interval="100000ba",
+        autoresume=True,
+        global_batch_rows=8,
+        **{"debug.log_sample_ids": True, "logging.peak_tflops": 1.0},
+    )
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    process = subprocess.Popen(command(path, nproc=2), cwd=ROOT, env=environment(2), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(path, nproc=2),
+        cwd=ROOT,
+        env=environment(2),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "tiny" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -116,10 +148,21 @@ def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resume
 
 @pytest.mark.parametrize("action", ["stop", "skip"])
 def test_nan_on_one_rank_is_caught_on_every_rank(small_corpus, tmp_path, action):
-    recipe = tiny_recipe(small_corpus, tmp_path, max_duration="5ba", global_batch_rows=8,
-                         **{"nan_guard.action": action, "logging.peak_tflops": 1.0})
-    stderr = run_recipe(write_recipe(tmp_path / "recipe.yaml", recipe), nproc=2, script=ROOT / "tests" / "nan_at_step.py",
-                        fails=action == "stop", FLEXBERT_TEST_NAN_STEP="2", FLEXBERT_TEST_NAN_RANK="1")
+    recipe = tiny_recipe(
+        small_corpus,
+        tmp_path,
+        max_duration="5ba",
+        global_batch_rows=8,
+        **{"nan_guard.action": action, "logging.peak_tflops": 1.0},
+    )
+    stderr = run_recipe(
+        write_recipe(tmp_path / "recipe.yaml", recipe),
+        nproc=2,
+        script=ROOT / "tests" / "nan_at_step.py",
+        fails=action == "stop",
+        FLEXBERT_TEST_NAN_STEP="2",
+        FLEXBERT_TEST_NAN_RANK="1",
+    )
     record = json.loads((tmp_path / "tiny" / "nan_guard.jsonl").read_text())
     assert record["step"] == 2 and len(record["pieces_per_rank"]) == 2 and all(record["pieces_per_rank"])
     losses = logged(tmp_path / "tiny", "loss/train/total")
@@ -159,12 +202,26 @@ def sentiment(tmp_path_factory):
 
 
 def finetune_recipe(train: Path, dev: Path, run_root: Path) -> dict:
-    return load_yaml_config(ROOT / "yamls" / "finetune" / "sst2.yaml", [
-        f"tokenizer={TOKENIZER}", f"run_root={run_root}", f"train_split.path={train}", f"eval_splits.eval.path={dev}",
-        "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
-        "model.intermediate_size=48", "model.attn_backend=sdpa", "max_duration=2ep", "eval_interval=1ep",
-        "batch_size=16", "optimizer.lr=2e-3", "logging.progress_bar=false", "load_path=null",
-    ])
+    return load_yaml_config(
+        ROOT / "yamls" / "finetune" / "sst2.yaml",
+        [
+            f"tokenizer={TOKENIZER}",
+            f"run_root={run_root}",
+            f"train_split.path={train}",
+            f"eval_splits.eval.path={dev}",
+            "model.hidden_size=32",
+            "model.num_hidden_layers=2",
+            "model.num_attention_heads=2",
+            "model.intermediate_size=48",
+            "model.attn_backend=sdpa",
+            "max_duration=2ep",
+            "eval_interval=1ep",
+            "batch_size=16",
+            "optimizer.lr=2e-3",
+            "logging.progress_bar=false",
+            "load_path=null",
+        ],
+    )
 
 
 def test_a_sweep_trains_its_runs_on_two_processes_as_one_would(sentiment, tmp_path, capsys):
@@ -173,8 +230,9 @@ def test_a_sweep_trains_its_runs_on_two_processes_as_one_would(sentiment, tmp_pa
     train, dev = sentiment
     write_recipe(tmp_path / "sst2.yaml", finetune_recipe(train, dev, tmp_path / "unused"))
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"recipe": "sst2.yaml", "grid": {"seed": [1]}, "nproc": 2,
-                                     "metrics": ["metrics/eval/accuracy"]}))
+    sweep.write_text(
+        yaml.safe_dump({"recipe": "sst2.yaml", "grid": {"seed": [1]}, "nproc": 2, "metrics": ["metrics/eval/accuracy"]})
+    )
     assert run_sweep(sweep, tmp_path / "two") == 0, capsys.readouterr().out
     assert run_sweep(sweep, tmp_path / "one", nproc=1) == 0, capsys.readouterr().out
     two, one = tmp_path / "two" / "sst2-seed1", tmp_path / "one" / "sst2-seed1"

@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from flexbert.model import FlexBertForMaskedLM
-from flexbert.model.layout import DocumentLayout
+from flexbert.model import DocumentLayout, FlexBertForMaskedLM
 
 
 def stream_and_cu(lengths, vocab_size=256):
@@ -17,6 +16,7 @@ def stream_and_cu(lengths, vocab_size=256):
 
 
 # --- unpadding and packing --------------------------------------------------------------------
+
 
 def test_padded_api_equals_unpadded_stream():
     model = FlexBertForMaskedLM(tiny_config()).eval()
@@ -62,21 +62,25 @@ def test_layout_positions_restart_per_document():
     assert layout.max_seqlen == 4
 
 
-def test_whole_model_backends_agree_on_outputs_and_gradients():
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_whole_model_backends_agree_on_outputs_and_gradients(backend):
+    """A training step's encoder output, loss and every gradient equal those of the eager backend."""
     lengths = [70, 3, 1, 33, 90]
     stream, cu = stream_and_cu(lengths)
     labels = torch.where(torch.rand(stream.shape) < 0.3, stream, torch.full_like(stream, -100))
     results = {}
-    for backend in ("sdpa", "flex"):
+    for name in ("eager", backend):
         torch.manual_seed(1)
-        model = FlexBertForMaskedLM(tiny_config(attn_backend=backend))
+        model = FlexBertForMaskedLM(tiny_config(attn_backend=name))
         out = model(stream, labels=labels, cu_seqlens=cu, max_seqlen=90)
         out.loss.backward()
-        results[backend] = (out.logits, {n: p.grad for n, p in model.named_parameters()})
-    (logits_a, grads_a), (logits_b, grads_b) = results["sdpa"], results["flex"]
-    torch.testing.assert_close(logits_a, logits_b, atol=1e-5, rtol=0)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=0, msg=name)
+        results[name] = (out.hidden_states, out.loss, {n: p.grad for n, p in model.named_parameters()})
+    (hidden, loss, grads), (expected_hidden, expected_loss, expected_grads) = results[backend], results["eager"]
+    assert hidden.shape == (sum(lengths), 64) and hidden.abs().max() > 0.1
+    torch.testing.assert_close(hidden, expected_hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=0, msg=name)
 
 
 def test_document_longer_than_max_positions_is_refused():
@@ -86,6 +90,7 @@ def test_document_longer_than_max_positions_is_refused():
 
 
 # --- MLM head and sparse prediction -------------------------------------------------------------
+
 
 def test_sparse_prediction_equals_dense_logits_at_labelled_tokens():
     ids = torch.randint(3, 256, (2, 50))
@@ -142,8 +147,9 @@ def test_masked_index_from_the_host_equals_finding_it_on_the_device():
     cu = torch.tensor([0, 30, 55], dtype=torch.int32)
     model = FlexBertForMaskedLM(tiny_config())
     found, found_grads = mlm_loss_and_grads(model, ids, labels, cu_seqlens=cu, max_seqlen=30)
-    given, given_grads = mlm_loss_and_grads(model, ids, labels, cu_seqlens=cu, max_seqlen=30,
-                                            masked_index=torch.arange(0, sum(lengths), 4))
+    given, given_grads = mlm_loss_and_grads(
+        model, ids, labels, cu_seqlens=cu, max_seqlen=30, masked_index=torch.arange(0, sum(lengths), 4)
+    )
     torch.testing.assert_close(given.loss, found.loss, rtol=0, atol=0)
     for name, grad in found_grads.items():
         torch.testing.assert_close(given_grads[name], grad, rtol=0, atol=0)
@@ -151,13 +157,14 @@ def test_masked_index_from_the_host_equals_finding_it_on_the_device():
 
 # --- architecture details from the spec ----------------------------------------------------------
 
+
 def test_modernbert_structure():
     config = tiny_config(num_hidden_layers=7)
     model = FlexBertForMaskedLM(config)
     layers = model.model.layers
     assert isinstance(layers[0].attn_norm, torch.nn.Identity)
     assert all(isinstance(layer.attn_norm, torch.nn.LayerNorm) for layer in layers[1:])
-    assert [layer.is_global for layer in layers] == [True, False, False, True, False, False, True]
+    assert [layer.layer_type for layer in layers] == ["global", "local", "local", "global", "local", "local", "global"]
     assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
     biases = [name for name, _ in model.named_parameters() if name.endswith("bias")]
     assert biases == ["decoder.bias"]
@@ -175,9 +182,21 @@ def test_geglu_gates_the_second_half():
     torch.testing.assert_close(mlp(x), expected)
 
 
+def test_swiglu_rounds_its_width_and_gates_with_silu():
+    config = tiny_config(hidden_activation="relu", blocks={"mlp": {"name": "swiglu", "multiple_of": 64}})
+    mlp = FlexBertForMaskedLM(config).model.layers[0].mlp
+    assert (mlp.Wi.out_features, mlp.Wo.in_features) == (2 * 128, 128)  # 96 rounded up to 128
+    x = torch.randn(5, 64)
+    input, gate = mlp.Wi(x).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(x), mlp.Wo(torch.nn.functional.silu(input) * gate))
+    unrounded = FlexBertForMaskedLM(tiny_config(blocks={"mlp": "swiglu"})).model.layers[0].mlp
+    assert unrounded.Wo.in_features == 96
+
+
 def test_init_follows_the_spec():
-    config = tiny_config(hidden_size=256, num_attention_heads=4, intermediate_size=512, vocab_size=4096,
-                         num_hidden_layers=8)
+    config = tiny_config(
+        hidden_size=256, num_attention_heads=4, intermediate_size=512, vocab_size=4096, num_hidden_layers=8
+    )
     model = FlexBertForMaskedLM(config)
     out_std = 0.02 / math.sqrt(2 * 8)
     checks = {
@@ -212,12 +231,15 @@ def test_rope_theta_change_applies_immediately():
     torch.testing.assert_close(model(ids).logits, before)
 
 
-@pytest.mark.parametrize("blocks", [
-    {"norm": "rmsnorm"},
-    {"mlp": "mlp"},
-    {"layer": "postnorm"},
-    {"embeddings": "learned_absolute", "attention": "plain"},
-])
+@pytest.mark.parametrize(
+    "blocks",
+    [
+        {"norm": "rmsnorm"},
+        {"mlp": "mlp"},
+        {"layer": "postnorm"},
+        {"embeddings": "learned_absolute", "attention": "plain"},
+    ],
+)
 def test_ablation_blocks_train(blocks):
     config = tiny_config(blocks=blocks)
     model = FlexBertForMaskedLM(config)
@@ -244,6 +266,7 @@ def test_learned_positions_restart_per_document():
 
 
 # --- fine-tuning heads ----------------------------------------------------------------------------
+
 
 def test_sequence_classifier_pools_each_packed_document():
     from flexbert.model import FlexBertForSequenceClassification

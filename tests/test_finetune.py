@@ -8,26 +8,39 @@ import pytest
 import torch
 from conftest import ROOT, SHARED, STSB, TOKENIZER, needs_stsb
 
-from flexbert.cli import load_yaml_config
 from flexbert.data.labeled import LabeledDataError, SplitConfig, batches, load_split
 from flexbert.data.tokenizer import load_tokenizer
 from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
+from flexbert.typed_config import load_yaml_config
 
 pytestmark = [
     # Training runs share one xdist group (see test_remote_streaming.py): two at once on 2 cores
     # oversubscribe torch's threads and each runs many times slower.
-    pytest.mark.xdist_group("streaming"),
+    pytest.mark.xdist_group("streaming")
 ]
 
 
 @needs_stsb
 def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
-    raw = load_yaml_config(ROOT / "yamls" / "finetune" / "stsb.yaml", [
-        f"vars.glue={SHARED / 'data' / 'glue'}", f"tokenizer={TOKENIZER}", f"run_root={tmp_path}",
-        "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-        "model.intermediate_size=96", "model.attn_backend=sdpa", "train_split.limit=1200", "eval_splits.eval.limit=400",
-        "max_duration=4ep", "batch_size=32", "optimizer.lr=1e-3", "logging.progress_bar=false",
-    ])
+    raw = load_yaml_config(
+        ROOT / "yamls" / "finetune" / "stsb.yaml",
+        [
+            f"vars.glue={SHARED / 'data' / 'glue'}",
+            f"tokenizer={TOKENIZER}",
+            f"run_root={tmp_path}",
+            "model.hidden_size=64",
+            "model.num_hidden_layers=2",
+            "model.num_attention_heads=4",
+            "model.intermediate_size=96",
+            "model.attn_backend=sdpa",
+            "train_split.limit=1200",
+            "eval_splits.eval.limit=400",
+            "max_duration=4ep",
+            "batch_size=32",
+            "optimizer.lr=1e-3",
+            "logging.progress_bar=false",
+        ],
+    )
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "finetune-stsb" / "metrics.jsonl").open()]
@@ -41,8 +54,12 @@ def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
 @needs_stsb
 def test_labelled_splits_and_batches():
     tokenizer = load_tokenizer(TOKENIZER)
-    split = load_split(SplitConfig(str(STSB / "dev.tsv"), ["sentence1", "sentence2"], "score", limit=50),
-                       tokenizer, num_labels=1, max_seq_len=128)
+    split = load_split(
+        SplitConfig(str(STSB / "dev.tsv"), ["sentence1", "sentence2"], "score", limit=50),
+        tokenizer,
+        num_labels=1,
+        max_seq_len=128,
+    )
     assert split.labels.dtype == torch.float32 and len(split.token_ids) == 50
     first = split.token_ids[0]
     assert first[0] == tokenizer.cls_id and first[-1] == tokenizer.sep_id
@@ -94,12 +111,21 @@ def test_fine_tuning_starts_from_our_checkpoint_or_an_hf_directory(tmp_path):
             if not name.startswith("classifier."):
                 assert torch.equal(tensor, pretrained.state_dict()[name]), (source, name)
     with pytest.raises(ConfigError, match="different architecture"):
-        load_pretrained(FlexBertForSequenceClassification(tiny_config(hidden_size=32, num_attention_heads=2), 3),
-                        str(checkpoint))
+        load_pretrained(
+            FlexBertForSequenceClassification(tiny_config(hidden_size=32, num_attention_heads=2), 3), str(checkpoint)
+        )
 
 
-GLUE_METRICS = {"cola": ["mcc"], "sst2": ["accuracy"], "mrpc": ["accuracy", "f1"], "stsb": ["pearson", "spearman"],
-                "qqp": ["accuracy", "f1"], "mnli": ["accuracy"], "qnli": ["accuracy"], "rte": ["accuracy"]}
+GLUE_METRICS = {
+    "cola": ["mcc"],
+    "sst2": ["accuracy"],
+    "mrpc": ["accuracy", "f1"],
+    "stsb": ["pearson", "spearman"],
+    "qqp": ["accuracy", "f1"],
+    "mnli": ["accuracy"],
+    "qnli": ["accuracy"],
+    "rte": ["accuracy"],
+}
 
 
 @pytest.mark.parametrize("task", GLUE_METRICS)
@@ -115,19 +141,30 @@ def test_glue_recipes_use_the_official_metrics(task):
 
 def test_headerless_tsv_with_named_columns(tmp_path):
     cola = tmp_path / "train.tsv"
-    cola.write_text("gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more we study verbs.\n")
-    split = load_split(SplitConfig(str(cola), ["sentence"], header=["source", "label", "original_label", "sentence"]),
-                       load_tokenizer(TOKENIZER), num_labels=2, max_seq_len=64)
+    cola.write_text(
+        "gj04\t1\t\tThe sailors rode the breeze clear of the rocks.\ngj04\t0\t*\tThe more we study verbs.\n"
+    )
+    split = load_split(
+        SplitConfig(str(cola), ["sentence"], header=["source", "label", "original_label", "sentence"]),
+        load_tokenizer(TOKENIZER),
+        num_labels=2,
+        max_seq_len=64,
+    )
     assert split.labels.tolist() == [1, 0] and len(split.token_ids) == 2
 
 
 # --- token classification (NER) -------------------------------------------------------------------
 
+
 def test_entity_spans_and_f1():
     from flexbert.train.metrics import EntityF1, entity_spans
 
     assert entity_spans(["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "I-PER", "B-PER"]) == {
-        (0, 2, "PER"), (3, 5, "LOC"), (5, 6, "PER"), (6, 7, "PER")}
+        (0, 2, "PER"),
+        (3, 5, "LOC"),
+        (5, 6, "PER"),
+        (6, 7, "PER"),
+    }
     names = ["O", "B-PER", "I-PER", "B-LOC"]
     metric = EntityF1(names)
     labels = torch.tensor([-100, 1, 2, -100, 0, 3, -100, -100, 1, 0, -100])
@@ -140,14 +177,22 @@ def write_conll(path: Path, sentences: int, seed: int) -> Path:
     import random
 
     rng = random.Random(seed)
-    people, places, filler = ["Alice", "Bob", "Carol", "Dave"], ["Paris", "Berlin", "Rome"], ["met", "in", "the", "at", "today"]
+    people, places, filler = (
+        ["Alice", "Bob", "Carol", "Dave"],
+        ["Paris", "Berlin", "Rome"],
+        ["met", "in", "the", "at", "today"],
+    )
     lines = ["-DOCSTART- -X- O O", ""]
     for _ in range(sentences):
         words = []
         for _ in range(rng.randint(4, 9)):
             kind = rng.random()
             if kind < 0.2:
-                words += [(rng.choice(people), "B-PER"), ("Smith", "I-PER")] if rng.random() < 0.5 else [(rng.choice(people), "B-PER")]
+                words += (
+                    [(rng.choice(people), "B-PER"), ("Smith", "I-PER")]
+                    if rng.random() < 0.5
+                    else [(rng.choice(people), "B-PER")]
+                )
             elif kind < 0.35:
                 words.append((rng.choice(places), "B-LOC"))
             else:
@@ -160,12 +205,26 @@ def write_conll(path: Path, sentences: int, seed: int) -> Path:
 def test_ner_fine_tuning_learns_entities(tmp_path):
     train = write_conll(tmp_path / "train.txt", 300, seed=0)
     valid = write_conll(tmp_path / "valid.txt", 60, seed=1)
-    raw = load_yaml_config(ROOT / "yamls" / "finetune" / "ner-conll.yaml", [
-        f"tokenizer={TOKENIZER}", f"run_root={tmp_path}", f"train_split.path={train}", f"eval_splits.eval.path={valid}",
-        "task.num_labels=5", "task.label_names=[O,B-PER,I-PER,B-LOC,I-LOC]", "model.hidden_size=64",
-        "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.intermediate_size=96",
-        "model.attn_backend=sdpa", "max_duration=6ep", "batch_size=16", "optimizer.lr=2e-3", "logging.progress_bar=false",
-    ])
+    raw = load_yaml_config(
+        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
+        [
+            f"tokenizer={TOKENIZER}",
+            f"run_root={tmp_path}",
+            f"train_split.path={train}",
+            f"eval_splits.eval.path={valid}",
+            "task.num_labels=5",
+            "task.label_names=[O,B-PER,I-PER,B-LOC,I-LOC]",
+            "model.hidden_size=64",
+            "model.num_hidden_layers=2",
+            "model.num_attention_heads=4",
+            "model.intermediate_size=96",
+            "model.attn_backend=sdpa",
+            "max_duration=6ep",
+            "batch_size=16",
+            "optimizer.lr=2e-3",
+            "logging.progress_bar=false",
+        ],
+    )
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "finetune-ner" / "metrics.jsonl").open()]
@@ -175,6 +234,7 @@ def test_ner_fine_tuning_learns_entities(tmp_path):
 
 
 # --- sentence embeddings --------------------------------------------------------------------------
+
 
 def test_retrieval_metrics():
     from flexbert.train.metrics import Retrieval
@@ -194,21 +254,34 @@ def test_retrieval_metrics():
 
 @needs_stsb
 def test_embedding_training_retrieves_paraphrases(tmp_path):
-    raw = load_yaml_config(ROOT / "yamls" / "finetune" / "embeddings-stsb.yaml", [
-        f"vars.glue={SHARED / 'data' / 'glue'}", f"tokenizer={TOKENIZER}", f"run_root={tmp_path}",
-        "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-        "model.intermediate_size=96", "model.attn_backend=sdpa", "max_duration=3ep", "batch_size=32",
-        "train_split.limit=600",
-        "optimizer.lr=1e-3", "logging.progress_bar=false",
-    ])
+    raw = load_yaml_config(
+        ROOT / "yamls" / "finetune" / "embeddings-stsb.yaml",
+        [
+            f"vars.glue={SHARED / 'data' / 'glue'}",
+            f"tokenizer={TOKENIZER}",
+            f"run_root={tmp_path}",
+            "model.hidden_size=64",
+            "model.num_hidden_layers=2",
+            "model.num_attention_heads=4",
+            "model.intermediate_size=96",
+            "model.attn_backend=sdpa",
+            "max_duration=3ep",
+            "batch_size=32",
+            "train_split.limit=600",
+            "optimizer.lr=1e-3",
+            "logging.progress_bar=false",
+        ],
+    )
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "finetune-embeddings-stsb" / "metrics.jsonl").open()]
     final = [row for row in rows if "metrics/eval/recall_at_10" in row][-1]
     pairs = len(trainer.state.evaluators[0].dataloader.dataloader.split.queries)
     recall, ndcg = final["metrics/eval/recall_at_10"], final["metrics/eval/ndcg_at_10"]
-    print(f"STS-B paraphrase retrieval among {pairs} dev pairs, tiny model from scratch: "
-          f"recall@10 {recall:.3f} (chance {10 / pairs:.3f}), nDCG@10 {ndcg:.3f}")
+    print(
+        f"STS-B paraphrase retrieval among {pairs} dev pairs, tiny model from scratch: "
+        f"recall@10 {recall:.3f} (chance {10 / pairs:.3f}), nDCG@10 {ndcg:.3f}"
+    )
     assert recall > 5 * 10 / pairs
 
 
@@ -216,6 +289,7 @@ def test_labelled_split_from_a_saved_hf_dataset(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"text": ["good film", "bad film", "fine"], "label": [1, 0, 1]}).save_to_disk(
-        str(tmp_path / "saved"))
+        str(tmp_path / "saved")
+    )
     split = load_split(SplitConfig(str(tmp_path / "saved"), ["text"], "label"), load_tokenizer(TOKENIZER), 2, 64)
     assert split.labels.tolist() == [1, 0, 1] and len(split.token_ids) == 3

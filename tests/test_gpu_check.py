@@ -13,9 +13,11 @@ ABSENT = ("composer", "streaming", "omegaconf", "wandb", "datasets", "tokenizers
 
 
 def test_the_gpu_check_runs_in_smoke_mode_without_the_training_stack(tmp_path):
-    launcher = (f"import sys, runpy\nfor name in {ABSENT!r}:\n    sys.modules[name] = None\n"
-                f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--smoke', '--out', {str(tmp_path)!r}]\n"
-                f"runpy.run_path({str(ROOT / 'bench' / 'gpu_check.py')!r}, run_name='__main__')\n")
+    launcher = (
+        f"import sys, runpy\nfor name in {ABSENT!r}:\n    sys.modules[name] = None\n"
+        f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--smoke', '--out', {str(tmp_path)!r}]\n"
+        f"runpy.run_path({str(ROOT / 'bench' / 'gpu_check.py')!r}, run_name='__main__')\n"
+    )
     done = subprocess.run([sys.executable, "-c", launcher], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -25,8 +27,12 @@ def test_the_gpu_check_runs_in_smoke_mode_without_the_training_stack(tmp_path):
     assert set(agreement) == {(k, w) for k in ("sdpa", "flex") for w in ("global", "local 16")}
     assert all(row["ok"] and max(row[key] for key in ("out", "dq", "dk", "dv")) < 1e-4 for row in agreement.values())
     sections = {(row["section"], row["kernel"], row["compiled"]) for row in report["training"]}
-    assert sections >= {("pretraining", "sdpa", False), ("pretraining", "flex", True),
-                        ("context extension", "sdpa", True), ("fsdp2", "sdpa", False)}
+    assert sections >= {
+        ("pretraining", "sdpa", False),
+        ("pretraining", "flex", True),
+        ("context extension", "sdpa", True),
+        ("fsdp2", "sdpa", False),
+    }
     assert all(row["losses_finite"] and row["tokens_per_s"] > 0 for row in report["training"])
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.startswith("GPU check on ") and "| pretraining (2 × 128) | sdpa | off |" in table

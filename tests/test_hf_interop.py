@@ -70,6 +70,7 @@ def assert_one_line_error(result, fragment: str) -> None:
 
 # --- export -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("phase", THETAS)
 def test_export_loads_in_transformers_with_our_logits(phase, tmp_path):
     global_theta, local_theta = THETAS[phase]
@@ -86,8 +87,10 @@ def test_export_loads_in_transformers_with_our_logits(phase, tmp_path):
     assert (config["global_attn_every_n_layers"], config["local_attention"]) == (3, 16)
     # ... and the 5.x names, saying the same.
     assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
-    assert config["rope_parameters"] == {"full_attention": {"rope_type": "default", "rope_theta": global_theta},
-                                         "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+    assert config["rope_parameters"] == {
+        "full_attention": {"rope_type": "default", "rope_theta": global_theta},
+        "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+    }
     # The weights file holds exactly transformers' keys, the tied decoder matrix left out as save_pretrained does.
     saved = safetensors_torch.load_file(tmp_path / "hf" / "model.safetensors")
     expected_keys = set(transformers.ModernBertForMaskedLM(hf_config_from_flexbert(ours.config)).state_dict())
@@ -100,9 +103,16 @@ def phase2_export(tmp_path_factory):
     return ours, export_hf(ours, tmp_path_factory.mktemp("phase2") / "hf")
 
 
-@pytest.mark.parametrize("field,wrong", [("global_rope_theta", 10_000.0), ("local_rope_theta", 160_000.0),
-                                         ("local_attention", 32), ("hidden_activation", "silu"),
-                                         ("classifier_activation", "silu")])
+@pytest.mark.parametrize(
+    "field,wrong",
+    [
+        ("global_rope_theta", 10_000.0),
+        ("local_rope_theta", 160_000.0),
+        ("local_attention", 32),
+        ("hidden_activation", "silu"),
+        ("classifier_activation", "silu"),
+    ],
+)
 def test_a_wrong_value_in_config_json_breaks_parity(phase2_export, field, wrong, tmp_path):
     """Each of these loads without complaint in transformers; only the logits tell."""
     ours, exported = phase2_export
@@ -150,14 +160,17 @@ def test_export_refuses_a_tokenizer_that_does_not_fit(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-@pytest.mark.parametrize("overrides,feature", [
-    ({"blocks": {"norm": "rmsnorm"}}, "model.blocks.norm"),
-    ({"blocks": {"layer": "postnorm"}}, "model.blocks.layer"),
-    ({"blocks": {"embeddings": "learned_absolute", "attention": "plain"}}, "model.blocks.embeddings"),
-    ({"blocks": {"attention": "plain"}}, "model.blocks.attention"),
-    ({"blocks": {"mlp": "mlp"}}, "model.blocks.mlp"),
-    ({"final_norm": False}, "model.final_norm"),
-])
+@pytest.mark.parametrize(
+    "overrides,feature",
+    [
+        ({"blocks": {"norm": "rmsnorm"}}, "model.blocks.norm"),
+        ({"blocks": {"layer": "postnorm"}}, "model.blocks.layer"),
+        ({"blocks": {"embeddings": "learned_absolute", "attention": "plain"}}, "model.blocks.embeddings"),
+        ({"blocks": {"attention": "plain"}}, "model.blocks.attention"),
+        ({"blocks": {"mlp": "mlp"}}, "model.blocks.mlp"),
+        ({"final_norm": False}, "model.final_norm"),
+    ],
+)
 def test_unrepresentable_architectures_are_refused_before_writing(overrides, feature, tmp_path):
     with pytest.raises(ValueError, match=feature):
         export_hf(FlexBertForMaskedLM(tiny_config(**overrides)), tmp_path / "hf")
@@ -179,6 +192,7 @@ def test_training_only_differences_export_and_the_export_says_what_it_mapped(tmp
 
 # --- a training checkpoint, through the command line -------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
@@ -187,16 +201,20 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     """A two-batch run: its recipe and its checkpoint inside the run folder."""
-    from flexbert.train.config import TrainConfig
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import TrainConfig, build_trainer
 
-    recipe = tiny_recipe(corpus, tmp_path_factory.mktemp("runs"), max_duration="2ba", save_interval="2ba",
-                         **{"model.global_rope_theta": 160_000.0})
+    recipe = tiny_recipe(
+        corpus,
+        tmp_path_factory.mktemp("runs"),
+        max_duration="2ba",
+        save_interval="2ba",
+        **{"model.global_rope_theta": 160_000.0},
+    )
     config = TrainConfig.from_dict(recipe)
     trainer = build_trainer(config, recipe)
     trainer.fit()
     trainer.close()
-    return recipe, trainer.state.model.model, config.run_dir / "checkpoints" / "latest-rank0.pt"
+    return recipe, trainer.state.model.model, config.run_dir.checkpoints / "latest-rank0.pt"
 
 
 def test_export_hf_reads_the_run_folder_config(trained, tmp_path, capsys):
@@ -229,14 +247,23 @@ def test_export_hf_outside_the_run_folder_needs_the_recipe(trained, tmp_path, ca
 
 # --- import, and back ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """A ModernBertForMaskedLM made by transformers alone, saved, then imported with the CLI."""
     root = tmp_path_factory.mktemp("import")
     hf_config = transformers.ModernBertConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, local_attention=16,
-        global_rope_theta=10_000.0, local_rope_theta=10_000.0, bos_token_id=50281, eos_token_id=50282,
-        **TOKENIZER_IDS)
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        local_attention=16,
+        global_rope_theta=10_000.0,
+        local_rope_theta=10_000.0,
+        bos_token_id=50281,
+        eos_token_id=50282,
+        **TOKENIZER_IDS,
+    )
     torch.manual_seed(1)
     transformers.ModernBertForMaskedLM(hf_config).save_pretrained(root / "hf")
     assert cli_main(["import-hf", str(root / "hf"), str(root / "imported.pt")]) == 0
@@ -244,8 +271,7 @@ def imported(tmp_path_factory):
 
 
 def test_training_loads_the_imported_weights(imported, corpus, tmp_path):
-    from flexbert.train.config import TrainConfig
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import TrainConfig, build_trainer
 
     hf_dir, checkpoint = imported
     recipe = tiny_recipe(corpus, tmp_path, load_path=str(checkpoint), load_weights_only=True)
@@ -273,26 +299,29 @@ def test_import_then_export_is_bit_identical(imported, tmp_path, capsys):
 
 # --- bad input: one line, nothing written --------------------------------------------------------------
 
+
 def test_bad_input_gives_one_clear_error(imported, tmp_path, capsys):
     hf_dir, checkpoint = imported
     out = tmp_path / "out.pt"
     assert_one_line_error(run_cli(capsys, "import-hf", tmp_path / "nowhere", out), "no config.json")
     bert = tmp_path / "bert"
-    transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                            intermediate_size=32).save_pretrained(bert)
+    transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    ).save_pretrained(bert)
     assert_one_line_error(run_cli(capsys, "import-hf", bert, out), "holds a 'bert' model, not ModernBERT")
     encoder_only = tmp_path / "encoder"
     encoder = transformers.ModernBertModel(transformers.ModernBertConfig.from_pretrained(hf_dir))
     encoder.save_pretrained(encoder_only)
-    assert_one_line_error(run_cli(capsys, "import-hf", encoder_only, out),
-                          "lacks decoder.bias, head.dense.weight")
+    assert_one_line_error(run_cli(capsys, "import-hf", encoder_only, out), "lacks decoder.bias, head.dense.weight")
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".*"))
 
-    assert_one_line_error(run_cli(capsys, "export-hf", tmp_path / "missing.pt", tmp_path / "hf"),
-                          "checkpoint not found")
+    assert_one_line_error(
+        run_cli(capsys, "export-hf", tmp_path / "missing.pt", tmp_path / "hf"), "checkpoint not found"
+    )
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run_cli(capsys, "export-hf", tmp_path / "junk.pt", tmp_path / "hf"),
-                          "is not a readable Composer checkpoint")
+    assert_one_line_error(
+        run_cli(capsys, "export-hf", tmp_path / "junk.pt", tmp_path / "hf"), "is not a readable Composer checkpoint"
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -309,20 +338,24 @@ def test_existing_output_needs_overwrite(imported, tmp_path, capsys):
     assert_one_line_error(run_cli(capsys, "import-hf", hf_dir, tmp_path / "old.pt"), "use --overwrite")
     assert (tmp_path / "old.pt").read_text() == "mine"
     assert run_cli(capsys, "import-hf", hf_dir, tmp_path / "old.pt", "--overwrite")[0] == 0
-    assert torch.equal(torch.load(tmp_path / "old.pt", weights_only=False)["state"]["model"]["model.decoder.bias"],
-                       from_hf(hf_dir).decoder.bias)
+    assert torch.equal(
+        torch.load(tmp_path / "old.pt", weights_only=False)["state"]["model"]["model.decoder.bias"],
+        from_hf(hf_dir).decoder.bias,
+    )
 
 
 # --- classification exports -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("task,pooling,num_labels", [("sequence", "cls", 3), ("sequence", "mean", 1),
-                                                     ("token", None, 5)])
+
+@pytest.mark.parametrize(
+    "task,pooling,num_labels", [("sequence", "cls", 3), ("sequence", "mean", 1), ("token", None, 5)]
+)
 def test_classifiers_export_to_their_transformers_class(tmp_path, task, pooling, num_labels):
     import transformers
+    from conftest import tiny_config
 
     from flexbert.hf import export_hf
     from flexbert.model import FlexBertForSequenceClassification, FlexBertForTokenClassification
-    from conftest import tiny_config
 
     config = tiny_config(local_attention=16)
     if task == "sequence":

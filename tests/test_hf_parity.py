@@ -11,11 +11,17 @@ transformers = pytest.importorskip("transformers")
 
 CONFIGS = {
     # ModernBERT's own attention pattern and released thetas, window 128 (|i-j| <= 64).
-    "modernbert_pattern": dict(num_hidden_layers=4, local_attention=128,
-                               global_rope_theta=160_000.0, local_rope_theta=10_000.0),
+    "modernbert_pattern": dict(
+        num_hidden_layers=4, local_attention=128, global_rope_theta=160_000.0, local_rope_theta=10_000.0
+    ),
     # Every other layer global, small window, non-default thetas.
-    "every_2nd_global": dict(num_hidden_layers=5, global_attn_every_n_layers=2, local_attention=16,
-                             global_rope_theta=20_000.0, local_rope_theta=500.0),
+    "every_2nd_global": dict(
+        num_hidden_layers=5,
+        global_attn_every_n_layers=2,
+        local_attention=16,
+        global_rope_theta=20_000.0,
+        local_rope_theta=500.0,
+    ),
 }
 
 
@@ -50,7 +56,7 @@ def test_logits_match_transformers(name):
     with torch.no_grad():
         expected = hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
         real = attention_mask.bool()
-        for backend in ("sdpa", "flex"):
+        for backend in ("eager", "sdpa", "flex"):
             ours.config.attn_backend = backend
             actual = ours(input_ids, attention_mask).logits
             assert actual.shape == expected.shape == (4, seqlen, config.vocab_size)
@@ -59,8 +65,15 @@ def test_logits_match_transformers(name):
             assert (actual[~real] == 0).all()
 
 
-@pytest.mark.parametrize("field,value", [("global_rope_theta", 10_000.0), ("local_rope_theta", 160_000.0),
-                                         ("local_attention", 32), ("global_attn_every_n_layers", 2)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("global_rope_theta", 10_000.0),
+        ("local_rope_theta", 160_000.0),
+        ("local_attention", 32),
+        ("global_attn_every_n_layers", 2),
+    ],
+)
 def test_oracle_detects_a_wrong_setting(field, value):
     """If ours ran with a different theta or window than transformers, the oracle must notice."""
     config = tiny_config(**CONFIGS["modernbert_pattern"])
@@ -68,7 +81,7 @@ def test_oracle_detects_a_wrong_setting(field, value):
     ours = from_hf(hf_model, attn_backend="sdpa").eval()
     setattr(ours.config, field, value)
     for layer_idx, layer in enumerate(ours.model.layers):
-        layer.is_global = ours.config.is_global_layer(layer_idx)
+        layer.layer_type = ours.config.layer_type(layer_idx)
     input_ids, attention_mask = padded_batch(config.vocab_size, [300, 250], 300)
     with torch.no_grad():
         expected = hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -98,15 +111,22 @@ def test_preset_parameter_count_equals_transformers(preset):
     config = FlexBertConfig.from_dict({"preset": preset})
     with torch.device("meta"):
         ours = FlexBertForMaskedLM(config).num_parameters()
-        theirs = sum(p.numel() for p in transformers.ModernBertForMaskedLM(hf_config_from_flexbert(config)).parameters())
+        theirs = sum(
+            p.numel() for p in transformers.ModernBertForMaskedLM(hf_config_from_flexbert(config)).parameters()
+        )
     assert ours == theirs
     expected_millions = {"modernbert-base": 149.6, "modernbert-large": 395.8}[preset]
     assert round(ours / 1e6, 1) == pytest.approx(expected_millions, abs=0.11)
 
 
-@pytest.mark.parametrize("blocks,feature", [({"norm": "rmsnorm"}, "model.blocks.norm"),
-                                            ({"layer": "postnorm"}, "model.blocks.layer"),
-                                            ({"embeddings": "learned_absolute"}, "model.blocks.embeddings")])
+@pytest.mark.parametrize(
+    "blocks,feature",
+    [
+        ({"norm": "rmsnorm"}, "model.blocks.norm"),
+        ({"layer": "postnorm"}, "model.blocks.layer"),
+        ({"embeddings": "learned_absolute"}, "model.blocks.embeddings"),
+    ],
+)
 def test_unrepresentable_architectures_are_refused(blocks, feature):
     with pytest.raises(ValueError, match=feature):
         hf_config_from_flexbert(tiny_config(blocks=blocks))

@@ -6,8 +6,8 @@ from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexbert.model import FlexBertForMaskedLM, backends
-from flexbert.train.composer_model import ComposerMLM
 from flexbert.train.optimizers import OPTIMIZERS
+from flexbert.train.step import ComposerMLM
 
 # Ops that make the host wait for the device: reading a value (.item(), int(), bool()), and ops
 # whose output size depends on the data.
@@ -36,8 +36,9 @@ def packed_batch(lengths, vocab_size, mask_every=3):
     labels = torch.full_like(input_ids, -100)
     labels[masked_index] = input_ids[masked_index]
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    return dict(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, max_seqlen=max(lengths),
-                masked_index=masked_index)
+    return dict(
+        input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens, max_seqlen=max(lengths), masked_index=masked_index
+    )
 
 
 def test_the_detector_sees_a_sync():
@@ -70,15 +71,20 @@ def test_training_step_never_waits_for_the_device(monkeypatch):
 
 def test_flex_block_masks_are_built_without_waiting_for_the_device():
     """FlexAttention itself is a higher-order op that no dispatch mode can watch; what it adds per
-    batch is its block masks, built here under the watch."""
+    batch is its block masks, built here under the watch. The masks so built are the right ones:
+    attention through them equals the eager definition."""
     from flexbert.model import DocumentLayout
-    from flexbert.model.backends import prepare_flex
+    from flexbert.model.backends.eager import prepare_eager
+    from flexbert.model.backends.flex import prepare_flex
 
     batch = packed_batch([70, 9, 40, 1, 30], 256)
     layout = DocumentLayout.from_cu_seqlens(batch["cu_seqlens"], batch["max_seqlen"], 150)
     with FailOnSync():
-        for half_window in (None, 8):
-            prepare_flex(layout, half_window, 0.25)
+        attends = {half_window: prepare_flex(layout, half_window, 0.25) for half_window in (None, 8)}
+    q, k, v = (torch.randn(150, 2, 16) for _ in range(3))
+    for half_window, attend in attends.items():
+        expected = prepare_eager(layout, half_window, 0.25)(q, k, v, 0.0)
+        torch.testing.assert_close(attend(q, k, v, 0.0), expected, atol=1e-5, rtol=0, msg=f"window {half_window}")
 
 
 def test_compiled_regions_match_eager_and_keep_parameter_names():
@@ -87,8 +93,11 @@ def test_compiled_regions_match_eager_and_keep_parameter_names():
     torch._dynamo.reset()
     config = tiny_config(num_hidden_layers=2, local_attention=16, attn_backend="sdpa")
     eager = FlexBertForMaskedLM(config)
-    compiled = FlexBertForMaskedLM(tiny_config(num_hidden_layers=2, local_attention=16, attn_backend="sdpa",
-                                               compile_regions=["mlp", "norm", "head"]))
+    compiled = FlexBertForMaskedLM(
+        tiny_config(
+            num_hidden_layers=2, local_attention=16, attn_backend="sdpa", compile_regions=["mlp", "norm", "head"]
+        )
+    )
     assert list(compiled.state_dict()) == list(eager.state_dict())
     compiled.load_state_dict(eager.state_dict())
     regions = [name for name, module in compiled.named_modules() if module._compiled_call_impl is not None]
@@ -99,8 +108,13 @@ def test_compiled_regions_match_eager_and_keep_parameter_names():
         results = []
         for model in (eager, compiled):
             model.zero_grad()
-            output = model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                           max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"])
+            output = model(
+                batch["input_ids"],
+                labels=batch["labels"],
+                cu_seqlens=batch["cu_seqlens"],
+                max_seqlen=batch["max_seqlen"],
+                masked_index=batch["masked_index"],
+            )
             output.loss.backward()
             results.append((output.loss, {n: p.grad for n, p in model.named_parameters()}))
         (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
@@ -112,7 +126,8 @@ def test_compiled_regions_match_eager_and_keep_parameter_names():
 def test_unknown_compile_region_is_refused():
     from flexbert.typed_config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model\.compile_regions.*'mlpp'.*mlp, norm, head"):
+    choices = r"must be one of \['mlp', 'norm', 'head'\], got 'mlpp'$"
+    with pytest.raises(ConfigError, match=r"^model\.compile_regions\[0\]: " + choices):
         tiny_config(compile_regions=["mlpp"])
 
 
@@ -143,8 +158,11 @@ def test_evaluation_is_chunked_and_its_metrics_exact():
     class TallestLogits(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            tallest.extend(t.shape[0] for t in pytree.tree_leaves(out)
-                           if torch.is_tensor(t) and t.dim() == 2 and t.shape[1] == vocab)
+            tallest.extend(
+                t.shape[0]
+                for t in pytree.tree_leaves(out)
+                if torch.is_tensor(t) and t.dim() == 2 and t.shape[1] == vocab
+            )
             return out
 
     metrics = model.get_metrics(is_train=False)
@@ -157,10 +175,19 @@ def test_evaluation_is_chunked_and_its_metrics_exact():
     assert masked not in tallest  # whole logits [masked, vocab] never existed (H x V is the decoder's weight)
 
     with torch.no_grad():
-        whole = model.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                            max_seqlen=batch["max_seqlen"], masked_index=batch["masked_index"], return_logits=True)
+        whole = model.model(
+            batch["input_ids"],
+            labels=batch["labels"],
+            cu_seqlens=batch["cu_seqlens"],
+            max_seqlen=batch["max_seqlen"],
+            masked_index=batch["masked_index"],
+            return_logits=True,
+        )
     targets = batch["labels"][batch["masked_index"]]
-    for name, reference in (("LanguageCrossEntropy", LanguageCrossEntropy()), ("LanguagePerplexity", LanguagePerplexity())):
+    for name, reference in (
+        ("LanguageCrossEntropy", LanguageCrossEntropy()),
+        ("LanguagePerplexity", LanguagePerplexity()),
+    ):
         reference.update(whole.logits, targets)
         torch.testing.assert_close(metrics[name].compute(), reference.compute(), rtol=1e-6, atol=0)
     assert metrics["MaskedAccuracy"].compute() == (whole.logits.argmax(-1) == targets).float().mean()

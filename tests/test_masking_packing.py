@@ -5,8 +5,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from flexbert.data.masking import IGNORE_INDEX, Masker, MaskingConfig
-from flexbert.data.packing import GreedyPacker, collate_rows, split_document
+from flexbert.data.packing import IGNORE_INDEX, GreedyPacker, Masker, MaskingConfig, collate_rows, split_document
 from flexbert.model import FlexBertForMaskedLM
 from flexbert.typed_config import ConfigError
 
@@ -52,8 +51,10 @@ def test_masking_is_reproducible_from_seed_and_identity():
     assert not np.array_equal(a[1], c[1]) and not np.array_equal(a[1], d[1])
 
 
-@pytest.mark.parametrize("overrides,field", [({"mlm_probability": 0.0}, "mlm_probability"),
-                                             ({"mask_fraction": 0.95, "random_fraction": 0.1}, "mask_fraction")])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [({"mlm_probability": 0.0}, "mlm_probability"), ({"mask_fraction": 0.95, "random_fraction": 0.1}, "mask_fraction")],
+)
 def test_bad_masking_config(overrides, field):
     with pytest.raises(ConfigError, match=f"masking.{field}"):
         MaskingConfig(**overrides).validate()
@@ -92,8 +93,10 @@ def test_packer_fills_rows_within_budget_and_loses_nothing():
 
 def test_collated_batch_runs_in_the_encoder():
     masker = make_masker()
-    rows = [split_document(0, 0, np.arange(5, 40), 64), split_document(0, 1, np.arange(5, 15), 64)
-            + split_document(0, 2, np.arange(5, 8), 64)]
+    rows = [
+        split_document(0, 0, np.arange(5, 40), 64),
+        split_document(0, 1, np.arange(5, 15), 64) + split_document(0, 2, np.arange(5, 8), 64),
+    ]
     batch = collate_rows(rows, 64, CLS, SEP, masker)
     assert batch.cu_seqlens.tolist() == [0, 37, 49, 54]
     assert batch.max_seqlen == 37

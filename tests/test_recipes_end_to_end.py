@@ -27,14 +27,27 @@ pytestmark = pytest.mark.xdist_group("streaming")  # trains, and builds streamin
 STREAMS = ["web/dclm", "web/fineweb-edu", "code/starcoder", "code/stack-v2", "science/arxiv", "science/pes2o"]
 HF5 = ROOT / ".venv-hf5"
 SIZES = {  # tiny stand-ins for base and large, each its own shape
-    "base": ["model.hidden_size=32", "model.num_hidden_layers=3", "model.num_attention_heads=2",
-             "model.intermediate_size=48"],
-    "large": ["model.hidden_size=48", "model.num_hidden_layers=4", "model.num_attention_heads=3",
-              "model.intermediate_size=64"],
+    "base": [
+        "model.hidden_size=32",
+        "model.num_hidden_layers=3",
+        "model.num_attention_heads=2",
+        "model.intermediate_size=48",
+    ],
+    "large": [
+        "model.hidden_size=48",
+        "model.num_hidden_layers=4",
+        "model.num_attention_heads=3",
+        "model.intermediate_size=64",
+    ],
 }
 PHASES = {  # recipe -> the overrides of its durations and batch rows
-    "pretrain": ["max_duration=4ba", "global_batch_rows=4", "device_microbatch_rows=2",
-                 "batch_warmup.start_rows=2", "batch_warmup.duration=4_096tok"],
+    "pretrain": [
+        "max_duration=4ba",
+        "global_batch_rows=4",
+        "device_microbatch_rows=2",
+        "batch_warmup.start_rows=2",
+        "batch_warmup.duration=4_096tok",
+    ],
     "context-extension": ["max_duration=2ba", "global_batch_rows=2", "device_microbatch_rows=1"],
     "decay": ["max_duration=2ba", "global_batch_rows=2", "device_microbatch_rows=1"],
 }
@@ -60,13 +73,20 @@ def flexbert(capfd, *argv: str) -> str:
 
 def hf_logits(model_dir: Path, inputs: Path, tag: str, env: dict | None = None) -> dict:
     """Logits of the exported model, computed by transformers in another process."""
-    script = ("import sys, torch, transformers; model_dir, inputs, out = sys.argv[1:]; d = torch.load(inputs); "
-              "m = transformers.AutoModelForMaskedLM.from_pretrained(model_dir).eval(); "
-              "torch.save({'version': transformers.__version__, 'logits': m(input_ids=d['ids'], "
-              "attention_mask=d['mask']).logits.detach()}, out)")
+    script = (
+        "import sys, torch, transformers; model_dir, inputs, out = sys.argv[1:]; d = torch.load(inputs); "
+        "m = transformers.AutoModelForMaskedLM.from_pretrained(model_dir).eval(); "
+        "torch.save({'version': transformers.__version__, 'logits': m(input_ids=d['ids'], "
+        "attention_mask=d['mask']).logits.detach()}, out)"
+    )
     out = inputs.with_name(f"logits-{tag}.pt")
-    done = subprocess.run([sys.executable, "-c", script, str(model_dir), str(inputs), str(out)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), str(inputs), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out)
 
@@ -89,7 +109,10 @@ def test_the_three_phases_then_export(size, mixture, tmp_path, capfd, monkeypatc
     assert "attention_dropout=0.0 (model.attention_probs_dropout)" in exported  # the recipes' 0.1 output dropout
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["max_position_embeddings"], config["global_rope_theta"], config["local_attention"]) == (
-        8192, 160_000.0, 128)
+        8192,
+        160_000.0,
+        128,
+    )
 
     ours, _ = model_from_checkpoint(checkpoint)
     ours.eval()
@@ -102,8 +125,11 @@ def test_the_three_phases_then_export(size, mixture, tmp_path, capfd, monkeypatc
     transformers = pytest.importorskip("transformers")
     assert transformers.__version__.startswith("4.")
     with torch.no_grad():
-        four = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()(
-            input_ids=ids, attention_mask=mask).logits
+        four = (
+            transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+            .eval()(input_ids=ids, attention_mask=mask)
+            .logits
+        )
     assert (four[real] - expected[real]).abs().max() <= 1e-4
     if size == "base":  # the recipe every user starts with: its export must load in 5.x too
         inputs = tmp_path / "inputs.pt"

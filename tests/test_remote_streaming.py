@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-
-from flexbert.data.convert import ConversionError, convert_to_mds
 from conftest import ROOT, TOKENIZER
 from test_convert_to_mds import assert_same_samples, crash_on_unit, expected_ids, read_back, write_jsonl
+
+from flexbert.data.convert import ConversionError, convert_to_mds
 
 # streaming allocates shared-memory names per machine without locking: datasets built at the same
 # moment in two test processes can collide, so every test that builds one runs in one xdist group.
@@ -29,8 +29,11 @@ def free_port() -> int:
 def endpoint():
     """A moto S3 server on 127.0.0.1 for this module's tests; it is stopped however they end."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -56,9 +59,13 @@ def s3(endpoint, monkeypatch):
     """A boto3 client for the server holding BUCKET, with the environment pointing boto3 and streaming at it."""
     import boto3
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1", "S3_ENDPOINT_URL": endpoint,
-                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
@@ -83,11 +90,24 @@ def test_the_command_line_converts_to_s3_and_streaming_reads_it_back(s3, tmp_pat
     corpus = write_jsonl(tmp_path / "a.jsonl", documents)
     remote = f"s3://{BUCKET}/demo"
 
-    status = command_line()(["--input", str(corpus), "--output", remote, "--tokenizer", str(TOKENIZER),
-                             "--workers", "2", "--unit-size", "1KB", "--no-progress"])
+    status = command_line()(
+        [
+            "--input",
+            str(corpus),
+            "--output",
+            remote,
+            "--tokenizer",
+            str(TOKENIZER),
+            "--workers",
+            "2",
+            "--unit-size",
+            "1KB",
+            "--no-progress",
+        ]
+    )
 
     assert status == 0
-    assert capsys.readouterr().out.startswith("convert_to_mds: 80 documents,")
+    assert capsys.readouterr().out.startswith("flexbert prepare mds: 80 documents,")
     index = json.loads(s3.get_object(Bucket=BUCKET, Key="demo/index.json")["Body"].read())
     uploaded = {key.removeprefix("demo/") for key in keys(s3, "demo/")}
     assert {shard["zip_data"]["basename"] for shard in index["shards"]} <= uploaded

@@ -16,21 +16,26 @@ from composer.core import Callback
 from train_helpers import command, environment, run_recipe, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
-from flexbert.train.config import TrainConfig
+from flexbert.train.checkpoint import LATEST_LINK, choose_resume_checkpoint
 from flexbert.train.loggers import read_metrics
-from flexbert.train.resume import LATEST_LINK, choose_resume_checkpoint
+from flexbert.train.pretrain import TrainConfig
 from flexbert.train.sample_ids import read_sample_ids, trained_pieces
 from flexbert.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
-    pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
+    pytest.mark.xdist_group("streaming")  # see test_remote_streaming.py
 ]
 STEPS = 12
 # Checkpoints at steps 3, 6, 9 and 12; every run logs the pieces of each step's batch. (A given peak
 # spares every process measuring the CPU's.)
-RESUMABLE = {"max_duration": f"{STEPS}ba", "save_interval": "3ba", "autoresume": True, "debug.log_sample_ids": True,
-             "logging.peak_tflops": 1.0}
+RESUMABLE = {
+    "max_duration": f"{STEPS}ba",
+    "save_interval": "3ba",
+    "autoresume": True,
+    "debug.log_sample_ids": True,
+    "logging.peak_tflops": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def as_written(recipe: dict) -> dict:
 
 
 def build(recipe: dict):
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import build_trainer
 
     recipe = as_written(recipe)
     return build_trainer(TrainConfig.from_dict(recipe), recipe)
@@ -93,8 +98,14 @@ def sigkill_mid_step(recipe: Path, step: int, markers: Path, nproc: int = 1) -> 
     env = environment(nproc, FLEXBERT_TEST_PAUSE_AT_STEP=str(step), FLEXBERT_TEST_PAUSE_MARKERS=str(markers))
     log = markers.with_suffix(".log")
     with log.open("w") as stderr:
-        process = subprocess.Popen(command(recipe, ROOT / "tests" / "pause_at_step.py", nproc), cwd=ROOT, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        process = subprocess.Popen(
+            command(recipe, ROOT / "tests" / "pause_at_step.py", nproc),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while len(list(markers.glob("rank*"))) < nproc:
@@ -111,6 +122,7 @@ def raw_steps(path: Path) -> list[int]:
 
 
 # --- SIGKILL, then autoresume --------------------------------------------------------------------------
+
 
 def test_sigkill_mid_epoch_then_autoresume_trains_exactly_as_an_uninterrupted_run(corpus, uninterrupted, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, **RESUMABLE))
@@ -149,13 +161,17 @@ def test_two_processes_resume_exactly_after_sigkill_and_agree_on_a_damaged_check
 
 # --- damaged checkpoints -------------------------------------------------------------------------------
 
+
 def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(corpus, uninterrupted, tmp_path):
     train(tiny_recipe(corpus, tmp_path, **{**RESUMABLE, "max_duration": "6ba"}))
     latest = tmp_path / "tiny" / "checkpoints" / "ep0-ba6-rank0.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
 
-    with pytest.warns(UserWarning, match=rf"checkpoint {re.escape(str(latest))} is not a complete checkpoint .* "
-                                         r"resuming from ep0-ba3-rank0\.pt"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"checkpoint {re.escape(str(latest))} is not a complete checkpoint .* "
+        r"resuming from ep0-ba3-rank0\.pt",
+    ):
         trainer = build(tiny_recipe(corpus, tmp_path, **RESUMABLE))
     assert int(trainer.state.timestamp.batch) == 3
     trainer.fit()
@@ -179,7 +195,11 @@ def test_choosing_the_checkpoint_to_resume_from(tmp_path):
     assert [str(w.message).split(" is ")[0] for w in caught] == [f"autoresume: checkpoint {p}" for p in (new, middle)]
     assert os.readlink(tmp_path / LATEST_LINK) == old.name
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ep0-ba3-rank0.pt", "ep0-ba6-rank0.pt.corrupt", "ep0-ba9-rank0.pt.corrupt", LATEST_LINK]
+        "ep0-ba3-rank0.pt",
+        "ep0-ba6-rank0.pt.corrupt",
+        "ep0-ba9-rank0.pt.corrupt",
+        LATEST_LINK,
+    ]
 
     # A run killed after writing a checkpoint but before moving the link to it.
     newer = _checkpoint(tmp_path / "ep0-ba12-rank0.pt", 12)
@@ -192,9 +212,12 @@ def test_choosing_the_checkpoint_to_resume_from(tmp_path):
     for path in (old, newer):
         path.write_bytes(b"\0" * 64)
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(ConfigError, match=rf"autoresume: no intact checkpoint to resume from in {tmp_path}: "
-                                          r"ep0-ba12-rank0\.pt is not a complete checkpoint .*; ep0-ba3-rank0\.pt is "
-                                          r"not a complete checkpoint .*Repair or move them away"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"autoresume: no intact checkpoint to resume from in {tmp_path}: "
+        r"ep0-ba12-rank0\.pt is not a complete checkpoint .*; ep0-ba3-rank0\.pt is "
+        r"not a complete checkpoint .*Repair or move them away",
+    ):
         choose_resume_checkpoint(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -214,13 +237,15 @@ def test_a_run_whose_checkpoints_are_all_damaged_stops_in_one_line(corpus, tmp_p
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, **RESUMABLE))
     assert cli_main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"flexbert: error: autoresume: no intact checkpoint to resume from "
-                                               f"in {checkpoints}: ep0-ba6-rank0.pt is")
+    assert len(err) == 1 and err[0].startswith(
+        f"flexbert: error: autoresume: no intact checkpoint to resume from in {checkpoints}: ep0-ba6-rank0.pt is"
+    )
     assert "ep0-ba3-rank0.pt is" in err[0]
     assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
 
 
 # --- the NaN guard -------------------------------------------------------------------------------------
+
 
 class Poison(Callback):
     """Makes step ``step``'s loss NaN, or one gradient infinite, as a diverging run would."""
@@ -247,8 +272,10 @@ class Poison(Callback):
     @staticmethod
     def _snapshot(state) -> dict:
         optimizer = state.optimizers[0]
-        return {"model": {k: v.clone() for k, v in state.model.state_dict().items()},
-                "optimizer": [{k: v.clone() for k, v in optimizer.state[p].items()} for p in state.model.parameters()]}
+        return {
+            "model": {k: v.clone() for k, v in state.model.state_dict().items()},
+            "optimizer": [{k: v.clone() for k, v in optimizer.state[p].items()} for p in state.model.parameters()],
+        }
 
 
 def poisoned_run(corpus, run_root: Path, step: int, target: str, **overrides):
@@ -266,16 +293,16 @@ def expected_samples(uninterrupted: Path, step: int) -> list[str]:
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_its_samples(corpus, uninterrupted, tmp_path, monkeypatch, capsys):
-    import flexbert.train.run
+    import flexbert.train.pretrain
 
-    build_trainer = flexbert.train.run.build_trainer
+    build_trainer = flexbert.train.pretrain.build_trainer
 
     def build_poisoned(config, resolved):
         trainer = build_trainer(config, resolved)
         trainer.state.callbacks.insert(0, Poison(4, "loss"))
         return trainer
 
-    monkeypatch.setattr(flexbert.train.run, "build_trainer", build_poisoned)
+    monkeypatch.setattr(flexbert.train.pretrain, "build_trainer", build_poisoned)
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, **RESUMABLE))
     assert cli_main(["train", str(recipe)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -289,11 +316,15 @@ def test_nan_loss_stops_the_run_naming_the_step_and_its_samples(corpus, uninterr
 
 
 @pytest.mark.parametrize("target, problem", [("loss", "loss and gradient"), ("gradient", "gradient")])
-def test_skip_leaves_the_weights_and_optimizer_untouched_and_trains_on(corpus, uninterrupted, tmp_path, target,
-                                                                       problem):
+def test_skip_leaves_the_weights_and_optimizer_untouched_and_trains_on(
+    corpus, uninterrupted, tmp_path, target, problem
+):
     trainer, poison = poisoned_run(corpus, tmp_path, 2, target, **{"nan_guard.action": "skip"})
-    with pytest.warns(RuntimeWarning, match=rf"nan_guard: step 2 has a NaN or infinite {problem}; .* skipped its "
-                                            "optimizer step") as caught:
+    with pytest.warns(
+        RuntimeWarning,
+        match=rf"nan_guard: step 2 has a NaN or infinite {problem}; .* skipped its "
+        "optimizer step",
+    ) as caught:
         trainer.fit()
     trainer.close()
     message = str(next(w.message for w in caught if "nan_guard" in str(w.message)))
@@ -301,7 +332,8 @@ def test_skip_leaves_the_weights_and_optimizer_untouched_and_trains_on(corpus, u
 
     def same(a: dict, b: dict) -> bool:
         return all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and all(
-            torch.equal(x[k], y[k]) for x, y in zip(a["optimizer"], b["optimizer"]) for k in x)
+            torch.equal(x[k], y[k]) for x, y in zip(a["optimizer"], b["optimizer"]) for k in x
+        )
 
     weights = poison.weights
     assert same(weights["before 2"], weights["after 2"])

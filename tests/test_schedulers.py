@@ -40,8 +40,7 @@ def test_linear_warmup_in_tokens_then_constant():
 
 def test_warmup_stable_decay_in_batches():
     scheduler = schedule(warmup="100ba", decay="200ba", decay_shape="linear", final_lr_ratio=0.1)
-    expected = {0: 0.0, 50: 0.5, 100: 1.0, 500: 1.0, 800: 1.0, 850: 0.1 + 0.9 * 0.75, 900: 0.55,
-                1000: 0.1, 1200: 0.1}
+    expected = {0: 0.0, 50: 0.5, 100: 1.0, 500: 1.0, 800: 1.0, 850: 0.1 + 0.9 * 0.75, 900: 0.55, 1000: 0.1, 1200: 0.1}
     for batch, multiplier in expected.items():
         assert scheduler(at("1000ba", batch=batch)) == pytest.approx(multiplier), batch
 
@@ -112,8 +111,9 @@ def test_drives_the_optimizer_through_composer():
     """Composer turns the schedule into a LambdaLR that multiplies each group's initial lr."""
     model = torch.nn.Linear(4, 4)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3))
-    state = State(model=model, rank_zero_seed=0, run_name="test", device=DeviceCPU(), max_duration="100ba",
-                  optimizers=optimizer)
+    state = State(
+        model=model, rank_zero_seed=0, run_name="test", device=DeviceCPU(), max_duration="100ba", optimizers=optimizer
+    )
     lr_scheduler = compile_composer_scheduler(schedule(warmup="10ba", decay="50ba", decay_shape="linear"), state)
     assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0]
     for batch, lr in ((5, 5e-4), (50, 1e-3), (75, 5e-4)):

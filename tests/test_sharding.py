@@ -14,16 +14,21 @@ import torch
 from conftest import ROOT
 from train_helpers import run_recipe, tiny_recipe, write_corpus, write_recipe
 
-from flexbert.train.checkpoint import is_sharded, read_weights
+from flexbert.train.checkpoint import LATEST_LINK, is_sharded, read_weights
 from flexbert.train.loggers import read_metrics
-from flexbert.train.resume import LATEST_LINK
 from flexbert.train.sample_ids import read_sample_ids
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trainings never share the 2 cores
 
 STEPS = 6
-SHARED_SETTINGS = {"max_duration": f"{STEPS}ba", "save_interval": "3ba", "global_batch_rows": 8, "autoresume": True,
-                   "debug.log_sample_ids": True, "logging.peak_tflops": 1.0}
+SHARED_SETTINGS = {
+    "max_duration": f"{STEPS}ba",
+    "save_interval": "3ba",
+    "global_batch_rows": 8,
+    "autoresume": True,
+    "debug.log_sample_ids": True,
+    "logging.peak_tflops": 1.0,
+}
 
 
 def losses(run_dir):
@@ -39,8 +44,13 @@ def runs(tmp_path_factory):
     corpus = write_corpus(root / "corpus")
     recipes = {
         "ddp": tiny_recipe(corpus, root / "ddp", **SHARED_SETTINGS),
-        "fsdp": tiny_recipe(corpus, root / "fsdp", **SHARED_SETTINGS, hf_export={"interval": "3ba"},
-                            fsdp_config={"activation_checkpointing": True, "reshard_after_forward": False}),
+        "fsdp": tiny_recipe(
+            corpus,
+            root / "fsdp",
+            **SHARED_SETTINGS,
+            hf_export={"interval": "3ba"},
+            fsdp_config={"activation_checkpointing": True, "reshard_after_forward": False},
+        ),
         "resumed": tiny_recipe(corpus, root / "resumed", **SHARED_SETTINGS, fsdp_config={}),
     }
     for name, recipe in recipes.items():
@@ -67,7 +77,10 @@ def test_sharded_checkpoints_and_exact_autoresume(runs):
     checkpoints = runs["resumed"] / "checkpoints"
     for step in (3, 6):  # one shard per rank, and the metadata that ties them together
         assert sorted(p.name for p in (checkpoints / f"ep0-ba{step}").iterdir()) == [
-            ".metadata", "__0_0.distcp", "__1_0.distcp"]
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
     assert is_sharded(checkpoints / LATEST_LINK)
     resumed, uninterrupted = losses(runs["resumed"]), losses(runs["fsdp"])
     assert len(resumed) == STEPS and max(abs(a - b) for a, b in zip(resumed, uninterrupted)) <= 1e-6
@@ -82,9 +95,16 @@ def test_the_next_phase_starts_from_shards(runs, tmp_path, sharded_next_phase):
     """load_weights_only from a sharded checkpoint, into FSDP2 or into one plain process. The first
     step's learning rate is 0, so the checkpoint the next phase writes holds the weights it loaded."""
     source = runs["fsdp"] / "checkpoints" / LATEST_LINK
-    recipe = tiny_recipe(runs["corpus"], tmp_path, run_name="phase2", load_path=str(source), max_duration="1ba",
-                         save_interval="1ba", **{"scheduler.warmup": "2ba", "logging.peak_tflops": 1.0},
-                         **({"fsdp_config": {}, "global_batch_rows": 8} if sharded_next_phase else {}))
+    recipe = tiny_recipe(
+        runs["corpus"],
+        tmp_path,
+        run_name="phase2",
+        load_path=str(source),
+        max_duration="1ba",
+        save_interval="1ba",
+        **{"scheduler.warmup": "2ba", "logging.peak_tflops": 1.0},
+        **({"fsdp_config": {}, "global_batch_rows": 8} if sharded_next_phase else {}),
+    )
     run_recipe(write_recipe(tmp_path / "phase2.yaml", recipe), nproc=2 if sharded_next_phase else 1)
     written = tmp_path / "phase2" / "checkpoints" / LATEST_LINK
     assert is_sharded(written) == sharded_next_phase
@@ -98,8 +118,13 @@ def test_export_hf_puts_the_shards_back_together(runs, tmp_path):
     callback, which gathers the shards on every rank and writes from rank 0."""
     transformers = pytest.importorskip("transformers")
     checkpoint = runs["fsdp"] / "checkpoints" / LATEST_LINK
-    done = subprocess.run([sys.executable, "-m", "flexbert.cli", "export-hf", str(checkpoint), str(tmp_path / "hf")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "flexbert.cli", "export-hf", str(checkpoint), str(tmp_path / "hf")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     weights, _ = read_weights(checkpoint)
     for exported in (tmp_path / "hf", runs["fsdp"] / "hf" / f"ba{STEPS}"):
@@ -112,6 +137,8 @@ def test_export_hf_puts_the_shards_back_together(runs, tmp_path):
 def test_hsdp_on_gloo_stops_in_one_line(runs, tmp_path):
     recipe = tiny_recipe(runs["corpus"], tmp_path, global_batch_rows=8, fsdp_config={"replicate_degree": 2})
     stderr = run_recipe(write_recipe(tmp_path / "hsdp.yaml", recipe), nproc=2, fails=True)
-    assert ("flexbert: error: fsdp_config.replicate_degree: HSDP (replicate_degree 2) needs NCCL: gloo, the CPU "
-            "backend, cannot average gradients over a replica group (ReduceOp.AVG)") in stderr
+    assert (
+        "flexbert: error: fsdp_config.replicate_degree: HSDP (replicate_degree 2) needs NCCL: gloo, the CPU "
+        "backend, cannot average gradients over a replica group (ReduceOp.AVG)"
+    ) in stderr
     assert not (tmp_path / "tiny" / "checkpoints").exists()

@@ -11,22 +11,38 @@ import pytest
 import yaml
 from conftest import ROOT, TOKENIZER
 
-from flexbert.cli import load_yaml_config, main
+from flexbert.cli import main
 from flexbert.sweep import DONE, Run, expand, final_metrics, load_sweep, run_sweep, summary_table
 from flexbert.train.loggers import read_metrics
-from flexbert.typed_config import ConfigError
+from flexbert.typed_config import ConfigError, load_yaml_config
 
 RECIPE = ROOT / "yamls" / "finetune" / "stsb.yaml"
 METRICS = ["metrics/eval/spearman", "metrics/eval/pearson"]
 # A tiny model on synthetic pairs in STS-B's layout (see write_pairs), one epoch: about 10 s a run.
 TINY = {
-    "tokenizer": str(TOKENIZER), "model.hidden_size": 64, "model.num_hidden_layers": 2,
-    "model.num_attention_heads": 4, "model.intermediate_size": 96, "model.attn_backend": "sdpa",
-    "max_duration": "1ep", "batch_size": 32, "logging.progress_bar": False,
+    "tokenizer": str(TOKENIZER),
+    "model.hidden_size": 64,
+    "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 4,
+    "model.intermediate_size": 96,
+    "model.attn_backend": "sdpa",
+    "max_duration": "1ep",
+    "batch_size": 32,
+    "logging.progress_bar": False,
 }
 pytestmark = pytest.mark.xdist_group("streaming")  # the real sweep trains
-GLUE_COLUMNS = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
-                "score"]
+GLUE_COLUMNS = [
+    "index",
+    "genre",
+    "filename",
+    "year",
+    "old_index",
+    "source1",
+    "source2",
+    "sentence1",
+    "sentence2",
+    "score",
+]
 
 
 def write_pairs(path: Path, count: int, seed: int) -> None:
@@ -38,8 +54,22 @@ def write_pairs(path: Path, count: int, seed: int) -> None:
         first = rng.choices(words, k=6)
         second = [word if rng.random() < 0.5 else rng.choice(words) for word in first]
         score = 5 * sum(a == b for a, b in zip(first, second)) / 6
-        lines.append("\t".join([str(index), "synthetic", "x", "2026", str(index), "a", "b", " ".join(first),
-                                " ".join(second), f"{score:.3f}"]))
+        lines.append(
+            "\t".join(
+                [
+                    str(index),
+                    "synthetic",
+                    "x",
+                    "2026",
+                    str(index),
+                    "a",
+                    "b",
+                    " ".join(first),
+                    " ".join(second),
+                    f"{score:.3f}",
+                ]
+            )
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -56,8 +86,9 @@ def synthetic_glue(tmp_path_factory):
 
 def write_sweep(folder: Path, name: str = "tiny", **sections) -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"recipe": str(RECIPE), "overrides": TINY, "metrics": METRICS, **sections},
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump({"recipe": str(RECIPE), "overrides": TINY, "metrics": METRICS, **sections}, sort_keys=False)
+    )
     return path
 
 
@@ -71,11 +102,20 @@ def quietly(*args, **kwargs) -> tuple[int, str]:
 
 # --- expansion ------------------------------------------------------------------------------------
 
+
 def test_grid_times_random_draws_with_deterministic_names(tmp_path):
-    path = write_sweep(tmp_path, grid={"optimizer.lr": [1e-3, 8e-5], "seed": [1, 2]}, random={
-        "samples": 3, "seed": 7, "params": {
-            "optimizer.weight_decay": {"distribution": "loguniform", "low": 1e-6, "high": 1e-3},
-            "task.pooling": {"distribution": "choice", "values": ["cls", "mean"]}}})
+    path = write_sweep(
+        tmp_path,
+        grid={"optimizer.lr": [1e-3, 8e-5], "seed": [1, 2]},
+        random={
+            "samples": 3,
+            "seed": 7,
+            "params": {
+                "optimizer.weight_decay": {"distribution": "loguniform", "low": 1e-6, "high": 1e-3},
+                "task.pooling": {"distribution": "choice", "values": ["cls", "mean"]},
+            },
+        },
+    )
     runs = expand(load_sweep(path), path, tmp_path / "out")
     assert len(runs) == 3 * 2 * 2
     assert [run.name for run in runs] == [run.name for run in expand(load_sweep(path), path, tmp_path / "out")]
@@ -86,8 +126,12 @@ def test_grid_times_random_draws_with_deterministic_names(tmp_path):
     first = runs[0]
     decay, pooling = first.swept["optimizer.weight_decay"], first.swept["task.pooling"]
     assert first.name == f"stsb-lr0.001-seed1-weight_decay{decay}-pooling{pooling}"
-    assert first.overrides[-4:] == [f"optimizer.weight_decay={decay}", f"task.pooling={pooling}",
-                                    f"run_name={first.name}", f"run_root={tmp_path / 'out'}"]
+    assert first.overrides[-4:] == [
+        f"optimizer.weight_decay={decay}",
+        f"task.pooling={pooling}",
+        f"run_name={first.name}",
+        f"run_root={tmp_path / 'out'}",
+    ]
     assert load_yaml_config(first.recipe, first.overrides)["optimizer"]["weight_decay"] == decay
 
 
@@ -96,11 +140,14 @@ def test_names_of_recipe_lists_and_clashing_keys(tmp_path):
     other.write_text(f"include: {RECIPE}\n")
     path = write_sweep(tmp_path, recipe=[str(RECIPE), str(other)], grid={"optimizer.eps": [1e-6], "model.eps": [1e-5]})
     assert [run.name for run in expand(load_sweep(path), path, tmp_path)] == [
-        "stsb-optimizer_eps1e-06-model_eps1e-05", "other-optimizer_eps1e-06-model_eps1e-05"]
+        "stsb-optimizer_eps1e-06-model_eps1e-05",
+        "other-optimizer_eps1e-06-model_eps1e-05",
+    ]
     assert [run.swept["recipe"] for run in expand(load_sweep(path), path, tmp_path)] == [str(RECIPE), str(other)]
 
 
 # --- dry run --------------------------------------------------------------------------------------
+
 
 def test_dry_run_of_the_shipped_sweep_writes_configs_and_commands(tmp_path, capsys):
     out = tmp_path / "plan"
@@ -120,17 +167,24 @@ def test_dry_run_of_the_shipped_sweep_writes_configs_and_commands(tmp_path, caps
 
 # --- aggregation ----------------------------------------------------------------------------------
 
+
 def test_summary_is_mean_and_std_over_seeds_of_finished_runs():
-    rows = [{"status": "done", "lr": 1e-3, "seed": 1, "m": 0.4}, {"status": "done", "lr": 1e-3, "seed": 2, "m": 0.6},
-            {"status": "done", "lr": 2e-3, "seed": 1, "m": 0.7}, {"status": "failed", "lr": 2e-3, "seed": 2, "m": None},
-            {"status": "done", "lr": 3e-3, "seed": 1, "m": None}]
-    assert summary_table(rows, ["lr"], ["m"]) == ("| lr | m | n |\n|---|---|---|\n| 0.001 | 0.5 ± 0.14 | 2 |\n"
-                                                  "| 0.002 | 0.7 | 1 |\n| 0.003 | — | 1 |\n")
+    rows = [
+        {"status": "done", "lr": 1e-3, "seed": 1, "m": 0.4},
+        {"status": "done", "lr": 1e-3, "seed": 2, "m": 0.6},
+        {"status": "done", "lr": 2e-3, "seed": 1, "m": 0.7},
+        {"status": "failed", "lr": 2e-3, "seed": 2, "m": None},
+        {"status": "done", "lr": 3e-3, "seed": 1, "m": None},
+    ]
+    assert summary_table(rows, ["lr"], ["m"]) == (
+        "| lr | m | n |\n|---|---|---|\n| 0.001 | 0.5 ± 0.14 | 2 |\n| 0.002 | 0.7 | 1 |\n| 0.003 | — | 1 |\n"
+    )
 
 
 def test_final_metrics_are_the_last_logged_values(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "m": 0.1}\n{"step": 2, "loss": 3.0}\n'
-                                            '{"step": 3, "m": 0.3}\n{"step": 4, "loss": 2.0}\n')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "m": 0.1}\n{"step": 2, "loss": 3.0}\n{"step": 3, "m": 0.3}\n{"step": 4, "loss": 2.0}\n'
+    )
     assert final_metrics(tmp_path, ["m", "loss", "absent"]) == {"m": 0.3, "loss": 2.0, "absent": None}
     assert final_metrics(tmp_path / "never-ran", ["m"]) == {"m": None}
 
@@ -161,7 +215,10 @@ def test_a_failed_run_is_recorded_the_sweep_goes_on_and_a_rerun_retries_only_it(
     with (out / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["run_name"], row["status"], row["metrics/eval/spearman"]) for row in rows][:3] == [
-        ("stsb-lr0.001-seed1", "done", "0.1"), ("stsb-lr0.001-seed2", "failed", ""), ("stsb-lr0.001-seed3", "done", "0.3")]
+        ("stsb-lr0.001-seed1", "done", "0.1"),
+        ("stsb-lr0.001-seed2", "failed", ""),
+        ("stsb-lr0.001-seed3", "done", "0.3"),
+    ]
     assert (rows[0]["optimizer.lr"], rows[0]["seed"], rows[0]["metrics/eval/pearson"]) == ("0.001", "1", "")
     summary = (out / "summary.md").read_text()
     assert "mean ± std over seed" in summary and "| 0.002 | 0.2 ± 0.14 | — | 2 |" in summary
@@ -192,7 +249,9 @@ def test_a_tiny_stsb_sweep_trains_every_run_and_summarises_them(tiny_sweep):
     with (out / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["run_name"], row["status"], row["seed"]) for row in rows] == [
-        ("stsb-lr0.001-seed1", "done", "1"), ("stsb-lr0.001-seed2", "done", "2")]
+        ("stsb-lr0.001-seed1", "done", "1"),
+        ("stsb-lr0.001-seed2", "done", "2"),
+    ]
     for row in rows:
         logged = [r for r in read_metrics(out / row["run_name"]) if "metrics/eval/spearman" in r][-1]
         assert float(row["metrics/eval/spearman"]) == logged["metrics/eval/spearman"]
@@ -215,25 +274,40 @@ def test_a_resumed_sweep_skips_finished_runs(tiny_sweep):
 
 # --- bad input ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("sections", "error"), [
-    ({"gird": {"seed": [1]}}, r"sweep\.gird: unknown key; did you mean 'grid'"),
-    ({"grid": {}}, "sweep.grid: nothing to sweep"),
-    ({"grid": {"seed": []}}, r"sweep\.grid\.seed: no values"),
-    ({"grid": {"seed": 1}}, r"sweep\.grid\.seed: expected a list"),
-    ({"recipe": "missing.yaml", "grid": {"seed": [1]}}, "missing.yaml not found"),
-    ({"grid": {"optimizer.lrr": [1e-3]}},
-     r"run stsb-lrr0\.001 \(optimizer\.lrr=0\.001\): optimizer\.lrr: unknown key"),
-    ({"grid": {"optimizer.name": ["decoupled_adamw", "adamw_typo"]}}, "run stsb-nameadamw_typo .*optimizer.name"),
-    ({"grid": {"seed": [1]}, "overrides": {**TINY, "seed": 3}}, r"sweep\.grid\.seed: is also set in sweep\.overrides"),
-    ({"grid": {"run_name": ["mine"]}}, r"sweep\.grid\.run_name: cannot be set here"),
-    ({"grid": {"seed": [1]}, "seed_keys": ["sed"]}, "'sed' is not swept"),
-    ({"random": {"samples": 2, "params": {"optimizer.lr": {"distribution": "loguniform", "low": 0, "high": 1}}}},
-     "needs low > 0"),
-    ({"random": {"samples": 2, "params": {"optimizer.lr": {"distribution": "normal", "low": 0, "high": 1}}}},
-     r"distribution: must be one of \['loguniform', 'uniform', 'choice'\]"),
-    ({"random": {"samples": 3, "params": {"seed": {"distribution": "choice", "values": [1, 2]}}}},
-     "two runs would be named stsb-seed"),
-])
+
+@pytest.mark.parametrize(
+    ("sections", "error"),
+    [
+        ({"gird": {"seed": [1]}}, r"sweep\.gird: unknown key; did you mean 'grid'"),
+        ({"grid": {}}, "sweep.grid: nothing to sweep"),
+        ({"grid": {"seed": []}}, r"sweep\.grid\.seed: no values"),
+        ({"grid": {"seed": 1}}, r"sweep\.grid\.seed: expected a list"),
+        ({"recipe": "missing.yaml", "grid": {"seed": [1]}}, "missing.yaml not found"),
+        (
+            {"grid": {"optimizer.lrr": [1e-3]}},
+            r"run stsb-lrr0\.001 \(optimizer\.lrr=0\.001\): optimizer\.lrr: unknown key",
+        ),
+        ({"grid": {"optimizer.name": ["decoupled_adamw", "adamw_typo"]}}, "run stsb-nameadamw_typo .*optimizer.name"),
+        (
+            {"grid": {"seed": [1]}, "overrides": {**TINY, "seed": 3}},
+            r"sweep\.grid\.seed: is also set in sweep\.overrides",
+        ),
+        ({"grid": {"run_name": ["mine"]}}, r"sweep\.grid\.run_name: cannot be set here"),
+        ({"grid": {"seed": [1]}, "seed_keys": ["sed"]}, "'sed' is not swept"),
+        (
+            {"random": {"samples": 2, "params": {"optimizer.lr": {"distribution": "loguniform", "low": 0, "high": 1}}}},
+            "needs low > 0",
+        ),
+        (
+            {"random": {"samples": 2, "params": {"optimizer.lr": {"distribution": "normal", "low": 0, "high": 1}}}},
+            r"distribution: must be one of \['loguniform', 'uniform', 'choice'\]",
+        ),
+        (
+            {"random": {"samples": 3, "params": {"seed": {"distribution": "choice", "values": [1, 2]}}}},
+            "two runs would be named stsb-seed",
+        ),
+    ],
+)
 def test_bad_sweeps_stop_with_one_error_before_anything_runs(tmp_path, sections, error):
     path, out = write_sweep(tmp_path, **sections), tmp_path / "out"
     with pytest.raises(ConfigError, match=error):

@@ -12,15 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from conftest import TOKENIZER
-from tokenizers import Tokenizer, models
 
 from flexbert.data import tokenizer_training
 from flexbert.data.atomic_output import OutputExistsError
 from flexbert.data.sources import SourceError
 from flexbert.data.tokenizer import TokenizerError, load_tokenizer
-from flexbert.data.tokenizer_training import (
-    SPECIAL_TOKENS, TokenizerTrainingError, padded_vocab_size, train_tokenizer,
-)
+from flexbert.data.tokenizer_training import SPECIAL_TOKENS, TokenizerTrainingError, padded_vocab_size, train_tokenizer
+from tokenizers import Tokenizer, models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,8 +86,9 @@ def test_special_tokens_follow_the_bpe_vocabulary_in_modernbert_order(trained):
 
 
 def test_unused_tokens_fill_what_a_small_corpus_cannot_learn(tmp_path):
-    summary = train_tokenizer([write_corpus(tmp_path / "in", "jsonl", TEXTS[:5])], tmp_path / "out",
-                              vocab_size=1000, show_progress=False)
+    summary = train_tokenizer(
+        [write_corpus(tmp_path / "in", "jsonl", TEXTS[:5])], tmp_path / "out", vocab_size=1000, show_progress=False
+    )
     tokenizer = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
     assert summary.vocab_size == tokenizer.get_vocab_size() == 1024
     assert summary.unused_tokens > 0
@@ -134,8 +133,13 @@ def test_load_tokenizer_reads_the_directory(trained):
 
 
 def test_model_max_length_is_configurable(tmp_path):
-    train_tokenizer([write_corpus(tmp_path / "in", "jsonl")], tmp_path / "out", vocab_size=320,
-                    model_max_length=1024, show_progress=False)
+    train_tokenizer(
+        [write_corpus(tmp_path / "in", "jsonl")],
+        tmp_path / "out",
+        vocab_size=320,
+        model_max_length=1024,
+        show_progress=False,
+    )
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 1024
 
 
@@ -150,7 +154,9 @@ def test_every_input_format_trains_the_same_tokenizer(trained, tmp_path, kind):
 def test_text_field_selects_the_json_field(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     write_jsonl_lines(corpus, TEXTS[:20], field="content")
-    expected = r"skipped records: missing_field: 20, first in \S+corpus.jsonl, the line at byte 0; is --text-field 'text'"
+    expected = (
+        r"skipped records: missing_field: 20, first in \S+corpus.jsonl, the line at byte 0; is --text-field 'text'"
+    )
     with pytest.raises(TokenizerTrainingError, match=expected):
         train_tokenizer([corpus], tmp_path / "out", vocab_size=320, show_progress=False)
     summary = train_tokenizer([corpus], tmp_path / "out", vocab_size=320, text_field="content", show_progress=False)
@@ -229,7 +235,9 @@ def test_an_existing_output_is_kept_unless_overwrite(tmp_path):
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["keep.txt"]
     train_tokenizer([source], tmp_path / "out", vocab_size=320, overwrite=True, show_progress=False)
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert only_inputs_remain(tmp_path, "in", "out")
 
@@ -252,7 +260,7 @@ def test_an_interrupted_save_leaves_the_old_output_whole(tmp_path, monkeypatch):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "data_prep/train_tokenizer.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120,
+        [sys.executable, "data_prep/train_tokenizer.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -261,7 +269,7 @@ def test_cli_trains_and_summarises(tmp_path):
     result = run_cli("--input", str(source), "--output", str(tmp_path / "out"), "--vocab-size", "320", "--no-progress")
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        f"train_tokenizer: vocab 320 (315 BPE + 5 special + 0 unused), 200 documents -> {tmp_path / 'out'}\n"
+        f"flexbert prepare tokenizer: vocab 320 (315 BPE + 5 special + 0 unused), 200 documents -> {tmp_path / 'out'}\n"
     )
     assert load_tokenizer(tmp_path / "out").vocab_size == 320
 
@@ -269,10 +277,8 @@ def test_cli_trains_and_summarises(tmp_path):
 def test_cli_reports_bad_input_in_one_line_with_status_2(tmp_path):
     result = run_cli("--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr == f"train_tokenizer: error: input not found: {tmp_path / 'missing'} does not exist\n"
+    assert result.stderr == f"flexbert: error: input not found: {tmp_path / 'missing'} does not exist\n"
     assert not (tmp_path / "out").exists()
-
-
 
 
 def test_load_tokenizer_reads_modernbert():

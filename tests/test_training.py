@@ -9,13 +9,12 @@ import pytest
 import torch
 from train_helpers import TOKENIZER, run_recipe, tiny_recipe, write_corpus, write_recipe
 
-from flexbert.cli import load_yaml_config
-from flexbert.train.config import TrainConfig
-from flexbert.typed_config import ConfigError
+from flexbert.train.pretrain import TrainConfig
+from flexbert.typed_config import ConfigError, load_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
-    pytest.mark.xdist_group("streaming"),  # see test_remote_streaming.py
+    pytest.mark.xdist_group("streaming")  # see test_remote_streaming.py
 ]
 
 
@@ -25,7 +24,7 @@ def corpus(tmp_path_factory):
 
 
 def train(recipe: dict):
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import build_trainer
 
     trainer = build_trainer(TrainConfig.from_dict(recipe), recipe)
     trainer.fit()
@@ -63,14 +62,45 @@ def test_recipes_validate_with_the_spec_numbers(name):
         assert (config.scheduler.decay_shape, config.scheduler.final_lr_ratio) == ("1-sqrt", 0.001)
 
 
-def test_demo_recipes_validate(tmp_path):
+def test_demo_recipes_validate_whole_on_the_data_make_demo_builds(tmp_path):
+    # The layout `make demo` writes under vars.data: a 4096-token tokenizer and three MDS streams.
+    from data_helpers import write_stream
+
+    from flexbert.data.tokenizer_training import train_tokenizer
+
+    data = tmp_path / "data"
+    text = data / "text.jsonl"
+    text.parent.mkdir()
+    text.write_text("".join(json.dumps({"text": f"document {i} of the demo corpus"}) + "\n" for i in range(50)))
+    train_tokenizer([text], data / "tokenizer", vocab_size=4096, show_progress=False)
+    for name in ("web", "code", "science"):
+        write_stream(data / "mds", name, [40] * 8, vocab=4096)
+    checkpoint = tmp_path / "previous-phase.pt"
+    checkpoint.touch()
+    configs = {}
     for phase in ("pretrain", "context-extension", "decay"):
-        raw = load_yaml_config(ROOT / "yamls" / "demo" / f"{phase}.yaml")
-        # The demo's data does not exist before `make demo`, so check the structure alone.
-        assert TrainConfig.__dataclass_fields__.keys() >= raw.keys()
+        overrides = [f"vars.data={data}"] + ([f"load_path={checkpoint}"] if phase != "pretrain" else [])
+        raw = load_yaml_config(ROOT / "yamls" / "demo" / f"{phase}.yaml", overrides)
+        configs[phase] = TrainConfig.from_dict(raw)
+    pretrain, extension, decay = configs.values()
+    # One model through the three phases; only RoPE's global theta changes (to 160k) at extension.
+    shape = lambda c: {k: v for k, v in vars(c.model_config).items() if k != "global_rope_theta"}  # noqa: E731
+    assert shape(pretrain) == shape(extension) == shape(decay)
+    assert [c.model_config.global_rope_theta for c in configs.values()] == [10_000.0, 160_000.0, 160_000.0]
+    assert pretrain.model_config.vocab_size == pretrain.tokenizer.vocab_size == 4096
+    assert [c.train_loader.max_seq_len for c in configs.values()] == [128, 512, 512]
+    assert pretrain.batch_warmup is not None and extension.batch_warmup is None
+    assert sorted(pretrain.train_loader.streams) == ["code", "science", "web"]
+    assert (decay.scheduler.decay_shape, decay.scheduler.final_lr_ratio, decay.scheduler.decay) == (
+        "1-sqrt",
+        0.001,
+        "1.0dur",
+    )
+    assert [c.run_dir.path.name for c in configs.values()] == ["demo-pretrain", "demo-context-extension", "demo-decay"]
 
 
 # --- a tiny run, then phase 2 from its weights --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def phase1(corpus, tmp_path_factory):
@@ -90,11 +120,17 @@ def test_tiny_run_learns_and_writes_its_run_folder(phase1):
 
 
 def test_phase_two_loads_weights_with_the_new_theta(corpus, phase1, tmp_path):
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import build_trainer
 
     checkpoint = phase1 / "checkpoints" / "latest-rank0.pt"
-    recipe = tiny_recipe(corpus, tmp_path, run_name="phase2", load_path=str(checkpoint), max_duration="2ba",
-                         **{"model.global_rope_theta": 160_000.0, "train_loader.max_seq_len": 256})
+    recipe = tiny_recipe(
+        corpus,
+        tmp_path,
+        run_name="phase2",
+        load_path=str(checkpoint),
+        max_duration="2ba",
+        **{"model.global_rope_theta": 160_000.0, "train_loader.max_seq_len": 256},
+    )
     trainer = build_trainer(TrainConfig.from_dict(recipe), recipe)
     model = trainer.state.model.model
     saved = torch.load(checkpoint, weights_only=False)["state"]["model"]
@@ -112,10 +148,11 @@ def test_phase_two_loads_weights_with_the_new_theta(corpus, phase1, tmp_path):
 
 
 def test_checkpoint_from_another_architecture_is_refused(corpus, phase1, tmp_path):
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import build_trainer
 
-    recipe = tiny_recipe(corpus, tmp_path, load_path=str(phase1 / "checkpoints" / "latest-rank0.pt"),
-                         **{"model.hidden_size": 64})
+    recipe = tiny_recipe(
+        corpus, tmp_path, load_path=str(phase1 / "checkpoints" / "latest-rank0.pt"), **{"model.hidden_size": 64}
+    )
     with pytest.raises(ConfigError, match="was saved from a different architecture: model.embeddings"):
         build_trainer(TrainConfig.from_dict(recipe), recipe)
 
@@ -126,7 +163,8 @@ def test_the_architecture_check_reads_only_the_weights_shapes(phase1, tmp_path):
     script = (
         "import resource, sys, torch; from flexbert.train.checkpoint import weight_shapes; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; shapes = weight_shapes(sys.argv[1]); "
-        "print(len(shapes), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+        "print(len(shapes), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
+    )
     checkpoint = torch.load(phase1 / "checkpoints" / "latest-rank0.pt", weights_only=False)
     checkpoint["state"]["optimizers"]["big"] = torch.ones(150_000_000)  # 600 MB of optimizer state
     big = tmp_path / "big.pt"
@@ -146,12 +184,15 @@ def test_autoresume_continues_exactly(corpus, tmp_path):
     a, b = losses(tmp_path / "a" / "tiny"), losses(tmp_path / "b" / "tiny")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
-    final = [torch.load(tmp_path / d / "tiny" / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
-             for d in ("a", "b")]
+    final = [
+        torch.load(tmp_path / d / "tiny" / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
+        for d in ("a", "b")
+    ]
     assert all(torch.allclose(final[0][k], final[1][k], atol=1e-6, rtol=0) for k in final[0])
 
 
 # --- DDP -------------------------------------------------------------------------------------------
+
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # Every document fills exactly one row, so a step's global batch is the same set of documents
@@ -159,9 +200,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", {"web": [62] * 48, "code": [62] * 48})
     results = {}
     for nproc in (1, 2):
-        recipe = tiny_recipe(corpus, tmp_path / f"runs{nproc}", max_duration="8ba", save_interval="1000ba",
-                             global_batch_rows=8, device_microbatch_rows=2,
-                             **{"train_loader.sample_batch_size": 4, "train_loader.rows_per_batch": 8 // nproc})
+        recipe = tiny_recipe(
+            corpus,
+            tmp_path / f"runs{nproc}",
+            max_duration="8ba",
+            save_interval="1000ba",
+            global_batch_rows=8,
+            device_microbatch_rows=2,
+            **{"train_loader.sample_batch_size": 4},
+        )
         run_recipe(write_recipe(tmp_path / f"recipe{nproc}.yaml", recipe), nproc)
         results[nproc] = losses(tmp_path / f"runs{nproc}" / "tiny")
     assert len(results[1]) == len(results[2]) == 8
@@ -170,8 +217,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 # --- batch-size warmup and SIGTERM ---------------------------------------------------------------------
 
+
 def test_batch_size_warmup_schedule():
-    from flexbert.train.batching import BatchSizeSchedule, BatchWarmupConfig
+    from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig
 
     # ModernBERT-base on 8 GPUs: 768 -> 4608 rows over 50B tokens, microbatches of 96 rows.
     schedule = BatchSizeSchedule(4608, 96, 8, 1024, BatchWarmupConfig(768, "50_000_000_000tok"))
@@ -183,9 +231,14 @@ def test_batch_size_warmup_schedule():
 
 
 def test_batch_size_grows_in_a_run(corpus, tmp_path):
-    recipe = tiny_recipe(corpus, tmp_path, max_duration="12ba", global_batch_rows=8, device_microbatch_rows=2,
-                         batch_warmup={"start_rows": 2, "duration": "2_000tok"},
-                         **{"train_loader.rows_per_batch": 8})
+    recipe = tiny_recipe(
+        corpus,
+        tmp_path,
+        max_duration="12ba",
+        global_batch_rows=8,
+        device_microbatch_rows=2,
+        batch_warmup={"start_rows": 2, "duration": "2_000tok"},
+    )
     train(recipe)
     rows = [json.loads(line) for line in (tmp_path / "tiny" / "metrics.jsonl").open()]
     sizes = [row["batch/rows"] for row in rows if "batch/rows" in row]
@@ -196,10 +249,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     import signal
     import time
 
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, max_duration="100000ba",
-                                                                save_interval="100000ba"))
-    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), str(recipe)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", tiny_recipe(corpus, tmp_path, max_duration="100000ba", save_interval="100000ba")
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), str(recipe)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "tiny" / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
@@ -217,8 +276,9 @@ def test_hf_export_during_training(corpus, tmp_path):
     train(recipe)
     exported = sorted(p.name for p in (tmp_path / "tiny" / "hf").iterdir())
     assert exported == ["ba2", "ba4", "ba5"]
-    model, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "tiny" / "hf" / "ba5",
-                                                                    output_loading_info=True)
+    model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+        tmp_path / "tiny" / "hf" / "ba5", output_loading_info=True
+    )
     assert not any(info.values())
     final = torch.load(tmp_path / "tiny" / "checkpoints" / "latest-rank0.pt", weights_only=False)["state"]["model"]
     assert torch.equal(model.state_dict()["head.dense.weight"], final["model.head.dense.weight"])

@@ -13,7 +13,6 @@ from conftest import ROOT, TOKENIZER
 from data_helpers import random_lengths, write_stream
 
 
-
 def write_corpus(root: Path, lengths: dict[str, list[int]] | None = None) -> Path:
     """Documents over 400 token ids only, so a tiny model's loss falls fast from ln(50368)."""
     lengths = lengths or {"web": random_lengths(150, seed=1, high=300), "code": random_lengths(100, seed=2, high=300)}
@@ -26,12 +25,24 @@ def tiny_recipe(corpus: Path, run_root: Path, **overrides) -> dict:
     recipe = {
         "run_name": "tiny",
         "run_root": str(run_root),
-        "model": {"preset": "modernbert-base", "hidden_size": 32, "num_hidden_layers": 2,
-                  "num_attention_heads": 2, "intermediate_size": 48, "local_attention": 16,
-                  "global_rope_theta": 10000.0, "local_rope_theta": 10000.0, "attn_backend": "sdpa"},
-        "train_loader": {"tokenizer": str(TOKENIZER), "max_seq_len": 64, "rows_per_batch": 4,
-                         "sample_batch_size": 8, "shuffle": False,
-                         "streams": {name: {"local": str(corpus / name)} for name in ("web", "code")}},
+        "model": {
+            "preset": "modernbert-base",
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 48,
+            "local_attention": 16,
+            "global_rope_theta": 10000.0,
+            "local_rope_theta": 10000.0,
+            "attn_backend": "sdpa",
+        },
+        "train_loader": {
+            "tokenizer": str(TOKENIZER),
+            "max_seq_len": 64,
+            "sample_batch_size": 8,
+            "shuffle": False,
+            "streams": {name: {"local": str(corpus / name)} for name in ("web", "code")},
+        },
         "global_batch_rows": 4,
         "device_microbatch_rows": 2,
         "optimizer": {"name": "stable_adamw", "lr": 3.0e-3},
@@ -65,8 +76,15 @@ def command(recipe: Path, script: Path = ROOT / "main.py", nproc: int = 1) -> li
     """``python SCRIPT RECIPE``, or ``composer -n NPROC SCRIPT RECIPE`` as a user launches DDP."""
     if nproc == 1:
         return [sys.executable, str(script), str(recipe)]
-    return [str(Path(sys.executable).with_name("composer")), "-n", str(nproc), "--master_port", str(free_port()),
-            str(script), str(recipe)]
+    return [
+        str(Path(sys.executable).with_name("composer")),
+        "-n",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(recipe),
+    ]
 
 
 def environment(nproc: int, **variables: str) -> dict[str, str]:
@@ -75,12 +93,19 @@ def environment(nproc: int, **variables: str) -> dict[str, str]:
     return {**os.environ, **threads, **variables}
 
 
-def run_recipe(recipe: Path, nproc: int = 1, script: Path = ROOT / "main.py", fails: bool = False,
-               **variables: str) -> str:
+def run_recipe(
+    recipe: Path, nproc: int = 1, script: Path = ROOT / "main.py", fails: bool = False, **variables: str
+) -> str:
     """Train as ``python main.py RECIPE`` or ``composer -n NPROC main.py RECIPE`` would; its stderr
     (rank 0's, and a failed rank's, under the launcher), after checking that it exited 0, or not
     (the launcher's code for a failed run depends on which rank ended first)."""
-    done = subprocess.run(command(recipe, script, nproc), cwd=ROOT, env=environment(nproc, **variables),
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        command(recipe, script, nproc),
+        cwd=ROOT,
+        env=environment(nproc, **variables),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert (done.returncode != 0) == fails, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stderr

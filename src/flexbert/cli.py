@@ -5,64 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from flexbert.data.labeled import LabeledDataError
-from flexbert.data.loader import DataError
-from flexbert.data.tokenizer import TokenizerError
-from flexbert.typed_config import ConfigError
-
-
-def _yaml_error(path: Path, err: Exception) -> ConfigError:
-    """One line naming where the YAML breaks: PyYAML's own message spans four lines."""
-    mark = getattr(err, "problem_mark", None)
-    if mark is None:
-        return ConfigError(str(path), "is not valid YAML: " + " ".join(str(err).split()))
-    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
-    opened = f" ({context} that starts at line {context_mark.line + 1})" if context and context_mark else ""
-    return ConfigError(f"{path}, line {mark.line + 1}, column {mark.column + 1}",
-                       f"is not valid YAML: {err.problem}{opened}")
-
-
-def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()):
-    """A YAML file as an OmegaConf node, after merging the files its ``include:`` list names
-    (relative to it, in order, each overridden by what follows): recipes share one definition."""
-    from omegaconf import DictConfig, OmegaConf
-    from yaml import YAMLError
-
-    if not path.is_file():
-        raise ConfigError(str(path), "config file not found")
-    if path.resolve() in seen:
-        raise ConfigError(str(path), "includes itself (through " + " -> ".join(map(str, seen)) + ")")
-    try:
-        node = OmegaConf.load(path)
-    except YAMLError as err:
-        raise _yaml_error(path, err) from None
-    if not isinstance(node, DictConfig):
-        raise ConfigError(str(path), "must hold a mapping of config keys (key: value lines), not a list")
-    includes = node.pop("include", None) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    parents = [_load_with_includes(path.parent / str(item), (*seen, path.resolve())) for item in includes]
-    return OmegaConf.merge(*parents, node) if parents else node
-
-
-def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """A YAML file (with its includes) merged with ``key=value`` dotlist overrides, resolved to
-    plain containers."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    config = _load_with_includes(Path(path))
-    for override in overrides:
-        if "=" not in override:
-            raise ConfigError(override, "overrides are written key=value (for example model.hidden_size=512)")
-    try:
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_container(config, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(path), f"cannot resolve config: {err}") from None
+from flexbert.errors import FlexBertError
+from flexbert.prepare import add_prepare_commands
+from flexbert.typed_config import load_yaml_config
 
 
 def _cmd_registry(args: argparse.Namespace) -> int:
@@ -94,8 +40,10 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     kinds = "".join("G" if config.is_global_layer(i) else "L" for i in range(config.num_hidden_layers))
     print(f"{args.config}: {model.num_parameters():,} parameters")
     print(f"  layers {config.num_hidden_layers} (G = global, L = local window {config.local_attention}): {kinds}")
-    print(f"  hidden {config.hidden_size}, heads {config.num_attention_heads}, "
-          f"intermediate {config.intermediate_size}, vocab {config.vocab_size}")
+    print(
+        f"  hidden {config.hidden_size}, heads {config.num_attention_heads}, "
+        f"intermediate {config.intermediate_size}, vocab {config.vocab_size}"
+    )
     print(f"  rope theta: global {config.global_rope_theta:g}, local {config.local_rope_theta:g}")
     print("  blocks: " + ", ".join(f"{k}={v}" for k, v in vars(config.blocks).items()))
     return 0
@@ -125,8 +73,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     if int(os.environ.get("RANK", "0")) == 0:
-        run_dir = Path(config.run_root) / config.run_name
-        print(f"run {config.run_name}: metrics in {run_dir / 'metrics.jsonl'} (plot them: flexbert plot {run_dir})")
+        run_dir = config.run_dir
+        print(f"run {config.run_name}: metrics in {run_dir.metrics_file} (plot them: flexbert plot {run_dir.path})")
     return 0
 
 
@@ -139,12 +87,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from flexbert.train.plotting import plot_run
 
-    try:
-        paths = [path for run_dir in args.run_dirs for path in plot_run(run_dir)]
-    except (FileNotFoundError, ValueError) as err:  # no metrics file, or nothing in it to plot
-        print(f"flexbert: error: {err}", file=sys.stderr)
-        return 2
-    for path in paths:
+    for path in [path for run_dir in args.run_dirs for path in plot_run(run_dir)]:
         print(path)
     return 0
 
@@ -153,17 +96,14 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     from flexbert.hf import export_hf, export_notes, model_from_checkpoint
 
     training_config = load_yaml_config(args.config) if args.config else None
-    try:
-        model, trained_tokenizer = model_from_checkpoint(args.checkpoint, training_config)
-        tokenizer = args.tokenizer or trained_tokenizer
-        out_dir = export_hf(model, args.out_dir, tokenizer, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"flexbert: error: {err}", file=sys.stderr)
-        return 2
+    model, trained_tokenizer = model_from_checkpoint(args.checkpoint, training_config)
+    tokenizer = args.tokenizer or trained_tokenizer
+    out_dir = export_hf(model, args.out_dir, tokenizer, overwrite=args.overwrite)
     notes = export_notes(model.config)
     if tokenizer is None:
-        notes.append(f"no tokenizer is known for {args.checkpoint}, so {out_dir} holds none; add one with "
-                     "--tokenizer DIR")
+        notes.append(
+            f"no tokenizer is known for {args.checkpoint}, so {out_dir} holds none; add one with --tokenizer DIR"
+        )
     for note in notes:
         print(f"flexbert: note: {note}", file=sys.stderr)
     print(out_dir)
@@ -173,33 +113,35 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 def _cmd_import_hf(args: argparse.Namespace) -> int:
     from flexbert.hf import import_hf
 
-    try:
-        checkpoint = import_hf(args.hf_dir, args.out_checkpoint, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"flexbert: error: {err}", file=sys.stderr)
-        return 2
+    checkpoint = import_hf(args.hf_dir, args.out_checkpoint, overwrite=args.overwrite)
     print(f"{checkpoint} (train from it with load_path: {checkpoint} and load_weights_only: true)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flexbert",
-        description="FlexBERT: pretrain and fine-tune ModernBERT-style encoders.",
+        prog="flexbert", description="FlexBERT: pretrain and fine-tune ModernBERT-style encoders."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     registry = commands.add_parser(
-        "registry", help="list every block registry and its entries",
+        "registry",
+        help="list every block registry and its entries",
         description="List the registered blocks that a config's model.blocks section can name.",
     )
     registry.add_argument("family", nargs="*", help="only these registries (default: all)")
-    registry.add_argument("--plugins", nargs="+", default=[], metavar="MODULE",
-                          help="import these modules first, so their blocks are listed too")
+    registry.add_argument(
+        "--plugins",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="import these modules first, so their blocks are listed too",
+    )
     registry.set_defaults(run=_cmd_registry)
 
     describe = commands.add_parser(
-        "describe", help="validate a config's model section and summarise the encoder it builds",
+        "describe",
+        help="validate a config's model section and summarise the encoder it builds",
         description="Validate the model: section of a YAML config and print its size and layout.",
     )
     describe.add_argument("config", help="YAML file with a model: section")
@@ -207,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(run=_cmd_describe)
 
     train = commands.add_parser(
-        "train", help="train from a YAML recipe (what main.py runs)",
+        "train",
+        help="train from a YAML recipe (what main.py runs)",
         description="Train a FlexBERT encoder from a YAML recipe. Run it on several GPUs with the "
         "Composer launcher: composer -n 8 main.py RECIPE.yaml [key=value ...]. The whole config is "
         "validated before anything is built; the resolved config is written to the run folder.",
@@ -218,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_cmd_train)
 
     sweep = commands.add_parser(
-        "sweep", help="train a recipe over a grid and/or random search of its config keys",
+        "sweep",
+        help="train a recipe over a grid and/or random search of its config keys",
         description="Expand a sweep file (base recipe, fixed overrides, grid:, random:) into named runs, "
         "validate them all, then train them one after another under OUT/<run_name>, skipping runs an "
         "earlier attempt finished. The final metrics go to OUT/results.csv and, as mean ± std over "
@@ -226,45 +170,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. yamls/sweeps/stsb-lr-seed.yaml")
     sweep.add_argument("--out", metavar="DIR", help="where runs and results go (default: runs/sweeps/<sweep name>)")
-    sweep.add_argument("--nproc", type=int, metavar="N",
-                       help="train each run on N processes (GPUs), launched with composer -n N "
-                       "(default: the sweep file's nproc, else 1)")
-    sweep.add_argument("--dry-run", action="store_true",
-                       help="write OUT/configs/<run>.yaml and OUT/commands.txt (one line per run) and train nothing")
+    sweep.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train each run on N processes (GPUs), launched with composer -n N "
+        "(default: the sweep file's nproc, else 1)",
+    )
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write OUT/configs/<run>.yaml and OUT/commands.txt (one line per run) and train nothing",
+    )
     sweep.set_defaults(run=_cmd_sweep)
 
     plot = commands.add_parser(
-        "plot", help="draw loss, throughput and learning-rate curves of runs",
+        "plot",
+        help="draw loss, throughput and learning-rate curves of runs",
         description="Read RUN_DIR/metrics.jsonl and write loss.png, throughput.png and lr.png to RUN_DIR/plots.",
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's folder (holding metrics.jsonl)")
     plot.set_defaults(run=_cmd_plot)
 
     export_hf = commands.add_parser(
-        "export-hf", help="write a checkpoint as a transformers ModernBERT directory",
+        "export-hf",
+        help="write a checkpoint as a transformers ModernBERT directory",
         description="Write a Composer checkpoint of this project as config.json, model.safetensors and "
         "tokenizer files that transformers' AutoModelForMaskedLM loads. The model config comes from "
         "--config, else from the checkpoint (import-hf stores it), else from the run folder's config.json.",
     )
-    export_hf.add_argument("checkpoint", metavar="CHECKPOINT",
-                           help="Composer checkpoint, e.g. runs/NAME/checkpoints/latest-rank0.pt")
+    export_hf.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="Composer checkpoint, e.g. runs/NAME/checkpoints/latest-rank0.pt"
+    )
     export_hf.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to write")
-    export_hf.add_argument("--config", metavar="RECIPE.yaml",
-                           help="the recipe the checkpoint was trained with (or its run's config.json)")
+    export_hf.add_argument(
+        "--config", metavar="RECIPE.yaml", help="the recipe the checkpoint was trained with (or its run's config.json)"
+    )
     export_hf.add_argument("--tokenizer", metavar="DIR", help="tokenizer to ship (default: the training one)")
     export_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     export_hf.set_defaults(run=_cmd_export_hf)
 
     import_hf = commands.add_parser(
-        "import-hf", help="turn a transformers ModernBERT directory into a checkpoint to train from",
+        "import-hf",
+        help="turn a transformers ModernBERT directory into a checkpoint to train from",
         description="Write the weights of a ModernBertForMaskedLM directory as a Composer-style checkpoint "
         "that a recipe loads with load_path and load_weights_only: true.",
     )
     import_hf.add_argument("hf_dir", metavar="HF_DIR", help="a local ModernBERT directory (config.json, weights)")
-    import_hf.add_argument("out_checkpoint", metavar="OUT_CHECKPOINT",
-                           help="the checkpoint file to write, e.g. modernbert-base.pt")
+    import_hf.add_argument(
+        "out_checkpoint", metavar="OUT_CHECKPOINT", help="the checkpoint file to write, e.g. modernbert-base.pt"
+    )
     import_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_CHECKPOINT")
     import_hf.set_defaults(run=_cmd_import_hf)
+
+    add_prepare_commands(commands)
     return parser
 
 
@@ -272,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DataError, LabeledDataError, TokenizerError, ImportError) as err:
+    except FlexBertError as err:  # bad input, named in one line; anything else is a bug and keeps its traceback
         print(f"flexbert: error: {err}", file=sys.stderr)
         return 2
 

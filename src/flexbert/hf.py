@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from flexbert.errors import InteropError, MissingFileError
 from flexbert.model import (
     FlexBertConfig,
     FlexBertForMaskedLM,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
+from flexbert.registry import split_choice
 
 # Blocks that transformers' ModernBERT implements; anything else cannot be represented there.
 _MODERNBERT_BLOCKS = {
-    "embeddings": "token", "attention": "rope", "mlp": "glu", "norm": "layernorm",
-    "layer": "prenorm", "head": "mlm",
+    "embeddings": "token",
+    "attention": "rope",
+    "mlp": "glu",
+    "norm": "layernorm",
+    "layer": "prenorm",
+    "head": "mlm",
 }
 # The decoder shares the token embeddings; like save_pretrained, an export stores the matrix once.
 _TIED_DECODER_KEY = "decoder.weight"
@@ -43,41 +48,54 @@ MODEL_CONFIG_KEY = "flexbert_model_config"
 
 # --- configs --------------------------------------------------------------------------------------
 
+
+# FlexBERT field -> transformers' ModernBertConfig field, for every field that means the same in both
+# (the dropouts, the attention pattern and the special tokens beyond these are mapped by hand).
+_SAME_FIELDS = {
+    **{
+        name: name
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "hidden_activation",
+            "norm_eps",
+            "norm_bias",
+            "attention_bias",
+            "mlp_bias",
+            "decoder_bias",
+            "embedding_dropout",
+            "mlp_dropout",
+            "initializer_range",
+            "initializer_cutoff_factor",
+            "pad_token_id",
+            "cls_token_id",
+            "sep_token_id",
+            "sparse_prediction",
+            "global_attn_every_n_layers",
+            "local_attention",
+        )
+    },
+    "head_activation": "classifier_activation",
+    "head_bias": "classifier_bias",
+}
+
+
 def flexbert_config_from_hf(hf_config: Any, attn_backend: str = "auto") -> FlexBertConfig:
     """Translate a ``transformers.ModernBertConfig``."""
     local_theta = hf_config.local_rope_theta
     return FlexBertConfig.from_dict(
-        dict(
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size,
-            max_position_embeddings=hf_config.max_position_embeddings,
-            hidden_activation=hf_config.hidden_activation,
-            head_activation=hf_config.classifier_activation,
-            norm_eps=float(hf_config.norm_eps),
-            norm_bias=hf_config.norm_bias,
-            attention_bias=hf_config.attention_bias,
-            mlp_bias=hf_config.mlp_bias,
-            head_bias=hf_config.classifier_bias,
-            decoder_bias=hf_config.decoder_bias,
-            embedding_dropout=float(hf_config.embedding_dropout),
-            attention_probs_dropout=float(hf_config.attention_dropout),
-            attention_output_dropout=float(hf_config.attention_dropout),
-            mlp_dropout=float(hf_config.mlp_dropout),
-            global_attn_every_n_layers=hf_config.global_attn_every_n_layers,
-            local_attention=hf_config.local_attention,
-            global_rope_theta=float(hf_config.global_rope_theta),
-            local_rope_theta=float(local_theta if local_theta is not None else hf_config.global_rope_theta),
-            initializer_range=hf_config.initializer_range,
-            initializer_cutoff_factor=hf_config.initializer_cutoff_factor,
-            pad_token_id=hf_config.pad_token_id,
-            cls_token_id=hf_config.cls_token_id,
-            sep_token_id=hf_config.sep_token_id,
-            sparse_prediction=hf_config.sparse_prediction,
-            attn_backend=attn_backend,
-        ),
+        {
+            **{ours: getattr(hf_config, theirs) for ours, theirs in _SAME_FIELDS.items()},
+            "attention_probs_dropout": hf_config.attention_dropout,
+            "attention_output_dropout": hf_config.attention_dropout,
+            "global_rope_theta": hf_config.global_rope_theta,
+            "local_rope_theta": local_theta if local_theta is not None else hf_config.global_rope_theta,
+            "attn_backend": attn_backend,
+        },
         path="hf_config",
     )
 
@@ -86,14 +104,14 @@ def _refuse_unrepresentable(config: FlexBertConfig) -> None:
     """Raise naming the first feature transformers' ModernBERT has no equivalent for: an export
     would load without error there and silently compute something else."""
     for slot, supported in _MODERNBERT_BLOCKS.items():
-        chosen = getattr(config.blocks, slot)
+        chosen = split_choice(getattr(config.blocks, slot), f"model.blocks.{slot}")[0]
         if chosen != supported:
-            raise ValueError(
+            raise InteropError(
                 f"model.blocks.{slot}={chosen!r} has no equivalent in transformers' ModernBERT "
                 f"(which uses {supported!r})"
             )
     if not config.final_norm:
-        raise ValueError("model.final_norm=false has no equivalent in transformers' ModernBERT")
+        raise InteropError("model.final_norm=false has no equivalent in transformers' ModernBERT")
 
 
 def export_notes(config: FlexBertConfig) -> list[str]:
@@ -101,10 +119,12 @@ def export_notes(config: FlexBertConfig) -> list[str]:
     differ (dropout acts in training alone), so the exported model computes what ours does."""
     if config.attention_output_dropout == config.attention_probs_dropout:
         return []
-    return [f"transformers' ModernBERT has one attention_dropout for probabilities and output, so config.json "
-            f"has attention_dropout={config.attention_probs_dropout} (model.attention_probs_dropout) and "
-            f"model.attention_output_dropout={config.attention_output_dropout} is left out; dropout acts only "
-            "in training, so inference is unchanged"]
+    return [
+        f"transformers' ModernBERT has one attention_dropout for probabilities and output, so config.json "
+        f"has attention_dropout={config.attention_probs_dropout} (model.attention_probs_dropout) and "
+        f"model.attention_output_dropout={config.attention_output_dropout} is left out; dropout acts only "
+        "in training, so inference is unchanged"
+    ]
 
 
 def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
@@ -115,12 +135,11 @@ def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
         theta = getattr(config, key)
         # A None or -1 theta loads without complaint and gives NaN logits (ModernBERT issue #209).
         if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
-            raise ValueError(f"model.{key}={theta!r} is not a positive RoPE theta")
-    layer_types = ["full_attention" if config.is_global_layer(i) else "sliding_attention"
-                   for i in range(config.num_hidden_layers)]
+            raise InteropError(f"model.{key}={theta!r} is not a positive RoPE theta")
+    layer_types = [
+        "full_attention" if config.is_global_layer(i) else "sliding_attention" for i in range(config.num_hidden_layers)
+    ]
     return dict(
-        global_attn_every_n_layers=config.global_attn_every_n_layers,
-        local_attention=config.local_attention,
         global_rope_theta=float(config.global_rope_theta),
         local_rope_theta=float(config.local_rope_theta),
         layer_types=layer_types,
@@ -136,36 +155,15 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
     from transformers import ModernBertConfig
 
     _refuse_unrepresentable(config)
-    kwargs = dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
-        hidden_activation=config.hidden_activation,
-        classifier_activation=config.head_activation,
-        norm_eps=config.norm_eps,
-        norm_bias=config.norm_bias,
-        attention_bias=config.attention_bias,
-        mlp_bias=config.mlp_bias,
-        classifier_bias=config.head_bias,
-        decoder_bias=config.decoder_bias,
-        embedding_dropout=config.embedding_dropout,
-        attention_dropout=config.attention_probs_dropout,  # see export_notes
-        mlp_dropout=config.mlp_dropout,
-        initializer_range=config.initializer_range,
-        initializer_cutoff_factor=config.initializer_cutoff_factor,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.cls_token_id,
-        eos_token_id=config.sep_token_id,
-        cls_token_id=config.cls_token_id,
-        sep_token_id=config.sep_token_id,
-        sparse_prediction=config.sparse_prediction,
-        tie_word_embeddings=True,
-        reference_compile=False,
+    kwargs = {
+        **{theirs: getattr(config, ours) for ours, theirs in _SAME_FIELDS.items()},
+        "attention_dropout": config.attention_probs_dropout,  # see export_notes
+        "bos_token_id": config.cls_token_id,
+        "eos_token_id": config.sep_token_id,
+        "tie_word_embeddings": True,
+        "reference_compile": False,
         **_attention_pattern(config),
-    )
+    }
     kwargs.update(overrides)
     return ModernBertConfig(**kwargs)
 
@@ -175,11 +173,15 @@ def _task(model: nn.Module) -> tuple[str, dict[str, Any]]:
     if isinstance(model, FlexBertForSequenceClassification):
         problem = "regression" if model.num_labels == 1 else "single_label_classification"
         return "ModernBertForSequenceClassification", dict(
-            num_labels=model.num_labels, classifier_pooling=model.pooling,
-            classifier_dropout=model.classifier_dropout, problem_type=problem)
+            num_labels=model.num_labels,
+            classifier_pooling=model.pooling,
+            classifier_dropout=model.classifier_dropout,
+            problem_type=problem,
+        )
     if isinstance(model, FlexBertForTokenClassification):
         return "ModernBertForTokenClassification", dict(
-            num_labels=model.num_labels, classifier_dropout=model.classifier_dropout)
+            num_labels=model.num_labels, classifier_dropout=model.classifier_dropout
+        )
     return "ModernBertForMaskedLM", {}
 
 
@@ -201,25 +203,36 @@ def _config_json(model: nn.Module) -> dict[str, Any]:
 
 # --- export ---------------------------------------------------------------------------------------
 
+
 def _tokenizer_files(tokenizer_dir: str | os.PathLike, config: FlexBertConfig) -> list[Path]:
     """The files to ship with the model, once the tokenizer is known to fit it."""
     from flexbert.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
-                         f"model's vocab_size={config.vocab_size}")
-    for key, token_id in (("pad_token_id", tokenizer.pad_id), ("cls_token_id", tokenizer.cls_id),
-                          ("sep_token_id", tokenizer.sep_id)):
+        raise InteropError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size={config.vocab_size}"
+        )
+    for key, token_id in (
+        ("pad_token_id", tokenizer.pad_id),
+        ("cls_token_id", tokenizer.cls_id),
+        ("sep_token_id", tokenizer.sep_id),
+    ):
         if getattr(config, key) != token_id:
-            raise ValueError(f"model.{key}={getattr(config, key)} disagrees with tokenizer {tokenizer.path}, "
-                             f"whose id is {token_id}")
+            raise InteropError(
+                f"model.{key}={getattr(config, key)} disagrees with tokenizer {tokenizer.path}, whose id is {token_id}"
+            )
     return [tokenizer.path / name for name in TOKENIZER_FILES if (tokenizer.path / name).is_file()]
 
 
-def export_hf(model: nn.Module, out_dir: str | os.PathLike,
-              tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False,
-              weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+def export_hf(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model`` (masked LM, sequence or token classifier) as the matching transformers
     ModernBERT directory: config.json, model.safetensors and, given ``tokenizer_dir``, the
     tokenizer files. ``weights`` replaces ``model.state_dict()`` where the model holds only a shard
@@ -233,9 +246,11 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike,
 
     config_json = _config_json(model)
     tokenizer_files = _tokenizer_files(tokenizer_dir, model.config) if tokenizer_dir is not None else []
-    weights = {name: tensor.detach().cpu().contiguous()
-               for name, tensor in (model.state_dict() if weights is None else weights).items()
-               if name != _TIED_DECODER_KEY}
+    weights = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in (model.state_dict() if weights is None else weights).items()
+        if name != _TIED_DECODER_KEY
+    }
     with atomic_output_dir(out_dir, overwrite) as staging:
         (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
@@ -248,6 +263,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike,
 
 # --- import ---------------------------------------------------------------------------------------
 
+
 def _load_hf_dir(path: Path):
     """A ModernBertForMaskedLM from a local directory, refusing anything that would load with
     freshly initialised weights in place of missing ones."""
@@ -255,20 +271,21 @@ def _load_hf_dir(path: Path):
 
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+        raise MissingFileError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (json.JSONDecodeError, AttributeError):  # not JSON, or not a JSON object
-        raise ValueError(f"{config_file} is not a Hugging Face config (a JSON object)") from None
+        raise InteropError(f"{config_file} is not a Hugging Face config (a JSON object)") from None
     if model_type != "modernbert":
-        raise ValueError(f"{path} holds a {model_type!r} model, not ModernBERT (model_type 'modernbert')")
+        raise InteropError(f"{path} holds a {model_type!r} model, not ModernBERT (model_type 'modernbert')")
     try:
         hf_model, info = ModernBertForMaskedLM.from_pretrained(path, output_loading_info=True)
     except OSError as err:  # no weights file, or an unreadable one
-        raise ValueError(f"{path}: {err}") from None
+        raise InteropError(f"{path}: {err}") from None
     if info["missing_keys"]:
-        raise ValueError(f"{path} is not a ModernBertForMaskedLM checkpoint; it lacks "
-                         + ", ".join(sorted(info["missing_keys"])))
+        raise InteropError(
+            f"{path} is not a ModernBertForMaskedLM checkpoint; it lacks " + ", ".join(sorted(info["missing_keys"]))
+        )
     return hf_model
 
 
@@ -293,49 +310,43 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, over
     """Turn a ModernBERT directory into a checkpoint file that a recipe loads with ``load_path`` and
     ``load_weights_only: true``; its model config rides along so that :func:`export_hf` can
     re-export it."""
-    from flexbert.train.checkpoint import COMPOSER_MODEL_PREFIX
+    from flexbert.train.checkpoint import write_weights
 
     out = Path(out_checkpoint)
     if out.is_dir():
-        raise ValueError(f"output {out} is a directory; name the checkpoint file to write")
+        raise InteropError(f"output {out} is a directory; name the checkpoint file to write")
     if out.exists() and not overwrite:
-        raise ValueError(f"output {out} already exists; use --overwrite to replace it")
+        raise InteropError(f"output {out} already exists; use --overwrite to replace it")
     model = from_hf(hf_dir)
-    checkpoint = {
-        # The layout Composer saves: ComposerMLM holds the encoder as its attribute ``model``.
-        "state": {"model": {COMPOSER_MODEL_PREFIX + name: tensor for name, tensor in model.state_dict().items()}},
-        MODEL_CONFIG_KEY: dataclasses.asdict(model.config),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        torch.save(checkpoint, partial)
-        os.replace(partial, out)  # atomic: the checkpoint appears whole or not at all
-    finally:
-        partial.unlink(missing_ok=True)
+    write_weights(out, model.state_dict(), **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
     return out
 
 
 # --- Composer checkpoints -------------------------------------------------------------------------
 
+
 def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[FlexBertConfig, Path]:
     """The model a resolved training config builds, and its tokenizer directory.
 
-    Unlike ``TrainConfig.from_dict`` this needs neither the training data nor ``load_path`` to still
-    exist: an export often happens long after both are gone.
+    Only the model section and the tokenizer are read: an export often happens long after the
+    training data and ``load_path`` are gone, so the rest of the recipe is not validated again.
     """
     from flexbert.data.tokenizer import load_tokenizer
-    from flexbert.train.config import TrainConfig, model_config_for
-    from flexbert.typed_config import from_dict
+    from flexbert.train.config import model_config_for
 
-    parsed = from_dict(TrainConfig, training_config, "")
-    tokenizer = load_tokenizer(parsed.train_loader.tokenizer)
+    model, loader = training_config.get("model"), training_config.get("train_loader")
+    if not isinstance(model, Mapping) or not isinstance(loader, Mapping) or "tokenizer" not in loader:
+        raise InteropError(
+            "the training config has no model: section or no train_loader.tokenizer; is it a pretraining recipe?"
+        )
+    tokenizer = load_tokenizer(loader["tokenizer"])
     # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
-    return model_config_for({**parsed.model, "attn_backend": "auto"}, tokenizer), tokenizer.path
+    return model_config_for({**model, "attn_backend": "auto"}, tokenizer), tokenizer.path
 
 
-def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
-                          ) -> tuple[FlexBertForMaskedLM, Path | None]:
+def model_from_checkpoint(
+    checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
+) -> tuple[FlexBertForMaskedLM, Path | None]:
     """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
     which are put back together here), and the tokenizer it was trained with when that is known.
 
@@ -343,18 +354,18 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mappin
     (written by :func:`import_hf`), else from the run folder's config.json (a checkpoint saved by
     training sits in ``<run folder>/checkpoints/``).
     """
-    from flexbert.train.checkpoint import read_weights
+    from flexbert.train.checkpoint import RunDir, read_weights
 
     path = Path(checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     try:
         weights, saved = read_weights(path)
     except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
-        raise ValueError(f"{path} is not a readable Composer checkpoint ({err})") from None
+        raise InteropError(f"{path} is not a readable Composer checkpoint ({err})") from None
 
     tokenizer_dir = None
-    run_config_file = path.absolute().parent.parent / "config.json"
+    run_config_file = RunDir.holding(path).config_file
     if training_config is not None:
         config, tokenizer_dir = _model_config_from_training(training_config)
     elif MODEL_CONFIG_KEY in saved:
@@ -362,13 +373,15 @@ def model_from_checkpoint(checkpoint: str | os.PathLike, training_config: Mappin
     elif run_config_file.is_file():
         config, tokenizer_dir = _model_config_from_training(json.loads(run_config_file.read_text()))
     else:
-        raise ValueError(f"cannot tell which model {path} holds: it carries no model config and there is no "
-                         f"run folder config.json at {run_config_file}; pass the recipe with --config")
+        raise InteropError(
+            f"cannot tell which model {path} holds: it carries no model config and there is no "
+            f"run folder config.json at {run_config_file}; pass the recipe with --config"
+        )
 
     model = FlexBertForMaskedLM(config)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[1:2] or [str(err)]
-        raise ValueError(f"{path} does not hold the model its config describes: {first[0].strip()}") from None
+        raise InteropError(f"{path} does not hold the model its config describes: {first[0].strip()}") from None
     return model, tokenizer_dir

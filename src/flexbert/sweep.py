@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flexbert.cli import load_yaml_config
 from flexbert.train.loggers import read_metrics
-from flexbert.typed_config import ConfigError, from_dict
+from flexbert.typed_config import ConfigError, from_dict, load_yaml_config
 
 DONE = "DONE"  # written into a run's folder once it exited successfully: resuming skips it
 RESERVED = {
@@ -80,6 +79,12 @@ class RandomSearch:
     params: dict[str, RandomParam]
     seed: int = 0
 
+    def validate(self, path: str) -> None:
+        if self.samples < 1:
+            raise ConfigError(f"{path}.samples", f"must be at least 1, got {self.samples}")
+        if not self.params:
+            raise ConfigError(f"{path}.params", "no parameters to draw")
+
     def draws(self) -> list[dict[str, Any]]:
         rng = random.Random(self.seed)
         return [{key: param.draw(rng) for key, param in self.params.items()} for _ in range(self.samples)]
@@ -110,32 +115,25 @@ class SweepSpec:
         seeds = self.seed_keys if self.seed_keys is not None else ["seed"]
         return [key for key in self.swept_keys if key not in seeds]
 
-    def validate(self, sweep_dir: Path) -> None:
+    def validate(self, path: str) -> None:
         if self.nproc < 1:
-            raise ConfigError("sweep.nproc", f"must be at least 1, got {self.nproc}")
+            raise ConfigError(f"{path}.nproc", f"must be at least 1, got {self.nproc}")
         if not self.recipes:
-            raise ConfigError("sweep.recipe", "no recipe given")
-        for recipe in self.recipes:
-            if not (sweep_dir / recipe).is_file():
-                raise ConfigError("sweep.recipe", f"{sweep_dir / recipe} not found (recipes are named relative "
-                                  "to the sweep file)")
+            raise ConfigError(f"{path}.recipe", "no recipe given")
         if not self.metrics:
             raise ConfigError("sweep.metrics", "name at least one metric to collect, e.g. metrics/eval/spearman")
         if not self.grid and self.random is None:
-            raise ConfigError("sweep.grid", "nothing to sweep: give a grid: of key -> list of values, "
-                              "and/or a random: search")
+            raise ConfigError(
+                "sweep.grid", "nothing to sweep: give a grid: of key -> list of values, and/or a random: search"
+            )
         for key, values in self.grid.items():
             if not values:
                 raise ConfigError(f"sweep.grid.{key}", "no values")
-        if self.random is not None:
-            if self.random.samples < 1:
-                raise ConfigError("sweep.random.samples", f"must be at least 1, got {self.random.samples}")
-            if not self.random.params:
-                raise ConfigError("sweep.random.params", "no parameters to draw")
-            for key, param in self.random.params.items():
-                param.validate(f"sweep.random.params.{key}")
-        sections = [("overrides", self.overrides), ("grid", self.grid),
-                    ("random.params", self.random.params if self.random else {})]
+        sections = [
+            ("overrides", self.overrides),
+            ("grid", self.grid),
+            ("random.params", self.random.params if self.random else {}),
+        ]
         for (name, keys), (other, other_keys) in itertools.combinations(sections, 2):
             for key in keys.keys() & other_keys.keys():
                 raise ConfigError(f"sweep.{other}.{key}", f"is also set in sweep.{name}; give each key once")
@@ -148,8 +146,13 @@ class SweepSpec:
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
+    """A validated sweep file whose recipes exist (named relative to it)."""
     spec = from_dict(SweepSpec, load_yaml_config(path), "sweep")
-    spec.validate(Path(path).parent)
+    for recipe in spec.recipes:
+        if not (Path(path).parent / recipe).is_file():
+            raise ConfigError(
+                "sweep.recipe", f"{Path(path).parent / recipe} not found (recipes are named relative to the sweep file)"
+            )
     return spec
 
 
@@ -203,10 +206,17 @@ def expand(spec: SweepSpec, sweep_file: str | Path, out: str | Path) -> list[Run
         name = "-".join([Path(recipe).stem, *(f"{short[key]}{_name_part(values[key])}" for key in config_keys)])
         swept = {"recipe": recipe, **values} if "recipe" in spec.swept_keys else values
         if name in runs:
-            raise ConfigError("sweep", f"two runs would be named {name}: {runs[name].swept} and {swept} "
-                              "(a random search can draw the same choices twice)")
-        overrides = [*fixed, *(f"{key}={_dotlist_value(values[key])}" for key in config_keys),
-                     f"run_name={name}", f"run_root={_dotlist_value(str(out))}"]
+            raise ConfigError(
+                "sweep",
+                f"two runs would be named {name}: {runs[name].swept} and {swept} "
+                "(a random search can draw the same choices twice)",
+            )
+        overrides = [
+            *fixed,
+            *(f"{key}={_dotlist_value(values[key])}" for key in config_keys),
+            f"run_name={name}",
+            f"run_root={_dotlist_value(str(out))}",
+        ]
         runs[name] = Run(name, os.path.normpath(sweep_dir / recipe), swept, overrides, spec.nproc)
     return list(runs.values())
 
@@ -241,8 +251,9 @@ def write_plan(runs: Sequence[Run], configs: Sequence[dict[str, Any]], out: Path
     for run, config in zip(runs, configs):
         (out / "configs" / f"{run.name}.yaml").write_text(OmegaConf.to_yaml(config))
     cwd = shlex.quote(os.getcwd())
-    lines = [f"cd {cwd} && {shlex.join(run.command())} && touch {shlex.quote(str(out / run.name / DONE))}"
-             for run in runs]
+    lines = [
+        f"cd {cwd} && {shlex.join(run.command())} && touch {shlex.quote(str(out / run.name / DONE))}" for run in runs
+    ]
     (out / "commands.txt").write_text("\n".join(lines) + "\n")
 
 
@@ -308,25 +319,32 @@ def write_report(out: Path, title: str, spec: SweepSpec, rows: Sequence[dict[str
         writer.writerows({key: _cell(row[key]) for key in columns} for row in rows)
     averaged = [key for key in spec.swept_keys if key not in spec.group_keys]
     note = f"mean ± std over {', '.join(averaged)}" if averaged else "one run per setting"
-    (out / "summary.md").write_text(f"# Sweep {title}\n\nFinal metric values, {note}; n = finished runs.\n\n"
-                                    + summary_table(rows, spec.group_keys, spec.metrics))
+    (out / "summary.md").write_text(
+        f"# Sweep {title}\n\nFinal metric values, {note}; n = finished runs.\n\n"
+        + summary_table(rows, spec.group_keys, spec.metrics)
+    )
 
 
-def run_sweep(sweep_file: str | Path, out: str | Path | None = None, dry_run: bool = False,
-              nproc: int | None = None) -> int:
+def run_sweep(
+    sweep_file: str | Path, out: str | Path | None = None, dry_run: bool = False, nproc: int | None = None
+) -> int:
     """Validate every run, then plan them (``dry_run``) or train them one after another, each on
     ``nproc`` processes (default: the sweep file's ``nproc``); 0 when every run finished, 1 when any
     failed."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("sweep", "runs as one process that launches every run; to train each run on N "
-                          "processes, give --nproc N (or nproc: N in the sweep file) instead of a launcher")
+        raise ConfigError(
+            "sweep",
+            "runs as one process that launches every run; to train each run on N "
+            "processes, give --nproc N (or nproc: N in the sweep file) instead of a launcher",
+        )
     sweep_file = Path(sweep_file)
     title = sweep_file.stem
     out = Path(out) if out is not None else Path("runs", "sweeps", title)
     spec = load_sweep(sweep_file)
     if nproc is not None:
+        if nproc < 1:
+            raise ConfigError("--nproc", f"must be at least 1, got {nproc}")
         spec.nproc = nproc
-        spec.validate(sweep_file.parent)
     runs = expand(spec, sweep_file, out)
     print(f"sweep {title}: validating {len(runs)} runs (swept: {', '.join(spec.swept_keys)})", flush=True)
     configs = [resolve(run) for run in runs]
@@ -347,6 +365,8 @@ def run_sweep(sweep_file: str | Path, out: str | Path | None = None, dry_run: bo
         print(f"{tag}: {when}" + (f"; {shown}" if status == "done" else ""), flush=True)
     write_report(out, title, spec, rows)
     failed = sum(row["status"] == "failed" for row in rows)
-    print(f"sweep {title}: {len(rows) - failed} done, {failed} failed; "
-          f"{out / 'results.csv'}, {out / 'summary.md'}", flush=True)
+    print(
+        f"sweep {title}: {len(rows) - failed} done, {failed} failed; {out / 'results.csv'}, {out / 'summary.md'}",
+        flush=True,
+    )
     return 1 if failed else 0

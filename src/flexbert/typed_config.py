@@ -2,6 +2,10 @@
 
 Every error names the full key path (``model.blocks.mlp``) so a typo in a 200-line sweep config
 is found at start-up, not hours into a run.
+
+Validation happens by construction: a dataclass that defines ``validate(self, path)`` has it called
+by :func:`from_dict` as soon as it is built, with the key path where it sits, children before their
+parent. A parent never validates a child by hand, so no section can be forgotten.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, Union
+
+from flexbert.errors import FlexBertError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(FlexBertError, ValueError):
     """A configuration value is unknown, missing, mistyped or out of range."""
 
     def __init__(self, key_path: str, message: str):
@@ -28,7 +35,7 @@ class ConfigError(ValueError):
         return type(self), (self.key_path, self.message)
 
 
-def _child_path(parent: str, key: object) -> str:
+def child_path(parent: str, key: object) -> str:
     """``parent.key``, or ``key`` alone at the top level of a file (whose parent path is "")."""
     return f"{parent}.{key}" if parent else str(key)
 
@@ -73,7 +80,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
         value_type = args[1] if len(args) == 2 else Any
-        return {str(k): _coerce(v, value_type, _child_path(path, k)) for k, v in value.items()}
+        return {str(k): _coerce(v, value_type, child_path(path, k)) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected a boolean, got {type(value).__name__} {value!r}")
@@ -109,13 +116,71 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
         close = difflib.get_close_matches(unknown[0], fields, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(
-            _child_path(path, unknown[0]), f"unknown key; {hint}valid keys are: {', '.join(sorted(fields))}"
+            child_path(path, unknown[0]), f"unknown key; {hint}valid keys are: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], _child_path(path, name))
+            kwargs[name] = _coerce(data[name], hints[name], child_path(path, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(_child_path(path, name), "missing required key")
-    return cls(**kwargs)
+            raise ConfigError(child_path(path, name), "missing required key")
+    built = cls(**kwargs)
+    validate = getattr(built, "validate", None)
+    if callable(validate):
+        validate(path)
+    return built
 
+
+# --- recipe files --------------------------------------------------------------------------------
+
+
+def _yaml_error(path: Path, err: Exception) -> ConfigError:
+    """One line naming where the YAML breaks: PyYAML's own message spans four lines."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ConfigError(str(path), "is not valid YAML: " + " ".join(str(err).split()))
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    opened = f" ({context} that starts at line {context_mark.line + 1})" if context and context_mark else ""
+    return ConfigError(
+        f"{path}, line {mark.line + 1}, column {mark.column + 1}", f"is not valid YAML: {err.problem}{opened}"
+    )
+
+
+def _load_with_includes(path: Path, seen: tuple[Path, ...] = ()):
+    """A YAML file as an OmegaConf node, after merging the files its ``include:`` list names
+    (relative to it, in order, each overridden by what follows): recipes share one definition."""
+    from omegaconf import DictConfig, OmegaConf
+    from yaml import YAMLError
+
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(str(path), "includes itself (through " + " -> ".join(map(str, seen)) + ")")
+    try:
+        node = OmegaConf.load(path)
+    except YAMLError as err:
+        raise _yaml_error(path, err) from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(str(path), "must hold a mapping of config keys (key: value lines), not a list")
+    includes = node.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    parents = [_load_with_includes(path.parent / str(item), (*seen, path.resolve())) for item in includes]
+    return OmegaConf.merge(*parents, node) if parents else node
+
+
+def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A YAML file (with its includes) merged with ``key=value`` dotlist overrides, resolved to
+    plain containers."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config = _load_with_includes(Path(path))
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(override, "overrides are written key=value (for example model.hidden_size=512)")
+    try:
+        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(path), f"cannot resolve config: {err}") from None

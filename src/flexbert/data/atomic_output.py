@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flexbert.errors import FlexBertError
 
-class OutputExistsError(ValueError):
+
+class OutputExistsError(FlexBertError, ValueError):
     """The output path already holds something and overwriting was not asked for."""
 
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from flexbert.data.sources import BadRecords, Slice, SourceError, find_inputs, plan_slices, read_slice
 from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
+from flexbert.errors import FlexBertError
 
 COLUMN = "input_ids"
 INDEX = "index.json"
@@ -55,11 +56,21 @@ DEFAULT_UNIT_SIZE = "32MB"
 DEFAULT_MAX_BAD_FRACTION = 0.001
 LAYOUT = "flexbert-mds-documents-2"  # bump when the output layout changes: old partial outputs restart
 _BATCH_CHARS_PER_THREAD = 1 << 22  # text per encode_batch call and thread: enough to keep threads busy
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1 << 10, "kib": 1 << 10, "mb": 1 << 20, "mib": 1 << 20,
-               "gb": 1 << 30, "gib": 1 << 30, "tb": 1 << 40, "tib": 1 << 40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
 
 
-class ConversionError(ValueError):
+class ConversionError(FlexBertError, ValueError):
     """The conversion cannot be done as asked; nothing that looks complete was written."""
 
 
@@ -138,13 +149,16 @@ class ConversionSummary:
         total = self.total
         bad = sum(total.bad.counts.values())
         reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(total.bad.counts.items()))
-        return (f"{total.documents:,} documents, {total.tokens:,} tokens, {total.text_bytes / 1e6:,.1f} MB of text; "
-                f"{self.tokens_this_run / max(self.seconds, 1e-9):,.0f} tokens/s over {self.seconds:.1f} s; "
-                f"bad lines: {bad:,}{f' ({reasons})' if bad else ''}; {total.empty:,} empty documents skipped; "
-                f"{self.units} units ({self.resumed_units} resumed) in {self.output}")
+        return (
+            f"{total.documents:,} documents, {total.tokens:,} tokens, {total.text_bytes / 1e6:,.1f} MB of text; "
+            f"{self.tokens_this_run / max(self.seconds, 1e-9):,.0f} tokens/s over {self.seconds:.1f} s; "
+            f"bad lines: {bad:,}{f' ({reasons})' if bad else ''}; {total.empty:,} empty documents skipped; "
+            f"{self.units} units ({self.resumed_units} resumed) in {self.output}"
+        )
 
 
 # --- Where the output goes: a local folder or an S3 prefix, with the same layout --------------------
+
 
 def _is_remote(output: str) -> bool:
     return urllib.parse.urlparse(output).scheme != ""
@@ -225,7 +239,7 @@ class _S3Output:
     def clear(self) -> None:
         keys = list(self._keys(""))
         for start in range(0, len(keys), 1000):  # the most one request may delete
-            objects = [{"Key": key} for key in keys[start:start + 1000]]
+            objects = [{"Key": key} for key in keys[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
 
@@ -251,8 +265,9 @@ def _finished_units(destination: _LocalOutput | _S3Output, plan: bytes, overwrit
     """Make ``destination`` ready for ``plan``; return the units an interrupted run of it finished."""
     if destination.exists(INDEX):
         if not overwrite:
-            raise ConversionError(f"output {output} already holds a complete dataset ({INDEX}); "
-                                  "pass --overwrite to replace it")
+            raise ConversionError(
+                f"output {output} already holds a complete dataset ({INDEX}); pass --overwrite to replace it"
+            )
         destination.clear()
     elif destination.exists(PLAN):
         if not overwrite and json.loads(destination.read(PLAN)) == json.loads(plan):
@@ -269,13 +284,19 @@ def _root_index(results: list[UnitResult]) -> bytes:
     shards = []
     for result in sorted(results, key=lambda result: result.name):
         for shard in result.shards:
-            shards.append({key: {**value, "basename": f"{result.name}/{value['basename']}"}
-                           if isinstance(value, dict) and "basename" in value else value
-                           for key, value in shard.items()})
+            shards.append(
+                {
+                    key: {**value, "basename": f"{result.name}/{value['basename']}"}
+                    if isinstance(value, dict) and "basename" in value
+                    else value
+                    for key, value in shard.items()
+                }
+            )
     return json.dumps({"version": 2, "shards": shards}, sort_keys=True).encode()
 
 
 # --- Converting one unit ---------------------------------------------------------------------------
+
 
 def _batches(documents: Iterator[tuple[str, int]], chars: int) -> Iterator[list[tuple[str, int]]]:
     batch, size = [], 0
@@ -289,8 +310,9 @@ def _batches(documents: Iterator[tuple[str, int]], chars: int) -> Iterator[list[
         yield batch
 
 
-def _tokenized(batches: Iterator[list[tuple[str, int]]], tokenizer: MLMTokenizer
-               ) -> Iterator[tuple[list[tuple[str, int]], list[list[int]]]]:
+def _tokenized(
+    batches: Iterator[list[tuple[str, int]]], tokenizer: MLMTokenizer
+) -> Iterator[tuple[list[tuple[str, int]], list[list[int]]]]:
     """Each batch with its token ids; the next batch is tokenized (outside the GIL) while this one is written."""
     with ThreadPoolExecutor(1) as tokenizing:
         previous = None
@@ -303,14 +325,20 @@ def _tokenized(batches: Iterator[list[tuple[str, int]]], tokenizer: MLMTokenizer
             yield previous[0], previous[1].result()
 
 
-def _write_shards(job: UnitJob, out: str | tuple[str, str], tokenizer: MLMTokenizer,
-                  advance: Callable[[int], object]) -> Tally:
+def _write_shards(
+    job: UnitJob, out: str | tuple[str, str], tokenizer: MLMTokenizer, advance: Callable[[int], object]
+) -> Tally:
     # Imported here, not at the top: streaming loads torch and transformers, seconds that argument
     # errors should not wait for.
     from streaming import MDSWriter
 
-    writer = MDSWriter(columns={COLUMN: f"ndarray:{job.dtype}"}, out=out, keep_local=True, compression="zstd",
-                       size_limit=job.shard_size)
+    writer = MDSWriter(
+        columns={COLUMN: f"ndarray:{job.dtype}"},
+        out=out,
+        keep_local=True,
+        compression="zstd",
+        size_limit=job.shard_size,
+    )
     tally, reported = Tally(), 0
     batches = _batches(read_slice(job.piece, job.text_field, tally.bad), _BATCH_CHARS_PER_THREAD * job.threads)
     for batch, token_ids in _tokenized(batches, tokenizer):
@@ -394,11 +422,23 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _run_units(jobs: list[UnitJob], tokenizer: MLMTokenizer, tokenizer_path: str, processes: int, threads: int,
-               progress: bool, record: Callable[[UnitResult], None]) -> None:
+def _run_units(
+    jobs: list[UnitJob],
+    tokenizer: MLMTokenizer,
+    tokenizer_path: str,
+    processes: int,
+    threads: int,
+    progress: bool,
+    record: Callable[[UnitResult], None],
+) -> None:
     """Convert ``jobs`` in ``processes`` processes (1: this one), calling ``record`` here as each finishes."""
-    bar = tqdm(total=sum(job.piece.weight for job in jobs), unit="B", unit_scale=True, desc="convert_to_mds",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(job.piece.weight for job in jobs),
+        unit="B",
+        unit_scale=True,
+        desc="convert_to_mds",
+        disable=not progress,
+    )
     tokens = 0
 
     def finished(result: UnitResult) -> None:
@@ -449,9 +489,11 @@ def _full_disk_explained(output: str) -> Iterator[None]:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise ConversionError(f"no space left on the device while writing {output} ({err.filename or err.strerror}); "
-                              "the units finished so far are kept: free some space and run the same command "
-                              "again to resume") from None
+        raise ConversionError(
+            f"no space left on the device while writing {output} ({err.filename or err.strerror}); "
+            "the units finished so far are kept: free some space and run the same command "
+            "again to resume"
+        ) from None
 
 
 def _record_name(unit: str) -> str:
@@ -464,6 +506,7 @@ def _record(destination: _LocalOutput | _S3Output, result: UnitResult) -> None:
 
 
 # --- The conversion --------------------------------------------------------------------------------
+
 
 def convert_to_mds(
     inputs: Sequence[str | os.PathLike],
@@ -495,25 +538,37 @@ def convert_to_mds(
         raise ConversionError(f"max_bad_fraction must lie in [0, 1], got {max_bad_fraction}")
     shard_bytes, unit_bytes = parse_size(shard_size), parse_size(unit_size)
     if not 0 < shard_bytes < 1 << 32 or unit_bytes <= 0:  # MDS stores offsets in a shard as uint32
-        raise ConversionError(f"shard size must lie in (0, 4GB) and unit size be positive; "
-                              f"got {shard_size} and {unit_size}")
+        raise ConversionError(
+            f"shard size must lie in (0, 4GB) and unit size be positive; got {shard_size} and {unit_size}"
+        )
     mlm = load_tokenizer(tokenizer)
     found = find_inputs(inputs)
     pieces = plan_slices(found, text_field, unit_bytes)
     dtype = "uint16" if mlm.vocab_size <= 1 << 16 else "uint32"
-    plan = json.dumps({
-        "layout": LAYOUT, "text_field": text_field, "dtype": dtype, "shard_size": shard_bytes, "unit_size": unit_bytes,
-        "tokenizer_sha256": hashlib.sha256(mlm.tokenizer.to_str().encode()).hexdigest(),
-        "inputs": [{"kind": item.kind, "path": os.path.abspath(item.path), "files": item.signature()}
-                   for item in found],
-    }, indent=1).encode()
+    plan = json.dumps(
+        {
+            "layout": LAYOUT,
+            "text_field": text_field,
+            "dtype": dtype,
+            "shard_size": shard_bytes,
+            "unit_size": unit_bytes,
+            "tokenizer_sha256": hashlib.sha256(mlm.tokenizer.to_str().encode()).hexdigest(),
+            "inputs": [
+                {"kind": item.kind, "path": os.path.abspath(item.path), "files": item.signature()} for item in found
+            ],
+        },
+        indent=1,
+    ).encode()
 
     destination = _open_output(output)
     with _full_disk_explained(output):
         finished = _finished_units(destination, plan, overwrite, output)
         results = [UnitResult.from_json(name, destination.read(_record_name(name))) for name in sorted(finished)]
-        todo = [(name, piece) for name, piece in ((f"unit-{index:05d}", piece) for index, piece in enumerate(pieces))
-                if name not in finished]
+        todo = [
+            (name, piece)
+            for name, piece in ((f"unit-{index:05d}", piece) for index, piece in enumerate(pieces))
+            if name not in finished
+        ]
         processes = max(1, min(workers, len(todo)))
         threads = workers // processes  # cores that no process takes go to the tokenizer's threads
         jobs = [UnitJob(name, piece, output, text_field, dtype, shard_bytes, threads) for name, piece in todo]
@@ -536,16 +591,23 @@ def convert_to_mds(
             destination.clear()
             raise ConversionError(problem)
         destination.write(INDEX, _root_index(results))
-    return ConversionSummary(output, total, len(pieces), len(finished),
-                             sum(result.tally.tokens for result in results if result.name not in finished),
-                             time.perf_counter() - started)
+    return ConversionSummary(
+        output,
+        total,
+        len(pieces),
+        len(finished),
+        sum(result.tally.tokens for result in results if result.name not in finished),
+        time.perf_counter() - started,
+    )
 
 
 def _corpus_problem(total: Tally, max_bad_fraction: float, text_field: str, inputs: Sequence) -> str | None:
     bad = sum(total.bad.counts.values())
     if bad > max_bad_fraction * total.records:
-        return (f"{bad:,} of {total.records:,} records are bad ({total.bad.describe()}; text field {text_field!r}), "
-                f"more than --max-bad-fraction {max_bad_fraction}; fix the input or raise the limit")
+        return (
+            f"{bad:,} of {total.records:,} records are bad ({total.bad.describe()}; text field {text_field!r}), "
+            f"more than --max-bad-fraction {max_bad_fraction}; fix the input or raise the limit"
+        )
     if total.documents == 0:
         return f"empty corpus: no document with any text in {', '.join(map(str, inputs))}"
     return None

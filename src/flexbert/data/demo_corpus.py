@@ -30,6 +30,7 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from flexbert.data.atomic_output import atomic_output_dir
+from flexbert.errors import FlexBertError
 
 SCIENCE_PACKAGES = ("numpy", "scipy", "sympy", "mpmath", "networkx", "pandas", "torch")
 SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "dist-packages"})
@@ -42,7 +43,7 @@ PART = "part-00000.jsonl"
 T = TypeVar("T")
 
 
-class DemoCorpusError(ValueError):
+class DemoCorpusError(FlexBertError, ValueError):
     """The corpus cannot be built as asked (a cap too small, a source with nothing installed)."""
 
 
@@ -135,12 +136,14 @@ def web_documents() -> Iterator[Document]:
 
 
 SOURCES: dict[str, Callable[[], Iterator[Document]]] = {
-    "code": code_documents, "science": science_documents, "web": web_documents,
+    "code": code_documents,
+    "science": science_documents,
+    "web": web_documents,
 }
 
 
 def write_source(
-    name: str, documents: Iterable[Document], file: Path, max_bytes: int, progress: bool = True,
+    name: str, documents: Iterable[Document], file: Path, max_bytes: int, progress: bool = True
 ) -> SourceStats:
     """Write ``documents`` as JSON lines until the next one would take ``file`` past ``max_bytes``."""
     largest = max_bytes // MAX_DOCUMENT_SHARE
@@ -164,7 +167,9 @@ def write_source(
 
 
 def build_demo_corpus(
-    output_dir: str | Path, max_bytes_per_source: int = DEFAULT_MAX_BYTES_PER_SOURCE, overwrite: bool = False,
+    output_dir: str | Path,
+    max_bytes_per_source: int = DEFAULT_MAX_BYTES_PER_SOURCE,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Build the corpus into ``output_dir`` atomically; returns the manifest it writes."""

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.tokenizer import MLMTokenizer
+from flexbert.errors import FlexBertError
+from flexbert.model.losses import IGNORE_INDEX
 
 
-class LabeledDataError(ValueError):
+class LabeledDataError(FlexBertError, ValueError):
     """A fine-tuning split cannot be used as configured."""
 
 
@@ -63,8 +64,14 @@ class LabeledSplit:
     truncated: int
 
 
-def load_split(config: SplitConfig, tokenizer: MLMTokenizer, num_labels: int, max_seq_len: int,
-               label_names: Sequence[str] | None = None, path: str = "split") -> LabeledSplit:
+def load_split(
+    config: SplitConfig,
+    tokenizer: MLMTokenizer,
+    num_labels: int,
+    max_seq_len: int,
+    label_names: Sequence[str] | None = None,
+    path: str = "split",
+) -> LabeledSplit:
     """Read, check and tokenize one split. Class labels may be ids or, with ``label_names``, names."""
     file = Path(config.path)
     if not file.exists():
@@ -83,7 +90,8 @@ def load_split(config: SplitConfig, tokenizer: MLMTokenizer, num_labels: int, ma
     if not labels:
         raise LabeledDataError(f"{path}: {file} holds no examples")
     encodings = tokenizer.tokenizer.encode_batch(
-        [tuple(pair) if len(pair) == 2 else pair[0] for pair in texts], add_special_tokens=True)
+        [tuple(pair) if len(pair) == 2 else pair[0] for pair in texts], add_special_tokens=True
+    )
     token_ids = [fit(np.asarray(encoding.ids, dtype=np.int64), max_seq_len) for encoding in encodings]
     truncated = sum(len(encoding.ids) > max_seq_len for encoding in encodings)
     _warn_truncated(truncated, len(labels), file, max_seq_len, path)
@@ -98,8 +106,9 @@ def fit(ids: np.ndarray, max_seq_len: int) -> np.ndarray:
 
 def _warn_truncated(truncated: int, total: int, file: Path, max_seq_len: int, path: str) -> None:
     if truncated:
-        warnings.warn(f"{path}: {truncated} of {total} texts in {file} were longer than {max_seq_len} "
-                      "tokens and were truncated")
+        warnings.warn(
+            f"{path}: {truncated} of {total} texts in {file} were longer than {max_seq_len} tokens and were truncated"
+        )
 
 
 def _label(value, num_labels: int, label_names: Sequence[str] | None, where: str) -> float | int:
@@ -113,8 +122,9 @@ def _label(value, num_labels: int, label_names: Sequence[str] | None, where: str
     try:
         label = int(value)
     except (TypeError, ValueError):
-        raise LabeledDataError(f"{where}: label {value!r} is not a class id"
-                               + (f" or one of {list(label_names)}" if label_names else "")) from None
+        raise LabeledDataError(
+            f"{where}: label {value!r} is not a class id" + (f" or one of {list(label_names)}" if label_names else "")
+        ) from None
     if not 0 <= label < num_labels:
         raise LabeledDataError(f"{where}: label {label} is outside [0, num_labels={num_labels})")
     return label
@@ -141,8 +151,14 @@ def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
     return sentences
 
 
-def load_conll_split(file: str | Path, tokenizer: MLMTokenizer, label_names: Sequence[str], max_seq_len: int,
-                     path: str = "split", limit: int | None = None) -> LabeledSplit:
+def load_conll_split(
+    file: str | Path,
+    tokenizer: MLMTokenizer,
+    label_names: Sequence[str],
+    max_seq_len: int,
+    path: str = "split",
+    limit: int | None = None,
+) -> LabeledSplit:
     """Tokenize a CoNLL split for token classification, labelling each word's first sub-token."""
     file = Path(file)
     if not file.is_file():
@@ -154,9 +170,11 @@ def load_conll_split(file: str | Path, tokenizer: MLMTokenizer, label_names: Seq
     # A space before every word but the first, as in running text, so words tokenize as they would there.
     encodings = tokenizer.tokenizer.encode_batch(
         [[word if i == 0 else " " + word for i, word in enumerate(words)] for words, _ in sentences],
-        is_pretokenized=True, add_special_tokens=True)
+        is_pretokenized=True,
+        add_special_tokens=True,
+    )
     token_ids, labels, truncated = [], [], 0
-    for (words, tags), encoding in zip(sentences, encodings):
+    for (_words, tags), encoding in zip(sentences, encodings):
         unknown = sorted(set(tags) - index.keys())
         if unknown:
             raise LabeledDataError(f"{path}: {file} uses tags {unknown} missing from task.label_names")
@@ -197,8 +215,9 @@ def global_batches(count: int, batch_size: int, world: int) -> list[tuple[int, i
     return list(zip(starts, [*starts[1:], count]))
 
 
-def rank_shares(count: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
-                ) -> Iterator[np.ndarray]:
+def rank_shares(
+    count: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[np.ndarray]:
     """The example indices of this rank's share of each global batch: the batch split into ``world``
     contiguous parts whose sizes differ by at most one. Every rank gets as many batches as the others,
     none empty (given ``count >= world``), and together the ranks see each example exactly once."""
@@ -207,15 +226,19 @@ def rank_shares(count: int, batch_size: int, shuffle: bool, seed: int, rank: int
         yield np.array_split(order[start:end], world)[rank]
 
 
-def batches(split: LabeledSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
-            ) -> Iterator[dict]:
+def batches(
+    split: LabeledSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[dict]:
     """Unpadded batches: the flat token stream, cu_seqlens, and the labels of each example; under
     several processes, this rank's share of each global batch of ``batch_size`` (see :func:`rank_shares`)."""
     for chosen in rank_shares(len(split.token_ids), batch_size, shuffle, seed, rank, world):
         yield {
             **unpadded([split.token_ids[i] for i in chosen]),
-            "labels": (split.labels[torch.from_numpy(chosen)] if isinstance(split.labels, torch.Tensor)
-                       else torch.from_numpy(np.concatenate([split.labels[i] for i in chosen]))),
+            "labels": (
+                split.labels[torch.from_numpy(chosen)]
+                if isinstance(split.labels, torch.Tensor)
+                else torch.from_numpy(np.concatenate([split.labels[i] for i in chosen]))
+            ),
         }
 
 
@@ -258,8 +281,9 @@ def load_pair_split(config: SplitConfig, tokenizer: MLMTokenizer, max_seq_len: i
     return PairSplit(queries, positives)
 
 
-def pair_batches(split: PairSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
-                 ) -> Iterator[dict]:
+def pair_batches(
+    split: PairSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[dict]:
     """Unpadded batches of 2B texts: the B queries, then their B positives in the same order. Under
     several processes each rank takes its share of the pairs, and its in-batch negatives are the
     other positives of its share."""

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from flexbert.data.masking import Masker
-from flexbert.data.packing import GreedyPacker, PackedBatch, Piece, collate_rows, split_document
+from flexbert.data.packing import GreedyPacker, Masker, PackedBatch, Piece, collate_rows, split_document
 from flexbert.data.shm import clean_stale_streaming_memory
 from flexbert.data.streams import DataError, DocumentDataset, LoaderConfig, build_dataset
 from flexbert.data.tokenizer import MLMTokenizer
+from flexbert.typed_config import ConfigError
 
 
 @dataclass
@@ -64,11 +64,19 @@ def _identity(samples: list) -> list:
 class PackedMLMLoader:
     """Iterates this rank's packed MLM batches; ``state_dict``/``load_state_dict`` resume exactly."""
 
-    def __init__(self, config: LoaderConfig, tokenizer: MLMTokenizer, model_vocab_size: int | None = None,
-                 path: str = "train_loader", batch_rows: Callable[[int], int] | None = None):
-        """``batch_rows(global_rows_so_far)`` gives this rank's rows for the next batch (batch-size
-        warmup); by default every batch has ``config.rows_per_batch`` rows."""
-        config.validate(path)
+    def __init__(
+        self,
+        config: LoaderConfig,
+        tokenizer: MLMTokenizer,
+        model_vocab_size: int | None = None,
+        path: str = "train_loader",
+        batch_rows: int | Callable[[int], int] | None = None,
+    ):
+        """``batch_rows`` is this rank's rows per batch, or a function of the global rows emitted so
+        far that gives them (batch-size warmup); by default ``config.rows_per_batch``."""
+        batch_rows = batch_rows or config.rows_per_batch
+        if batch_rows is None:
+            raise ConfigError(f"{path}.rows_per_batch", "missing: how many packed rows go into one batch")
         if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
             raise DataError(
                 f"{path}.tokenizer: {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
@@ -80,7 +88,7 @@ class PackedMLMLoader:
         _clean_stale_memory_once_per_node()
         self.dataset: DocumentDataset = build_dataset(config, path)
         self.masker = Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
-        self.batch_rows = batch_rows or (lambda rows_so_far: config.rows_per_batch)
+        self.batch_rows = batch_rows if callable(batch_rows) else (lambda rows_so_far: batch_rows)
         self.path = path
         # The ranks' agreement before each batch is a host matter: under NCCL it goes over a gloo
         # group of its own, so that it never touches (or waits for) the GPU.
@@ -107,8 +115,11 @@ class PackedMLMLoader:
             dist.all_gather_object(states, self.state, group=self._host_group)
         else:
             states = [self.state]
-        return {"world_size": world, "sample_batch_size": self.config.sample_batch_size,
-                "ranks": [vars(s) | {"pending": [list(k) for k in s.pending]} for s in states]}
+        return {
+            "world_size": world,
+            "sample_batch_size": self.config.sample_batch_size,
+            "ranks": [vars(s) | {"pending": [list(k) for k in s.pending]} for s in states],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         rank, world = _world()
@@ -119,21 +130,29 @@ class PackedMLMLoader:
                 "Exact resumption needs both unchanged."
             )
         # Pending keys saved before pieces carried their epoch are of the state's own epoch.
-        ranks = [RankState(r["epoch"], r["consumed"], tuple(tuple(k) if len(k) == 5 else (r["epoch"], *k)
-                                                             for k in r["pending"]), r["rows_emitted"])
-                 for r in state["ranks"]]
+        ranks = [
+            RankState(
+                r["epoch"],
+                r["consumed"],
+                tuple(tuple(k) if len(k) == 5 else (r["epoch"], *k) for k in r["pending"]),
+                r["rows_emitted"],
+            )
+            for r in state["ranks"]
+        ]
         self._resume = ranks[rank]
         self.state = ranks[rank]
         batch = self.config.sample_batch_size
         whole_batches = min(r.consumed for r in ranks if r.epoch == self._resume.epoch) // batch
         self._resume_offset = whole_batches * batch  # per rank; streaming counts all ranks together
-        self.dataset.load_state_dict({
-            "epoch": self._resume.epoch,
-            "sample_in_epoch": self._resume_offset * world,
-            "num_canonical_nodes": self.dataset.num_canonical_nodes,
-            "shuffle_seed": self.config.shuffle_seed,
-            "initial_physical_nodes": None,
-        })
+        self.dataset.load_state_dict(
+            {
+                "epoch": self._resume.epoch,
+                "sample_in_epoch": self._resume_offset * world,
+                "num_canonical_nodes": self.dataset.num_canonical_nodes,
+                "shuffle_seed": self.config.shuffle_seed,
+                "initial_physical_nodes": None,
+            }
+        )
 
     # --- iteration -------------------------------------------------------------------------------
 
@@ -141,8 +160,12 @@ class PackedMLMLoader:
         """This rank's documents of streaming's next epoch, from where the resume state says. The
         first is fetched at once: streaming opens an epoch with a barrier across the node's ranks,
         which every rank must reach now, not when it next needs a document."""
-        loader = DataLoader(self.dataset, batch_size=self.config.sample_batch_size,
-                            num_workers=self.config.num_workers, collate_fn=_identity)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.config.sample_batch_size,
+            num_workers=self.config.num_workers,
+            collate_fn=_identity,
+        )
         documents = (sample for batch in loader for sample in batch)
         if self._resume is not None:
             for _ in range(self._resume.consumed - self._resume_offset):
@@ -197,7 +220,8 @@ class PackedMLMLoader:
                         ran_out = True
                         break
                 next_epoch, every_rank_has_rows, some_rank_ends = self._agree(
-                    ran_out and not last_epoch, bool(rows), len(rows) < wanted)
+                    ran_out and not last_epoch, bool(rows), len(rows) < wanted
+                )
                 if not next_epoch:
                     break
                 for document in documents:  # the rest of this rank's share, for the packer to carry over
@@ -207,8 +231,10 @@ class PackedMLMLoader:
                 documents = self._documents()
             if not every_rank_has_rows:
                 if rows:
-                    warnings.warn(f"{self.path}: another rank's data ended first, so this rank drops its last "
-                                  f"{len(rows)} rows and every rank stops at the same batch")
+                    warnings.warn(
+                        f"{self.path}: another rank's data ended first, so this rank drops its last "
+                        f"{len(rows)} rows and every rank stops at the same batch"
+                    )
                 break
             pending = tuple((p.epoch, *p.key()) for p in packer.pending)
             self.state = RankState(epoch, consumed, pending, self.state.rows_emitted + len(rows))

@@ -16,7 +16,7 @@ from pathlib import Path
 from streaming.base.constant import SHM_TO_CLEAN
 
 SHM_DIR = Path("/dev/shm")
-_STREAMING_SEGMENT = re.compile(r"\d{6}_(?:%s)" % "|".join(re.escape(name) for name in SHM_TO_CLEAN))
+_STREAMING_SEGMENT = re.compile(r"\d{6}_(?:" + "|".join(re.escape(name) for name in SHM_TO_CLEAN) + ")")
 
 
 def _mapped_segments() -> set[str]:
@@ -38,7 +38,8 @@ def clean_stale_streaming_memory() -> list[str]:
     if not SHM_DIR.is_dir() or not Path("/proc/self/maps").exists():
         return []  # not Linux: streaming's resource tracker is all we have
     candidates = [
-        entry for entry in SHM_DIR.iterdir()
+        entry
+        for entry in SHM_DIR.iterdir()
         if _STREAMING_SEGMENT.fullmatch(entry.name) and entry.stat().st_uid == os.getuid()
     ]
     if not candidates:

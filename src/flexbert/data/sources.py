@@ -9,8 +9,8 @@ gives the corpus in order, whatever the cut.
 
 A record that cannot give a document (a line that is not UTF-8 or not JSON, a missing or non-string
 text field) is *bad*: it is counted by reason and skipped, so a caller can decide how many are too
-many, and the first of each reason is located so that an error can say where to look. A structural problem (a missing path, a column that is absent or not text, a corrupt archive)
-is a ``SourceError``.
+many, and the first of each reason is located so that an error can say where to look. A structural
+problem (a missing path, a column that is absent or not text, a corrupt archive) is a ``SourceError``.
 """
 
 from __future__ import annotations
@@ -30,17 +30,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from flexbert.errors import FlexBertError
+
 # Longest suffix first, so that "a.jsonl.gz" is not taken for plain JSON lines.
 SUFFIX_KINDS = {
-    ".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".parquet": "parquet",
-    ".txt": "text", ".md": "text",
+    ".jsonl.gz": "jsonl.gz",
+    ".jsonl.zst": "jsonl.zst",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
 }
 SAVED_DATASET = "saved_dataset"  # a folder written by datasets' save_to_disk
 BAD_REASONS = ("invalid_utf8", "invalid_json", "missing_field", "not_a_string")
 _ARROW_BATCH_ROWS = 1024
 
 
-class SourceError(ValueError):
+class SourceError(FlexBertError, ValueError):
     """An input is missing, of an unsupported kind, or unreadable as a whole."""
 
 
@@ -64,8 +70,9 @@ class BadRecords:
 
     def describe(self) -> str:
         """``invalid_utf8: 2, first in a.jsonl, line at byte 120; ...``"""
-        return "; ".join(f"{reason}: {count:,}, first in {self.first[reason]}"
-                         for reason, count in sorted(self.counts.items()))
+        return "; ".join(
+            f"{reason}: {count:,}, first in {self.first[reason]}" for reason, count in sorted(self.counts.items())
+        )
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,10 @@ def find_inputs(paths: Iterable[str | os.PathLike]) -> list[Input]:
         if path.is_dir() and not _saved_dataset(path):
             found = list(_expand(path))
             if not found:
-                raise SourceError(f"no input files under {path}: looked for {', '.join(SUFFIX_KINDS)} files "
-                                  "and datasets saved with save_to_disk")
+                raise SourceError(
+                    f"no input files under {path}: looked for {', '.join(SUFFIX_KINDS)} files "
+                    "and datasets saved with save_to_disk"
+                )
             inputs += found
         else:
             inputs.append(_input(path))
@@ -123,8 +132,10 @@ def _input(path: Path) -> Input:
         return Input(SAVED_DATASET, str(path))
     kind = _kind(path)
     if kind is None:
-        raise SourceError(f"{path}: unsupported input; expected a folder, a dataset saved with save_to_disk, "
-                          f"or a file ending in {', '.join(SUFFIX_KINDS)}")
+        raise SourceError(
+            f"{path}: unsupported input; expected a folder, a dataset saved with save_to_disk, "
+            f"or a file ending in {', '.join(SUFFIX_KINDS)}"
+        )
     return Input(kind, str(path))
 
 
@@ -166,8 +177,10 @@ def _text_slices(paths: list[str], limit: float) -> list[Slice]:
 def _jsonl_slices(item: Input, text_field: str, limit: float) -> list[Slice]:
     size = os.path.getsize(item.path)
     step = int(min(limit, size)) or 1
-    return [Slice(item.kind, (item.path,), start, min(start + step, size), min(step, size - start))
-            for start in range(0, size, step)]
+    return [
+        Slice(item.kind, (item.path,), start, min(start + step, size), min(step, size - start))
+        for start in range(0, size, step)
+    ]
 
 
 def _whole_file(item: Input, text_field: str, limit: float) -> list[Slice]:
@@ -176,8 +189,10 @@ def _whole_file(item: Input, text_field: str, limit: float) -> list[Slice]:
 
 def _check_text_column(schema: pa.Schema, text_field: str, where: str) -> None:
     if text_field not in schema.names:
-        raise SourceError(f"{where}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
-                          "choose the text column with --text-field")
+        raise SourceError(
+            f"{where}: no column {text_field!r} (columns: {', '.join(schema.names)}); "
+            "choose the text column with --text-field"
+        )
     kind = schema.field(text_field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise SourceError(f"{where}: column {text_field!r} holds {kind}, not text")
@@ -213,12 +228,18 @@ def _saved_dataset_slices(item: Input, text_field: str, limit: float) -> list[Sl
     _check_text_column(dataset.data.schema, text_field, item.path)
     rows, size = dataset.num_rows, dataset.data.nbytes
     step = max(1, int(min(limit * rows / max(size, 1), rows)))
-    return [Slice(SAVED_DATASET, (item.path,), start, stop, size * (stop - start) // rows)
-            for start in range(0, rows, step) for stop in [min(start + step, rows)]]
+    return [
+        Slice(SAVED_DATASET, (item.path,), start, stop, size * (stop - start) // rows)
+        for start in range(0, rows, step)
+        for stop in [min(start + step, rows)]
+    ]
 
 
 _SLICERS = {
-    "jsonl": _jsonl_slices, "jsonl.gz": _whole_file, "jsonl.zst": _whole_file, "parquet": _parquet_slices,
+    "jsonl": _jsonl_slices,
+    "jsonl.gz": _whole_file,
+    "jsonl.zst": _whole_file,
+    "parquet": _parquet_slices,
     SAVED_DATASET: _saved_dataset_slices,
 }
 
@@ -324,8 +345,9 @@ def _read_compressed_jsonl(piece: Slice, text_field: str, bad: BadRecords) -> It
             raise SourceError(f"{piece.paths[0]}: corrupt or truncated archive ({err})") from None
 
 
-def _arrow_texts(columns: Iterable[pa.Array], path: str, first_row: int, rows: int, weight: int,
-                 bad: BadRecords) -> Iterator[tuple[str, int]]:
+def _arrow_texts(
+    columns: Iterable[pa.Array], path: str, first_row: int, rows: int, weight: int, bad: BadRecords
+) -> Iterator[tuple[str, int]]:
     done = 0
     for column in columns:
         for text in column.to_pylist():
@@ -348,18 +370,23 @@ def _read_parquet(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tu
 def _read_saved_dataset(piece: Slice, text_field: str, bad: BadRecords) -> Iterator[tuple[str, int]]:
     table = _load_saved_dataset(piece.paths[0]).select_columns([text_field]).with_format("arrow")
     starts = range(piece.start, piece.stop, _ARROW_BATCH_ROWS)
-    columns = (table[start:min(start + _ARROW_BATCH_ROWS, piece.stop)].column(0) for start in starts)
+    columns = (table[start : min(start + _ARROW_BATCH_ROWS, piece.stop)].column(0) for start in starts)
     return _arrow_texts(columns, piece.paths[0], piece.start, piece.stop - piece.start, piece.weight, bad)
 
 
 _READERS = {
-    "text": _read_text_files, "jsonl": _read_jsonl, "jsonl.gz": _read_compressed_jsonl,
-    "jsonl.zst": _read_compressed_jsonl, "parquet": _read_parquet, SAVED_DATASET: _read_saved_dataset,
+    "text": _read_text_files,
+    "jsonl": _read_jsonl,
+    "jsonl.gz": _read_compressed_jsonl,
+    "jsonl.zst": _read_compressed_jsonl,
+    "parquet": _read_parquet,
+    SAVED_DATASET: _read_saved_dataset,
 }
 
 
-def iter_documents(paths: Iterable[str | os.PathLike], text_field: str = "text",
-                   bad: BadRecords | None = None) -> Iterator[str]:
+def iter_documents(
+    paths: Iterable[str | os.PathLike], text_field: str = "text", bad: BadRecords | None = None
+) -> Iterator[str]:
     """Every document of the corpus at ``paths``, in order; bad records are counted into ``bad``."""
     bad = BadRecords() if bad is None else bad
     for piece in plan_slices(find_inputs(paths), text_field, unit_bytes=None):

@@ -8,17 +8,18 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from streaming import Stream, StreamingDataset
 from streaming.base.world import World
 
-from flexbert.data.masking import MaskingConfig
+from flexbert.data.packing import MaskingConfig
+from flexbert.errors import FlexBertError
 from flexbert.typed_config import ConfigError
 
 
-class DataError(ValueError):
+class DataError(FlexBertError, ValueError):
     """The data itself is unusable: corrupt, or inconsistent with the model or tokenizer."""
 
 
@@ -43,12 +44,15 @@ class LoaderConfig:
     tokenizer: str
     streams: dict[str, StreamConfig]
     max_seq_len: int = 1024  # tokens per packed row
-    rows_per_batch: int = 8  # packed rows in one device microbatch
+    # Packed rows per batch of an evaluation loader (default: the run's device_microbatch_rows) or of
+    # a loader used on its own. Training sizes its batches from global_batch_rows and
+    # device_microbatch_rows, so a train_loader refuses it.
+    rows_per_batch: int | None = None
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     lookahead: int = 256  # pending pieces the packer chooses from
     shuffle: bool = True
     shuffle_seed: int = 9176
-    shuffle_algo: str = "py1e"
+    shuffle_algo: Literal["naive", "py1b", "py1br", "py1e", "py1s", "py2s"] = "py1e"  # streaming's
     num_canonical_nodes: int | None = None
     sample_batch_size: int = 64  # documents per streaming fetch; must stay fixed across a resume
     num_workers: int = 0
@@ -62,7 +66,7 @@ class LoaderConfig:
         if not self.streams:
             raise ConfigError(f"{path}.streams", "no streams given; name at least one")
         for key in ("max_seq_len", "rows_per_batch", "lookahead", "sample_batch_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"{path}.{key}", f"must be positive, got {getattr(self, key)}")
         if self.max_seq_len < 3:
             raise ConfigError(f"{path}.max_seq_len", "must leave room for [CLS] token [SEP]")
@@ -70,13 +74,14 @@ class LoaderConfig:
             raise ConfigError(f"{path}.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.epoch_size is not None and self.epoch_size <= 0:
             raise ConfigError(f"{path}.epoch_size", f"must be positive, got {self.epoch_size}")
-        self.masking.validate(f"{path}.masking")
         with_proportion = [name for name, s in self.streams.items() if s.proportion is not None]
         for name, stream in self.streams.items():
             stream_path = f"{path}.streams.{name}"
             weights = [k for k in ("proportion", "repeat", "choose") if getattr(stream, k) is not None]
             if len(weights) > 1:
-                raise ConfigError(f"{stream_path}", f"give one of proportion, repeat, choose; got {' and '.join(weights)}")
+                raise ConfigError(
+                    f"{stream_path}", f"give one of proportion, repeat, choose; got {' and '.join(weights)}"
+                )
             if weights and not getattr(stream, weights[0]) > 0:
                 raise ConfigError(f"{stream_path}.{weights[0]}", f"must be > 0, got {getattr(stream, weights[0])}")
             if with_proportion and stream.proportion is None:
@@ -121,8 +126,10 @@ def _shard_file_problem(folder: Path, shard: dict) -> str | None:
     for info in present:
         size = (folder / info["basename"]).stat().st_size
         if size != info["bytes"]:
-            return (f"shard file {folder / info['basename']} is truncated or corrupt: {size:,} bytes where "
-                    f"index.json records {info['bytes']:,}")
+            return (
+                f"shard file {folder / info['basename']} is truncated or corrupt: {size:,} bytes where "
+                f"index.json records {info['bytes']:,}"
+            )
     return None
 
 
@@ -141,8 +148,10 @@ class NamedStream(Stream):
         except Exception as err:  # downloads fail in as many ways as there are storage backends
             retries = self.download_retry
             attempts = f" after {retries} attempt{'s' if retries != 1 else ''}" if self.remote else ""
-            raise ConfigError(f"{self.key_path}.{'remote' if self.remote else 'local'}",
-                              f"cannot read {index}{attempts} ({type(err).__name__}: {err})") from None
+            raise ConfigError(
+                f"{self.key_path}.{'remote' if self.remote else 'local'}",
+                f"cannot read {index}{attempts} ({type(err).__name__}: {err})",
+            ) from None
         if sum(shard.samples for shard in shards) == 0:
             raise ConfigError(self.key_path, f"{index} lists no samples")
         return shards
@@ -175,10 +184,14 @@ class DocumentDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as err:
             stream = self.streams[self.stream_per_shard[shard_id]]
-            files = [os.path.join(stream.local, stream.split, (zipped or raw).basename)
-                     for raw, zipped in self.shards[shard_id].file_pairs]
-            raise DataError(f"{stream.key_path}: shard {', '.join(files)} is corrupt or unreadable "
-                            f"({type(err).__name__}: {err}); convert or copy the dataset again") from err
+            files = [
+                os.path.join(stream.local, stream.split, (zipped or raw).basename)
+                for raw, zipped in self.shards[shard_id].file_pairs
+            ]
+            raise DataError(
+                f"{stream.key_path}: shard {', '.join(files)} is corrupt or unreadable "
+                f"({type(err).__name__}: {err}); convert or copy the dataset again"
+            ) from err
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         if self.background_error is not None:  # streaming would raise "Background thread failed" instead
@@ -206,9 +219,17 @@ def build_dataset(config: LoaderConfig, path: str = "train_loader", attempts: in
 
 def _streaming_dataset(config: LoaderConfig, path: str) -> DocumentDataset:
     streams = [
-        NamedStream(f"{path}.streams.{name}", remote=s.remote, local=s.local, split=s.split,
-                    proportion=s.proportion, repeat=s.repeat, choose=s.choose,
-                    download_retry=config.download_retry, download_timeout=config.download_timeout)
+        NamedStream(
+            f"{path}.streams.{name}",
+            remote=s.remote,
+            local=s.local,
+            split=s.split,
+            proportion=s.proportion,
+            repeat=s.repeat,
+            choose=s.choose,
+            download_retry=config.download_retry,
+            download_timeout=config.download_timeout,
+        )
         for name, s in config.streams.items()
     ]
     return DocumentDataset(

@@ -7,18 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flexbert.errors import FlexBertError
 from tokenizers import Tokenizer
 
 # ModernBERT's special tokens; a directory's tokenizer_config.json / special_tokens_map.json can
 # name others (e.g. "<mask>").
 DEFAULT_SPECIAL_TOKENS = {
-    "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
     "mask_token": "[MASK]",
 }
 REQUIRED_FOR_MLM = ("cls_token", "sep_token", "pad_token", "mask_token")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FlexBertError, ValueError):
     """A tokenizer directory is missing, unreadable, or lacks a token MLM needs."""
 
 
@@ -79,11 +84,18 @@ def load_tokenizer(path: str | Path) -> MLMTokenizer:
         ids[key] = tokenizer.token_to_id(names[key])
     missing = [f"{key.removesuffix('_token')} token {names[key]!r}" for key in REQUIRED_FOR_MLM if ids[key] is None]
     if missing:
-        raise TokenizerError(f"tokenizer {directory} has no {' and no '.join(missing)}; MLM needs [CLS], [SEP], [PAD] and [MASK] tokens")
+        raise TokenizerError(
+            f"tokenizer {directory} has no {' and no '.join(missing)}; MLM needs [CLS], [SEP], [PAD] and [MASK] tokens"
+        )
     special_ids = {token_id for token_id in ids.values() if token_id is not None}
     special_ids |= {token_id for token_id, added in tokenizer.get_added_tokens_decoder().items() if added.special}
     return MLMTokenizer(
-        tokenizer=tokenizer, path=directory, vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
-        cls_id=ids["cls_token"], sep_id=ids["sep_token"], pad_id=ids["pad_token"], mask_id=ids["mask_token"],
+        tokenizer=tokenizer,
+        path=directory,
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        cls_id=ids["cls_token"],
+        sep_id=ids["sep_token"],
+        pad_id=ids["pad_token"],
+        mask_id=ids["mask_token"],
         special_ids=frozenset(special_ids),
     )

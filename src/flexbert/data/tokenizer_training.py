@@ -13,11 +13,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
 from flexbert.data.atomic_output import atomic_output_dir
 from flexbert.data.sources import BadRecords, iter_documents
 from flexbert.data.tokenizer import DEFAULT_SPECIAL_TOKENS
+from flexbert.errors import FlexBertError
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKEN_ORDER = ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
 SPECIAL_TOKENS = tuple(DEFAULT_SPECIAL_TOKENS[key] for key in SPECIAL_TOKEN_ORDER)
@@ -27,7 +27,7 @@ DEFAULT_VOCAB_SIZE = 50368  # ModernBERT's
 DEFAULT_MODEL_MAX_LENGTH = 8192  # ModernBERT's context
 
 
-class TokenizerTrainingError(ValueError):
+class TokenizerTrainingError(FlexBertError, ValueError):
     """Training cannot be done as asked: a vocabulary too small for the byte alphabet, or no text."""
 
 
@@ -53,8 +53,7 @@ def padded_vocab_size(requested: int) -> int:
 
 
 def train_bpe(
-    documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2,
-    show_progress: bool = True,
+    documents: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2, show_progress: bool = True
 ) -> Tokenizer:
     """A byte-level BPE tokenizer trained on ``documents``, with ModernBERT's special tokens and template.
 
@@ -67,28 +66,34 @@ def train_bpe(
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=total - len(SPECIAL_TOKENS), min_frequency=min_frequency, show_progress=show_progress,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+        vocab_size=total - len(SPECIAL_TOKENS),
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
     )
     tokenizer.train_from_iterator(documents, trainer)
     # The pre-tokenizer splits "[" and "]" from the letters between them, so no learned token can
     # spell a special token: each gets a new id, in order, right after the BPE vocabulary.
-    tokenizer.add_special_tokens([
-        AddedToken(token, lstrip=token == DEFAULT_SPECIAL_TOKENS["mask_token"], normalized=False, special=True)
-        for token in SPECIAL_TOKENS
-    ])
+    tokenizer.add_special_tokens(
+        [
+            AddedToken(token, lstrip=token == DEFAULT_SPECIAL_TOKENS["mask_token"], normalized=False, special=True)
+            for token in SPECIAL_TOKENS
+        ]
+    )
     unused = total - tokenizer.get_vocab_size(with_added_tokens=True)
     tokenizer.add_tokens([AddedToken(f"[unused{index}]", special=False) for index in range(unused)])
     cls, sep = DEFAULT_SPECIAL_TOKENS["cls_token"], DEFAULT_SPECIAL_TOKENS["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
+        single=f"{cls} $A {sep}",
+        pair=f"{cls} $A {sep} $B {sep}",
         special_tokens=[(cls, tokenizer.token_to_id(cls)), (sep, tokenizer.token_to_id(sep))],
     )
     return tokenizer
 
 
 def save_tokenizer(
-    tokenizer: Tokenizer, directory: str | Path, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    tokenizer: Tokenizer, directory: str | Path, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH
 ) -> None:
     """Write ``tokenizer`` as a Hugging Face tokenizer directory (``AutoTokenizer`` and ``load_tokenizer`` read it)."""
     directory = Path(directory)
@@ -108,9 +113,15 @@ def save_tokenizer(
 
 
 def train_tokenizer(
-    inputs: Sequence[str | Path], output_dir: str | Path, *, vocab_size: int = DEFAULT_VOCAB_SIZE,
-    text_field: str = "text", min_frequency: int = 2, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
-    overwrite: bool = False, show_progress: bool = True,
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    text_field: str = "text",
+    min_frequency: int = 2,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    overwrite: bool = False,
+    show_progress: bool = True,
 ) -> TrainingSummary:
     """Train on the corpus files and folders ``inputs`` and save the tokenizer to ``output_dir`` atomically.
 
@@ -141,6 +152,10 @@ def train_tokenizer(
     total = tokenizer.get_vocab_size(with_added_tokens=True)
     bpe = tokenizer.token_to_id(SPECIAL_TOKENS[0])  # the special tokens start where BPE ends
     return TrainingSummary(
-        output_dir=Path(output_dir), vocab_size=total, bpe_vocab_size=bpe,
-        unused_tokens=total - bpe - len(SPECIAL_TOKENS), documents=count, bad_records=dict(sorted(bad.counts.items())),
+        output_dir=Path(output_dir),
+        vocab_size=total,
+        bpe_vocab_size=bpe,
+        unused_tokens=total - bpe - len(SPECIAL_TOKENS),
+        documents=count,
+        bad_records=dict(sorted(bad.counts.items())),
     )

@@ -3,25 +3,15 @@
 Importing this package registers every built-in block (see ``flexbert registry``).
 """
 
-from flexbert.model import (  # noqa: F401  (imported for their registrations)
-    attention,
-    backends,
-    embeddings,
-    heads,
-    init,
-    layers,
-    losses,
-    mlp,
-    norms,
-)
-from flexbert.model.config import PRESETS, BlocksConfig, FlexBertConfig
-from flexbert.model.layout import DocumentLayout, Unpadding
-from flexbert.model.model import FlexBertForMaskedLM, FlexBertModel, MaskedLMOutput
+from flexbert.model import attention, backends, blocks, init, losses  # noqa: F401  (for their registrations)
+from flexbert.model.backends import DocumentLayout
 from flexbert.model.classification import (
     FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
+from flexbert.model.config import PRESETS, BlocksConfig, FlexBertConfig
+from flexbert.model.model import FlexBertForMaskedLM, FlexBertModel, MaskedLMOutput, Unpadding
 
 __all__ = [
     "PRESETS",

@@ -9,19 +9,21 @@ head -> dropout -> classifier.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flexbert.model.compile import compile_regions
+from flexbert.model.backends import DocumentLayout
 from flexbert.model.config import FlexBertConfig
-from flexbert.model.layout import DocumentLayout
+from flexbert.model.init import ClassifierProjection
 from flexbert.model.losses import IGNORE_INDEX
-from flexbert.model.model import FlexBertModel
-from flexbert.model.registries import HEAD, INIT
+from flexbert.model.model import EncodedBatch, FlexBertModel, finish_building
+from flexbert.model.registries import HEAD
 
-POOLINGS = ("cls", "mean")
+# A document's vector: its first token's hidden state, or the mean of all of its tokens'.
+Pooling = Literal["cls", "mean"]
 
 
 @dataclass
@@ -30,13 +32,17 @@ class ClassifierOutput:
     logits: torch.Tensor  # [docs, labels] per document; [B, S, labels] or [T, labels] per token
 
 
-def pool_documents(hidden: torch.Tensor, layout: DocumentLayout, pooling: str) -> torch.Tensor:
+def check_pooling(pooling: str) -> None:
+    if pooling not in get_args(Pooling):
+        raise ValueError(f"pooling must be one of {', '.join(get_args(Pooling))}, got {pooling!r}")
+
+
+def pool_documents(hidden: torch.Tensor, layout: DocumentLayout, pooling: Pooling) -> torch.Tensor:
     """[T, H] -> [docs, H]: each document's first token ("cls") or the mean of its tokens."""
     if pooling == "cls":
         return hidden[layout.cu_seqlens[:-1].long()]
     sums = hidden.new_zeros(layout.num_docs, hidden.shape[-1]).index_add(0, layout.doc_ids, hidden)
-    lengths = (layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]).to(hidden.dtype)
-    return sums / lengths[:, None]
+    return sums / layout.lengths().to(hidden.dtype)[:, None]
 
 
 class Classifier(nn.Module):
@@ -52,29 +58,39 @@ class Classifier(nn.Module):
         self.model = FlexBertModel(config)
         self.head = HEAD.get(config.blocks.head)(config)
         self.drop = nn.Dropout(classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, num_labels)
-        INIT.get(config.blocks.init)(self, config)
-        compile_regions(self, config.compile_regions)
+        self.classifier = ClassifierProjection(config.hidden_size, num_labels)
+        finish_building(self, config)
 
     def classify(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.drop(self.head(hidden)))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> ClassifierOutput:
+        """Input forms as :meth:`FlexBertModel.encode`; ``labels`` as the task's :meth:`predict` takes them."""
+        return self.predict(self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen), labels)
+
+    def predict(self, encoded: EncodedBatch, labels: torch.Tensor | None) -> ClassifierOutput:
+        raise NotImplementedError
 
 
 class FlexBertForSequenceClassification(Classifier):
     """One prediction per document; ``num_labels == 1`` means regression (MSE), else cross-entropy."""
 
-    def __init__(self, config: FlexBertConfig, num_labels: int, pooling: str = "cls",
-                 classifier_dropout: float = 0.0):
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    def __init__(
+        self, config: FlexBertConfig, num_labels: int, pooling: Pooling = "cls", classifier_dropout: float = 0.0
+    ):
+        check_pooling(pooling)
         super().__init__(config, num_labels, classifier_dropout)
         self.pooling = pooling
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> ClassifierOutput:
-        """Input forms as :meth:`FlexBertModel.encode`; ``labels``: [docs] class ids or targets."""
-        encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+    def predict(self, encoded: EncodedBatch, labels: torch.Tensor | None) -> ClassifierOutput:
+        """``labels``: [docs] class ids or targets."""
         logits = self.classify(pool_documents(encoded.hidden, encoded.layout, self.pooling))  # [docs, labels]
         loss = None
         if labels is not None:
@@ -88,10 +104,8 @@ class FlexBertForSequenceClassification(Classifier):
 class FlexBertForTokenClassification(Classifier):
     """One prediction per token (e.g. NER); labels of -100 are ignored."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None) -> ClassifierOutput:
-        encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
+    def predict(self, encoded: EncodedBatch, labels: torch.Tensor | None) -> ClassifierOutput:
+        """``labels``: per token, as ``input_ids`` gives them; -100 where there is none."""
         token_logits = self.classify(encoded.hidden)  # [T, labels]
         loss = None
         if labels is not None:
@@ -103,24 +117,29 @@ class FlexBertForSentenceEmbedding(nn.Module):
     """Mean-pooled, L2-normalised document embeddings, trained contrastively: each query's positive
     is its target and every other positive in the batch a negative (InfoNCE)."""
 
-    def __init__(self, config: FlexBertConfig, temperature: float = 0.05, pooling: str = "mean"):
+    def __init__(self, config: FlexBertConfig, temperature: float = 0.05, pooling: Pooling = "mean"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        check_pooling(pooling)
         self.config = config
         self.temperature = temperature
         self.pooling = pooling
         self.model = FlexBertModel(config)
-        INIT.get(config.blocks.init)(self, config)
-        compile_regions(self, config.compile_regions)
+        finish_building(self, config)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
         """[docs, H] unit vectors."""
         encoded = self.model.encode(input_ids, attention_mask, cu_seqlens, max_seqlen)
         return F.normalize(pool_documents(encoded.hidden, encoded.layout, self.pooling), dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> ClassifierOutput:
+    def forward(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+    ) -> ClassifierOutput:
         """A batch of 2B documents: B queries, then their B positives. ``logits`` [B, B] are the
         scaled query-positive similarities; the loss is cross-entropy towards the diagonal."""
         embeddings = self.embed(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

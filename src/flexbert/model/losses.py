@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -10,6 +11,10 @@ import torch.nn.functional as F
 
 from flexbert.model.registries import LOSS
 
+if TYPE_CHECKING:
+    from flexbert.model.config import FlexBertConfig
+
+# The label of a token with no target: not masked, or padding. The data pipeline writes it too.
 IGNORE_INDEX = -100
 
 
@@ -65,23 +70,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_predictions):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                grad_bias * grad_loss if ctx.has_bias else None, None, None)
+        return (
+            grad_hidden * grad_loss.to(grad_hidden.dtype),
+            grad_weight * grad_loss.to(grad_weight.dtype),
+            grad_bias * grad_loss if ctx.has_bias else None,
+            None,
+            None,
+        )
 
 
 @LOSS.register("cross_entropy")
 class MaskedCrossEntropy(nn.Module):
     """Mean cross-entropy over positions whose label is not -100."""
 
-    def __init__(self, config):
+    def __init__(self, config: FlexBertConfig):
         super().__init__()
         self.chunk_tokens = config.loss_chunk_tokens
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
 
-    def from_hidden(self, hidden: torch.Tensor, decoder: nn.Linear, targets: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def from_hidden(
+        self, hidden: torch.Tensor, decoder: nn.Linear, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of ``decoder(hidden)`` against ``targets`` (all real labels) without holding the
         logits whole, for training; returns (loss, predicted ids [N])."""
         if targets.shape[0] == 0:
@@ -89,8 +100,9 @@ class MaskedCrossEntropy(nn.Module):
         return _ChunkedLinearCrossEntropy.apply(hidden, decoder.weight, decoder.bias, targets, self.chunk_tokens)
 
     @torch.no_grad()
-    def token_losses_from_hidden(self, hidden: torch.Tensor, decoder: nn.Linear, targets: torch.Tensor
-                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_losses_from_hidden(
+        self, hidden: torch.Tensor, decoder: nn.Linear, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation's counterpart of :meth:`from_hidden`: each target's cross-entropy (fp32) and
         the predicted ids, [N] each, a chunk of tokens at a time. At a recipe's microbatch (14.7k
         masked tokens at 15%) whole logits would take 3 GB in fp32."""

@@ -3,7 +3,9 @@
     input_ids [T] ──embeddings──► h [T, H] ──layers (global / local attention)──► final_norm
               └─► MLM: head ─► tied decoder ─► logits [N, V]   (N = masked tokens when sparse)
 
-Everything runs on the unpadded stream; see :mod:`flexbert.model.layout`.
+Everything runs on the unpadded stream (see :mod:`flexbert.model.backends`): padded ``(B, S)``
+batches are unpadded at the model's entrance and repadded at its exit, and packed rows (several
+documents per row) are simply streams with more documents than rows.
 """
 
 from __future__ import annotations
@@ -12,16 +14,45 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from flexbert.model.attention import AttentionContext
-from flexbert.model.backends import resolve_backend
+from flexbert.model.attention import AttentionContext, RotaryTables
+from flexbert.model.backends import DocumentLayout, resolve_backend, scatter_rows
+from flexbert.model.blocks import build_norm
 from flexbert.model.compile import compile_regions
-from flexbert.model.config import FlexBertConfig
-from flexbert.model.layout import DocumentLayout, Unpadding
+from flexbert.model.config import FlexBertConfig, LayerType
 from flexbert.model.losses import IGNORE_INDEX
-from flexbert.model.norms import build_norm
 from flexbert.model.registries import ATTENTION_BACKENDS, EMBEDDINGS, HEAD, INIT, LAYER, LOSS
-from flexbert.model.rope import RotaryTables
+
+
+@dataclass(frozen=True)
+class Unpadding:
+    """Where the real tokens of a padded (B, S) batch live, to go there and back."""
+
+    indices: torch.Tensor  # [T] flat indices of real tokens in the (B*S) grid
+    batch_size: int
+    seqlen: int
+    layout: DocumentLayout
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> Unpadding:
+        batch_size, seqlen = attention_mask.shape
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1, dtype=torch.int32)
+        indices = torch.nonzero(mask.flatten()).flatten()
+        cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+        layout = DocumentLayout.from_cu_seqlens(cu_seqlens, int(lengths.max()), indices.shape[0])
+        return cls(indices, batch_size, seqlen, layout)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [T, ...]"""
+        return padded.flatten(0, 1)[self.indices]
+
+    def repad(self, unpadded: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[T, ...] -> [B, S, ...], with ``fill`` at padding positions."""
+        return scatter_rows(unpadded, self.indices, self.batch_size * self.seqlen, fill).unflatten(
+            0, (self.batch_size, self.seqlen)
+        )
 
 
 @dataclass
@@ -55,22 +86,28 @@ class FlexBertModel(nn.Module):
         self.final_norm = build_norm(config) if config.final_norm else nn.Identity()
         self.rotary = RotaryTables(config.head_dim)
 
-    def attention_contexts(self, layout: DocumentLayout) -> dict[bool, AttentionContext]:
-        """Masks and rotary tables, built once per batch for each attention type (keyed by is_global)."""
+    def attention_contexts(self, layout: DocumentLayout) -> dict[LayerType, AttentionContext]:
+        """Masks and rotary tables, built once per batch for each layer type present."""
         config = self.config
         device = layout.doc_ids.device
         prepare = ATTENTION_BACKENDS.get(resolve_backend(config.attn_backend, device))
         scale = config.head_dim**-0.5
         contexts = {}
-        for is_global in sorted({layer.is_global for layer in self.layers}):
+        for layer_type in sorted({layer.layer_type for layer in self.layers}):
+            is_global = layer_type == "global"
             half_window = None if is_global else config.local_half_window
             theta = config.global_rope_theta if is_global else config.local_rope_theta
             cos, sin = self.rotary.lookup(layout.positions, layout.max_seqlen, theta)
-            contexts[is_global] = AttentionContext(prepare(layout, half_window, scale), cos, sin)
+            contexts[layer_type] = AttentionContext(prepare(layout, half_window, scale), cos, sin)
         return contexts
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> EncodedBatch:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> EncodedBatch:
         """Run the encoder on either input form:
 
         * padded: ``input_ids`` [B, S] with ``attention_mask`` [B, S] (1 = real token), unpadded here;
@@ -101,7 +138,7 @@ class FlexBertModel(nn.Module):
         hidden = self.embeddings(input_ids, layout.positions)
         contexts = self.attention_contexts(layout)
         for layer in self.layers:
-            hidden = layer(hidden, contexts[layer.is_global])
+            hidden = layer(hidden, contexts[layer.layer_type])
         return self.final_norm(hidden)
 
 
@@ -116,6 +153,13 @@ class MaskedLMOutput:
     token_losses: torch.Tensor | None = None  # [N] fp32 cross-entropy at the labelled tokens, in evaluation
 
 
+def finish_building(model: nn.Module, config: FlexBertConfig) -> None:
+    """The last step of building any FlexBERT model, its task layers included: initialise every
+    parameter with the configured init, then compile the regions the config names."""
+    INIT.get(config.blocks.init)(model, config)
+    compile_regions(model, config.compile_regions)
+
+
 class FlexBertForMaskedLM(nn.Module):
     """Encoder + prediction head + vocabulary decoder tied to the token embeddings."""
 
@@ -127,8 +171,7 @@ class FlexBertForMaskedLM(nn.Module):
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         self.loss_fn = LOSS.get(config.blocks.loss)(config)
-        INIT.get(config.blocks.init)(self, config)
-        compile_regions(self, config.compile_regions)
+        finish_building(self, config)
 
     def forward(
         self,
@@ -166,8 +209,7 @@ class FlexBertForMaskedLM(nn.Module):
         chunked = getattr(self.loss_fn, "from_hidden" if training else "token_losses_from_hidden", None)
         if return_logits or chunked is None:
             logits = self.decoder(predicted)  # [N, V]
-            return MaskedLMOutput(self.loss_fn(logits, targets), logits, encoded.restore(hidden),
-                                  logits.argmax(dim=-1))
+            return MaskedLMOutput(self.loss_fn(logits, targets), logits, encoded.restore(hidden), logits.argmax(dim=-1))
         if training:
             loss, predictions = chunked(predicted, self.decoder, targets)
             return MaskedLMOutput(loss, None, encoded.restore(hidden), predictions)

@@ -3,11 +3,10 @@ regression), from one of this project's checkpoints or a Hugging Face ModernBERT
 
 from __future__ import annotations
 
-import json
 import os
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchmetrics
@@ -29,20 +28,25 @@ from flexbert.data.labeled import (
     load_split,
     pair_batches,
 )
-from flexbert.data.masking import IGNORE_INDEX
 from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.model import (
-    FlexBertConfig,
     FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
+from flexbert.model.classification import Pooling
+from flexbert.model.losses import IGNORE_INDEX
 from flexbert.train.checkpoint import is_sharded, read_weights
-from flexbert.train.config import check_fits_positions, model_config_for
-from flexbert.train.loggers import LoggingConfig, build_loggers
+from flexbert.train.config import (
+    RunConfig,
+    check_fits_positions,
+    model_config_for,
+    resolve_precision,
+    shared_trainer_arguments,
+)
 from flexbert.train.metrics import EntityF1, Retrieval
-from flexbert.train.optimizers import OptimizerConfig, build_optimizer
-from flexbert.train.schedulers import SchedulerConfig, build_scheduler
+from flexbert.train.optimizers import OptimizerConfig
+from flexbert.train.schedulers import SchedulerConfig
 from flexbert.typed_config import ConfigError, from_dict
 
 # Each task's official metric (GLUE's, and entity F1 for NER), built from the task config.
@@ -57,26 +61,35 @@ METRICS = {
     "recall_at_10": lambda task: Retrieval("recall", 10),
     "ndcg_at_10": lambda task: Retrieval("ndcg", 10),
 }
-KINDS = ("sequence", "token", "embedding")
+MetricName = Literal[
+    "accuracy", "f1", "mcc", "pearson", "spearman", "entity_f1", "recall_at_1", "recall_at_10", "ndcg_at_10"
+]
+assert set(typing.get_args(MetricName)) == METRICS.keys()
 
 
 @dataclass
 class TaskConfig:
-    metrics: list[str]
+    metrics: list[MetricName]
     num_labels: int = 2  # 1 = regression; unused by embeddings
     # One label per text; per word (token classification, CoNLL files); or sentence embeddings
     # trained on (query, positive) pairs with in-batch negatives.
-    kind: str = "sequence"
+    kind: Literal["sequence", "token", "embedding"] = "sequence"
     temperature: float = 0.05  # embedding similarity scale
-    pooling: str = "cls"
+    pooling: Pooling = "cls"
     classifier_dropout: float = 0.0
     label_names: list[str] | None = None  # class names in label order, if the files hold names
 
+    def validate(self, path: str) -> None:
+        if self.kind == "token" and (self.label_names is None or len(self.label_names) != self.num_labels):
+            raise ConfigError(f"{path}.label_names", "token classification needs its num_labels tag names, in order")
+        if self.num_labels < 1:
+            raise ConfigError(f"{path}.num_labels", f"must be at least 1, got {self.num_labels}")
 
-@dataclass
-class FinetuneConfig:
-    run_name: str
-    model: dict[str, Any]
+
+@dataclass(kw_only=True)
+class FinetuneConfig(RunConfig):
+    """A fine-tuning recipe (phase 3): a labelled task, with the keys every run has (:class:`RunConfig`)."""
+
     tokenizer: str
     task: TaskConfig
     train_split: SplitConfig
@@ -86,42 +99,33 @@ class FinetuneConfig:
     batch_size: int = 32  # examples per optimizer step, over all processes together
     max_duration: str = "3ep"
     eval_interval: str = "1ep"
-    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(
-        name="decoupled_adamw", lr=5e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=1e-5))
-    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
-        name="warmup_stable_decay", warmup="0.1dur", decay="0.9dur", decay_shape="linear"))
-    seed: int = 17
-    run_root: str = "runs"
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    vars: dict[str, Any] = field(default_factory=dict)
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(
+            name="decoupled_adamw", lr=5e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=1e-5
+        )
+    )
+    scheduler: SchedulerConfig = field(
+        default_factory=lambda: SchedulerConfig(
+            name="warmup_stable_decay", warmup="0.1dur", decay="0.9dur", decay_shape="linear"
+        )
+    )
     # Resolved at validation, absent from recipes.
-    model_config: FlexBertConfig | None = field(default=None, init=False, repr=False)
     mlm_tokenizer: MLMTokenizer | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
-        config = from_dict(cls, data, "")
-        for name in config.task.metrics:
-            if name not in METRICS:
-                raise ConfigError("task.metrics", f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
-        task = config.task
-        if task.kind not in KINDS:
-            raise ConfigError("task.kind", f"must be one of {', '.join(KINDS)}, got {task.kind!r}")
-        if task.kind == "token" and (task.label_names is None or len(task.label_names) != task.num_labels):
-            raise ConfigError("task.label_names", "token classification needs its num_labels tag names, in order")
-        if not config.eval_splits:
+        return from_dict(cls, data, "")
+
+    def validate(self, path: str = "") -> None:
+        """Called by the typed-config builder once every section has validated itself."""
+        super().validate(path)
+        if not self.eval_splits:
             raise ConfigError("eval_splits", "name at least one evaluation split")
-        if config.task.num_labels < 1:
-            raise ConfigError("task.num_labels", f"must be at least 1, got {config.task.num_labels}")
-        if config.load_path is not None and not os.path.exists(config.load_path):
-            raise ConfigError("load_path", f"not found: {config.load_path}")
-        config.mlm_tokenizer = load_tokenizer(config.tokenizer)
-        config.model_config = model_config_for(config.model, config.mlm_tokenizer)
-        check_fits_positions("max_seq_len", config.max_seq_len, config.model_config)
-        config.optimizer.validate("optimizer")
-        config.scheduler.validate("scheduler")
-        config.logging.validate("logging")
-        return config
+        if self.load_path is not None and not os.path.exists(self.load_path):
+            raise ConfigError("load_path", f"not found: {self.load_path}")
+        self.mlm_tokenizer = load_tokenizer(self.tokenizer)
+        self.model_config = model_config_for(self.model, self.mlm_tokenizer)
+        check_fits_positions("max_seq_len", self.max_seq_len, self.model_config)
 
 
 class ComposerClassifier(ComposerModel):
@@ -133,8 +137,9 @@ class ComposerClassifier(ComposerModel):
     def forward(self, batch: dict):
         if isinstance(self.model, FlexBertForSentenceEmbedding):
             return self.model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])
-        return self.model(batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"],
-                          max_seqlen=batch["max_seqlen"])
+        return self.model(
+            batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"]
+        )
 
     def loss(self, outputs, batch: dict) -> torch.Tensor:
         return outputs.loss
@@ -183,9 +188,12 @@ class Epochs:
 
 def _data_spec(epochs: Epochs) -> DataSpec:
     # Fine-tuning batches are small: each is one microbatch (device_train_microbatch_size = batch_size).
-    return DataSpec(epochs, get_num_samples_in_batch=lambda b: b["cu_seqlens"].shape[0] - 1,
-                    get_num_tokens_in_batch=lambda b: b["input_ids"].shape[0],
-                    split_batch=lambda batch, microbatch_size: [batch])
+    return DataSpec(
+        epochs,
+        get_num_samples_in_batch=lambda b: b["cu_seqlens"].shape[0] - 1,
+        get_num_tokens_in_batch=lambda b: b["input_ids"].shape[0],
+        split_batch=lambda batch, microbatch_size: [batch],
+    )
 
 
 def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenClassification, path: str) -> None:
@@ -208,7 +216,9 @@ def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenC
 
 def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     reproducibility.seed_all(config.seed)
+    precision = resolve_precision(config.precision)
     tokenizer, model_config, task = config.mlm_tokenizer, config.model_config, config.task
+
     def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit:
         if task.kind == "embedding":
             return load_pair_split(split, tokenizer, config.max_seq_len, key_path)
@@ -223,8 +233,9 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
         raise ConfigError("batch_size", f"{config.batch_size} examples cannot be shared out over {world} processes")
     for key_path, split in [("train_split", train_split), *((f"eval_splits.{n}", s) for n, s in eval_splits.items())]:
         if len(split.token_ids) < world:
-            raise LabeledDataError(f"{key_path}: {len(split.token_ids)} examples cannot be shared out over "
-                                   f"{world} processes")
+            raise LabeledDataError(
+                f"{key_path}: {len(split.token_ids)} examples cannot be shared out over {world} processes"
+            )
     if task.kind == "embedding":
         model = FlexBertForSentenceEmbedding(model_config, task.temperature, task.pooling)
     elif task.kind == "token":
@@ -238,28 +249,20 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     duration = Time.from_timestring(config.max_duration)
     if duration.unit == TimeUnit.EPOCH:
         duration = Time(duration.value * len(train_epochs), TimeUnit.BATCH)
-    run_dir = Path(config.run_root) / config.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
     return Trainer(
+        **shared_trainer_arguments(config, model, resolved, precision),
         model=ComposerClassifier(model, task),
-        run_name=config.run_name,
         train_dataloader=_data_spec(train_epochs),
         eval_dataloader=[
-            Evaluator(label=name, dataloader=_data_spec(Epochs(split, config.batch_size, False, 0)),
-                      metric_names=task.metrics, device_eval_microbatch_size=config.batch_size)
+            Evaluator(
+                label=name,
+                dataloader=_data_spec(Epochs(split, config.batch_size, False, 0)),
+                metric_names=task.metrics,
+                device_eval_microbatch_size=config.batch_size,
+            )
             for name, split in eval_splits.items()
         ],
-        eval_interval=config.eval_interval,
         max_duration=duration,
-        optimizers=build_optimizer(model, config.optimizer),
-        schedulers=build_scheduler(config.scheduler),
-        step_schedulers_every_batch=True,
         device_train_microbatch_size=config.batch_size,
         callbacks=[LRMonitor()],  # the pretraining monitors assume packed MLM batches
-        loggers=build_loggers(config.logging, run_dir, config.run_name),
-        progress_bar=config.logging.progress_bar,
-        log_to_console=not config.logging.progress_bar,
-        precision="amp_bf16" if torch.cuda.is_available() else "fp32",
-        seed=config.seed,
     )

@@ -26,7 +26,6 @@ from flexbert.model.config import FlexBertConfig
 from flexbert.model.losses import IGNORE_INDEX
 from flexbert.model.registries import MLP
 
-
 # Dense bf16 tensor-core peaks per device, TFLOP/s, from NVIDIA's datasheets (the sparse figures
 # there are twice these). A device matches the first entry whose words all occur in its name.
 GPU_PEAK_TFLOPS: tuple[tuple[frozenset[str], float], ...] = (

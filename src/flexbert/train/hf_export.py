@@ -13,7 +13,8 @@ from composer.utils.misc import create_interval_scheduler
 
 from flexbert.hf import export_hf, export_notes, hf_config_from_flexbert
 from flexbert.model import FlexBertConfig
-from flexbert.train.composer_model import flexbert_module, full_weights
+from flexbert.train.schedulers import parse_time
+from flexbert.train.step import flexbert_module, full_weights
 
 
 @dataclass
@@ -23,6 +24,9 @@ class HFExportConfig:
 
     interval: str = "1000ba"
     folder: str | None = None  # default: <run folder>/hf
+
+    def validate(self, path: str) -> None:
+        parse_time(self.interval, f"{path}.interval")
 
 
 class HFExport(Callback):
@@ -36,8 +40,9 @@ class HFExport(Callback):
                 warnings.warn(f"hf_export: {note}")
         self.folder = folder
         self.tokenizer_dir = tokenizer_dir
-        self._due = create_interval_scheduler(config.interval.replace("_", ""), include_end_of_training=False,
-                                              checkpoint_events=False)
+        self._due = create_interval_scheduler(
+            config.interval.replace("_", ""), include_end_of_training=False, checkpoint_events=False
+        )
         self._last_exported: int | None = None
 
     def _export(self, state: State) -> None:
@@ -46,8 +51,13 @@ class HFExport(Callback):
             return
         weights = full_weights(state.model)  # gathers the shards under FSDP: every rank takes part
         if dist.get_global_rank() == 0:
-            export_hf(flexbert_module(state.model), self.folder / f"ba{batch}", tokenizer_dir=self.tokenizer_dir,
-                      overwrite=True, weights=weights)
+            export_hf(
+                flexbert_module(state.model),
+                self.folder / f"ba{batch}",
+                tokenizer_dir=self.tokenizer_dir,
+                overwrite=True,
+                weights=weights,
+            )
         dist.barrier()
         self._last_exported = batch
 

@@ -22,7 +22,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
-NAN_GUARD_FILE = "nan_guard.jsonl"
+from flexbert.errors import FlexBertError
+from flexbert.train.checkpoint import RunDir
+
 SAMPLES_NAMED = 24  # in the message; the file holds them all
 
 
@@ -33,7 +35,7 @@ class NanGuardConfig:
     action: Literal["stop", "skip"] = "stop"  # skip: drop that step's update and train on
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(FlexBertError, RuntimeError):
     """A step's loss or gradient was NaN or infinite under ``nan_guard.action: stop``."""
 
 
@@ -67,7 +69,7 @@ class NanGuard(Callback):
     def __init__(self, config: NanGuardConfig, stream_names: Sequence[str], run_dir: str | Path):
         self.action = config.action
         self.stream_names = list(stream_names)
-        self.record = Path(run_dir) / NAN_GUARD_FILE
+        self.record = RunDir(Path(run_dir)).nan_guard_file
         self.skipped_steps = 0
         self._loss_finite: torch.Tensor | None = None
 
@@ -87,13 +89,20 @@ class NanGuard(Callback):
         pieces_per_rank = dist.all_gather_object(state.batch["piece_keys"].tolist())
         if dist.get_global_rank() == 0:
             with self.record.open("a", encoding="utf-8") as file:
-                file.write(json.dumps({"step": step, "problem": problem, "action": self.action,
-                                       "pieces_per_rank": pieces_per_rank}) + "\n")
-        message = (f"nan_guard: step {step} has a NaN or infinite {problem}; its batch held "
-                   f"{describe_samples(pieces_per_rank, self.stream_names)} (every piece in {self.record})")
+                file.write(
+                    json.dumps(
+                        {"step": step, "problem": problem, "action": self.action, "pieces_per_rank": pieces_per_rank}
+                    )
+                    + "\n"
+                )
+        message = (
+            f"nan_guard: step {step} has a NaN or infinite {problem}; its batch held "
+            f"{describe_samples(pieces_per_rank, self.stream_names)} (every piece in {self.record})"
+        )
         if self.action == "stop":
-            raise NonFiniteTrainingError(f"{message}; stopped before the optimizer step "
-                                         "(nan_guard.action: skip would skip such steps)")
+            raise NonFiniteTrainingError(
+                f"{message}; stopped before the optimizer step (nan_guard.action: skip would skip such steps)"
+            )
         for param in state.model.parameters():
             param.grad = None
         self.skipped_steps += 1
@@ -108,8 +117,11 @@ class NanGuard(Callback):
         grad_bad = false
         if state.precision != Precision.AMP_FP16:
             # This rank's part of each gradient (its shard under FSDP): the all-reduce below covers the rest.
-            grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                     for p in state.model.parameters() if p.grad is not None]
+            grads = [
+                p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                for p in state.model.parameters()
+                if p.grad is not None
+            ]
             if grads:
                 grad_bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf))
         flags = torch.stack([loss_bad, grad_bad]).float()

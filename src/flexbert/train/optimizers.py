@@ -76,9 +76,7 @@ class StableAdamW(torch.optim.Optimizer):
         return loss
 
 
-def _stable_adamw_update(
-    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
-) -> None:
+def _stable_adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]

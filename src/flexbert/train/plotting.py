@@ -15,6 +15,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
+from flexbert.errors import RunFolderError
+from flexbert.train.checkpoint import RunDir
 from flexbert.train.loggers import read_metrics
 
 # Evaluation losses as Composer names them: metrics/<evaluator label>/<metric name>.
@@ -57,7 +59,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     # Tokens are the honest x axis across batch-size warmup; a DataSpec that counts none leaves
     # them at 0, and then batches are all there is.
     x_key, x_label = ("tokens", "tokens") if any(row["tokens"] for row in rows) else ("step", "batches")
-    out_dir = run_dir / "plots"
+    out_dir = RunDir(run_dir).plots
     written = []
     for name, panels in _FIGURES.items():
         drawn = [(panel, series) for panel in panels if (series := _series(rows, x_key, panel.selects))]
@@ -82,6 +84,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         figure.savefig(path, dpi=120)
         written.append(path)
     if not written:
-        raise ValueError(f"{run_dir / 'metrics.jsonl'}: none of loss/train/total, throughput/tokens_per_sec "
-                         "or lr-* was logged, so there is nothing to plot")
+        raise RunFolderError(
+            f"{RunDir(run_dir).metrics_file}: none of loss/train/total, throughput/tokens_per_sec "
+            "or lr-* was logged, so there is nothing to plot"
+        )
     return written

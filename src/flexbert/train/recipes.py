@@ -13,7 +13,6 @@ def parse_recipe(raw: dict[str, Any], world_size: int = 1) -> tuple[Any, Callabl
         from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
 
         return FinetuneConfig.from_dict(raw), build_finetune_trainer
-    from flexbert.train.config import TrainConfig
-    from flexbert.train.run import build_trainer
+    from flexbert.train.pretrain import TrainConfig, build_trainer
 
     return TrainConfig.from_dict(raw, world_size=world_size), build_trainer

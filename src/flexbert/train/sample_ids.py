@@ -20,9 +20,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from flexbert.errors import MissingFileError
+from flexbert.train.checkpoint import RunDir
 from flexbert.train.loggers import ends_mid_line, read_step_lines
-
-SAMPLE_IDS_FOLDER = "sample_ids"
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SampleIdLog(Callback):
     """Appends each step's pieces to this rank's file, flushed at once so a killed run loses none."""
 
     def __init__(self, run_dir: str | Path):
-        self.folder = Path(run_dir) / SAMPLE_IDS_FOLDER
+        self.folder = RunDir(Path(run_dir)).sample_ids
         self._file = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -63,14 +63,15 @@ class SampleIdLog(Callback):
 
 def read_sample_ids(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
     """Per rank, the steps the run finally trained, in order, each ``{"step", "pieces"}``."""
-    folder = Path(run_dir) / SAMPLE_IDS_FOLDER
+    folder = RunDir(Path(run_dir)).sample_ids
     files = sorted(folder.glob("rank*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"{folder}: no sample-id logs; was {run_dir} trained with debug.log_sample_ids: true?")
+        raise MissingFileError(f"{folder}: no sample-id logs; was {run_dir} trained with debug.log_sample_ids: true?")
     return {int(path.stem.removeprefix("rank")): read_step_lines(path) for path in files}
 
 
 def trained_pieces(run_dir: str | Path) -> Counter[tuple[int, int, int, int]]:
     """How many times the run trained on each (stream, sample, start, end) piece, over all steps and ranks."""
-    return Counter(tuple(piece) for rows in read_sample_ids(run_dir).values()
-                   for row in rows for piece in row["pieces"])
+    return Counter(
+        tuple(piece) for rows in read_sample_ids(run_dir).values() for row in rows for piece in row["pieces"]
+    )

@@ -38,6 +38,14 @@ DECAY_SHAPES: dict[str, Callable[[float], float]] = {
 }
 
 
+def parse_time(value: str, key_path: str) -> Time:
+    """``"3_000_000_000tok"``, ``"100ba"`` ... as a Composer Time."""
+    try:
+        return Time.from_timestring(value.replace("_", ""))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(key_path, f"not a duration like '1000ba' or '3_000_000_000tok': {value!r} ({err})") from None
+
+
 def parse_length(text: str) -> Time:
     """A schedule length from a time string; underscores group digits, as in ``3_000_000_000tok``."""
     try:

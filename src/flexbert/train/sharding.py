@@ -31,12 +31,16 @@ class FSDPConfig:
     # HSDP: replicate over this many groups, sharding within each; 1 shards over every process.
     replicate_degree: int = 1
 
-    def validate(self, path: str, world_size: int) -> None:
+    def validate(self, path: str) -> None:
         if self.replicate_degree < 1:
             raise ConfigError(f"{path}.replicate_degree", f"must be at least 1, got {self.replicate_degree}")
+
+    def check_world_size(self, path: str, world_size: int) -> None:
         if world_size % self.replicate_degree:
-            raise ConfigError(f"{path}.replicate_degree", f"{self.replicate_degree} replicas cannot split "
-                              f"{world_size} processes evenly")
+            raise ConfigError(
+                f"{path}.replicate_degree",
+                f"{self.replicate_degree} replicas cannot split {world_size} processes evenly",
+            )
 
 
 def composer_fsdp2_config(config: FSDPConfig, backend: str) -> FSDP2Config:
@@ -46,17 +50,21 @@ def composer_fsdp2_config(config: FSDPConfig, backend: str) -> FSDP2Config:
     mesh = None
     if config.replicate_degree > 1:
         if backend == "gloo":
-            raise ConfigError("fsdp_config.replicate_degree", f"HSDP (replicate_degree {config.replicate_degree}) "
-                              "needs NCCL: gloo, the CPU backend, cannot average gradients over a replica group "
-                              "(ReduceOp.AVG); use replicate_degree 1 here")
+            raise ConfigError(
+                "fsdp_config.replicate_degree",
+                f"HSDP (replicate_degree {config.replicate_degree}) "
+                "needs NCCL: gloo, the CPU backend, cannot average gradients over a replica group "
+                "(ReduceOp.AVG); use replicate_degree 1 here",
+            )
         from torch.distributed.device_mesh import init_device_mesh
 
         world = torch.distributed.get_world_size()
-        mesh = init_device_mesh("cuda", (config.replicate_degree, world // config.replicate_degree),
-                                mesh_dim_names=("replicate", "shard"))
-    return FSDP2Config(device_mesh=mesh, reshard_after_forward=config.reshard_after_forward,
-                       activation_checkpointing=config.activation_checkpointing,
-                       state_dict_type=config.state_dict_type, mixed_precision=config.mixed_precision)
+        mesh = init_device_mesh(
+            "cuda", (config.replicate_degree, world // config.replicate_degree), mesh_dim_names=("replicate", "shard")
+        )
+    # Every key of the section but replicate_degree (the mesh) is Composer's own option, under its own name.
+    options = {key: value for key, value in vars(config).items() if key != "replicate_degree"}
+    return FSDP2Config(device_mesh=mesh, **options)
 
 
 def mark_sharding_units(model: torch.nn.Module, layers: torch.nn.ModuleList) -> None:

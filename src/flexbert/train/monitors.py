@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from composer.callbacks import LRMonitor, MemoryMonitor
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -23,6 +24,8 @@ from torch.distributed.tensor import DTensor
 
 from flexbert.model.config import FlexBertConfig
 from flexbert.train.flops import TrainingFlops, gpu_peak_flops
+from flexbert.train.loggers import LoggingConfig
+
 
 @functools.cache
 def cpu_matmul_flops(size: int = 2048, repeats: int = 3) -> float:
@@ -49,9 +52,9 @@ def device_peak_flops(state: State) -> float | None:
 
 def sum_over_ranks(state: State, values: Sequence[float | torch.Tensor]) -> list[float]:
     """Several counters summed over all ranks in one all-reduce; the host waits for it once."""
-    totals = torch.stack([
-        state.device.tensor_to_device(torch.as_tensor(value, dtype=torch.float64)) for value in values
-    ])
+    totals = torch.stack(
+        [state.device.tensor_to_device(torch.as_tensor(value, dtype=torch.float64)) for value in values]
+    )
     dist.all_reduce(totals, reduce_operation="SUM")
     return totals.tolist()
 
@@ -87,8 +90,9 @@ class ThroughputMonitor(Callback):
     window is full, every ``log_every`` batches.
     """
 
-    def __init__(self, model_config: FlexBertConfig, peak_tflops: float | None = None, window: int = 10,
-                 log_every: int = 1):
+    def __init__(
+        self, model_config: FlexBertConfig, peak_tflops: float | None = None, window: int = 10, log_every: int = 1
+    ):
         self.flops = TrainingFlops.of(model_config)
         self.peak_flops = None if peak_tflops is None else peak_tflops * 1e12
         self.log_every = log_every
@@ -100,8 +104,10 @@ class ThroughputMonitor(Callback):
             self.peak_flops = device_peak_flops(state)
             if self.peak_flops is None:
                 device = torch.cuda.get_device_name() if state.device.name == "gpu" else state.device.name
-                warnings.warn(f"no peak FLOP/s known for {device!r}, so MFU is not logged; "
-                              "set logging.peak_tflops to the device's dense peak to log it")
+                warnings.warn(
+                    f"no peak FLOP/s known for {device!r}, so MFU is not logged; "
+                    "set logging.peak_tflops to the device's dense peak to log it"
+                )
         self._restart_clock(state)
 
     def eval_end(self, state: State, logger: Logger) -> None:
@@ -115,18 +121,26 @@ class ThroughputMonitor(Callback):
         _sync(state)
         now = time.perf_counter()
         batch = state.batch
-        self.history.append(_BatchRecord(
-            tokens=len(batch["input_ids"]), rows=batch["num_rows"],
-            flops=self.flops.of_batch(batch["host_cu_seqlens"], batch["masked_index"].shape[0]),
-            seconds=now - self._clock,
-        ))
+        self.history.append(
+            _BatchRecord(
+                tokens=len(batch["input_ids"]),
+                rows=batch["num_rows"],
+                flops=self.flops.of_batch(batch["host_cu_seqlens"], batch["masked_index"].shape[0]),
+                seconds=now - self._clock,
+            )
+        )
         self._clock = now
         if len(self.history) < self.history.maxlen or not _is_logged_step(state, self.log_every):
             return
-        tokens, rows, flops, rank_seconds = sum_over_ranks(state, [
-            sum(r.tokens for r in self.history), sum(r.rows for r in self.history),
-            sum(r.flops for r in self.history), sum(r.seconds for r in self.history),
-        ])
+        tokens, rows, flops, rank_seconds = sum_over_ranks(
+            state,
+            [
+                sum(r.tokens for r in self.history),
+                sum(r.rows for r in self.history),
+                sum(r.flops for r in self.history),
+                sum(r.seconds for r in self.history),
+            ],
+        )
         world = dist.get_world_size()
         seconds = rank_seconds / world  # ranks step in lockstep; their mean damps clock jitter
         metrics = {
@@ -163,13 +177,16 @@ class PackingMonitor(Callback):
         if not _is_logged_step(state, self.log_every):
             return
         tokens, rows, capacity, real_total, capacity_total = sum_over_ranks(
-            state, [rank_tokens, rank_rows, rank_capacity, self.real_tokens, self.capacity_tokens])
-        logger.log_metrics({
-            "packing/efficiency": tokens / capacity,
-            "packing/efficiency_cumulative": real_total / capacity_total,
-            "batch/rows": int(rows),
-            "batch/tokens": int(tokens),
-        })
+            state, [rank_tokens, rank_rows, rank_capacity, self.real_tokens, self.capacity_tokens]
+        )
+        logger.log_metrics(
+            {
+                "packing/efficiency": tokens / capacity,
+                "packing/efficiency_cumulative": real_total / capacity_total,
+                "batch/rows": int(rows),
+                "batch/tokens": int(tokens),
+            }
+        )
 
 
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor | None:
@@ -199,3 +216,17 @@ class GradNormMonitor(Callback):
         norm = global_grad_norm(state.model)
         if norm is not None:
             logger.log_metrics({"l2_norm/grad/global": norm.item()})
+
+
+def build_monitors(config: LoggingConfig, model_config: FlexBertConfig) -> list[Callback]:
+    """The measuring callbacks of a pretraining run, as its ``logging:`` section sets them up."""
+    every = config.log_every_batches()
+    callbacks: list[Callback] = [
+        ThroughputMonitor(model_config, config.peak_tflops, config.throughput_window, every),
+        PackingMonitor(every),
+        GradNormMonitor(every),
+        LRMonitor(),
+    ]
+    if config.memory and torch.cuda.is_available():  # Composer's MemoryMonitor only warns on CPU
+        callbacks.append(MemoryMonitor())
+    return callbacks
