@@ -4,6 +4,7 @@ cases; keep the two in step."""
 
 import errno
 import os
+import pickle
 import re
 import socket
 import time
@@ -56,7 +57,7 @@ def train_error(recipe: dict, tmp_path: Path, capsys, *overrides: str) -> str:
 
 
 def convert_error(tmp_path: Path, capsys, *inputs: Path, **options: str) -> str:
-    """What data_prep/convert_to_mds.py prints for ``inputs``; no output folder may appear."""
+    """What `flexbert prepare mds` (data_prep/convert_to_mds.py) prints for ``inputs``; no output folder may appear."""
     out = tmp_path / "out"
     argv = [
         "--input",
@@ -337,6 +338,34 @@ def test_a_checkpoint_from_another_architecture_is_refused_before_training(corpu
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:1000])
     with pytest.raises(ConfigError, match=f"^load_path: {truncated} is not a readable Composer checkpoint"):
         check_checkpoint_matches(str(truncated), wider)
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile checkpoint could hold: unpickling it calls a function of the attacker's choice
+    (here one that writes a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_reading_weights_never_runs_code_stored_in_a_checkpoint(corpus, tmp_path, tiny_checkpoint, capsys):
+    from flexbert.train.checkpoint import read_weights
+
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile.pt"
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    torch.save({**checkpoint, "extra": _RunsCodeWhenUnpickled(marker)}, hostile)
+    with pytest.raises(pickle.UnpicklingError, match="it holds getattr, which reading weights never unpickles"):
+        read_weights(hostile)
+    # export-hf reads weights the same way: it refuses the file in one line.
+    error = one_line_error(cli_main(["export-hf", str(hostile), str(tmp_path / "hf")]), capsys)
+    assert error.startswith(f"flexbert: error: {hostile} is not a readable Composer checkpoint (it holds getattr")
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+    weights, _ = read_weights(tiny_checkpoint)  # while an honest one reads back whole
+    assert weights.keys() == {name.removeprefix("model.") for name in checkpoint["state"]["model"]}
 
 
 def test_exporting_a_checkpoint_with_another_architecture_writes_nothing(corpus, tmp_path, tiny_checkpoint, capsys):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pickle
 import re
 import signal
 import uuid
@@ -50,6 +51,10 @@ DCP_METADATA = ".metadata"
 LATEST_LINK = "latest-rank0.pt"
 # Composer's default checkpoint name, ep{epoch}-ba{batch}-rank{rank}.pt; rank 0 writes the file.
 CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt")
+try:  # NumPy 2 (how pickles of arrays name the function that rebuilds them)
+    from numpy._core.multiarray import _reconstruct as _reconstruct_ndarray
+except ImportError:  # NumPy 1
+    from numpy.core.multiarray import _reconstruct as _reconstruct_ndarray
 # What Composer's saved state holds besides tensors and containers: the run's wall-clock time, the
 # torch version, and NumPy RNG states.
 SAFE_CHECKPOINT_GLOBALS = [
@@ -57,7 +62,7 @@ SAFE_CHECKPOINT_GLOBALS = [
     torch.torch_version.TorchVersion,
     np.dtype,
     np.ndarray,
-    np.core.multiarray._reconstruct,
+    _reconstruct_ndarray,
     *{type(np.dtype(code)) for code in ("u1", "u4", "u8", "i4", "i8", "f4", "f8", "b1")},
 ]
 
@@ -129,8 +134,16 @@ def is_remote(path: str) -> bool:
 def _load_file(path: str | os.PathLike) -> dict:
     """A whole-file checkpoint, memory-mapped (tensors are read only when touched), unpickling nothing
     but tensors, containers and :data:`SAFE_CHECKPOINT_GLOBALS`."""
-    with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's message spans a page; name what was refused
+        refused = re.search(r"GLOBAL (\S+)", str(err))
+        what = refused[1] if refused else "an object"
+        raise pickle.UnpicklingError(
+            f"it holds {what}, which reading weights never unpickles (a checkpoint runs code when fully "
+            "unpickled; load only trusted files with Composer)"
+        ) from None
 
 
 def is_sharded(path: str | os.PathLike) -> bool:
