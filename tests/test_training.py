@@ -1,6 +1,7 @@
 """Training end to end: recipes, a tiny run, phase chaining, resume, DDP (bad input: test_bad_inputs.py)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -62,26 +63,32 @@ def test_recipes_validate_with_the_spec_numbers(name):
         assert (config.scheduler.decay_shape, config.scheduler.final_lr_ratio) == ("1-sqrt", 0.001)
 
 
-def test_demo_recipes_validate_whole_on_the_data_make_demo_builds(tmp_path):
-    # The layout `make demo` writes under vars.data: a 4096-token tokenizer and three MDS streams.
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    """The layout `make demo` writes under vars.data: a 4096-token tokenizer and three MDS streams."""
     from data_helpers import write_stream
 
     from flexbert.data.tokenizer_training import train_tokenizer
 
-    data = tmp_path / "data"
+    data = tmp_path_factory.mktemp("demo") / "data"
     text = data / "text.jsonl"
     text.parent.mkdir()
     text.write_text("".join(json.dumps({"text": f"document {i} of the demo corpus"}) + "\n" for i in range(50)))
     train_tokenizer([text], data / "tokenizer", vocab_size=4096, show_progress=False)
-    for name in ("web", "code", "science"):
-        write_stream(data / "mds", name, [40] * 8, vocab=4096)
-    checkpoint = tmp_path / "previous-phase.pt"
-    checkpoint.touch()
-    configs = {}
-    for phase in ("pretrain", "context-extension", "decay"):
-        overrides = [f"vars.data={data}"] + ([f"load_path={checkpoint}"] if phase != "pretrain" else [])
-        raw = load_yaml_config(ROOT / "yamls" / "demo" / f"{phase}.yaml", overrides)
-        configs[phase] = TrainConfig.from_dict(raw)
+    for seed, name in enumerate(("web", "code", "science")):
+        write_stream(data / "mds", name, [60, 200, 35, 90, 150, 20] * 8, vocab=4096, seed=seed)
+    (data / "previous-phase.pt").touch()
+    return data
+
+
+def demo_config(data: Path, phase: str, *overrides: str) -> TrainConfig:
+    load = [f"load_path={data / 'previous-phase.pt'}"] if phase != "pretrain" else []
+    raw = load_yaml_config(ROOT / "yamls" / "demo" / f"{phase}.yaml", [f"vars.data={data}", *load, *overrides])
+    return TrainConfig.from_dict(raw)
+
+
+def test_demo_recipes_validate_whole_on_the_data_make_demo_builds(demo_data):
+    configs = {phase: demo_config(demo_data, phase) for phase in ("pretrain", "context-extension", "decay")}
     pretrain, extension, decay = configs.values()
     # One model through the three phases; only RoPE's global theta changes (to 160k) at extension.
     shape = lambda c: {k: v for k, v in vars(c.model_config).items() if k != "global_rope_theta"}  # noqa: E731
@@ -97,6 +104,37 @@ def test_demo_recipes_validate_whole_on_the_data_make_demo_builds(tmp_path):
         "1.0dur",
     )
     assert [c.run_dir.path.name for c in configs.values()] == ["demo-pretrain", "demo-context-extension", "demo-decay"]
+
+
+def masked_pieces(config: TrainConfig, batches: int) -> set[tuple]:
+    """(stream, sample, start, masked positions) of each piece in the first ``batches`` batches that
+    the run's training loader hands out."""
+    from flexbert.data.loader import PackedMLMLoader
+
+    loader = PackedMLMLoader(config.train_loader, config.tokenizer, batch_rows=config.device_microbatch_rows)
+    seen = set()
+    for batch, _ in zip(loader, range(batches)):
+        bounds = batch.host_cu_seqlens.tolist()
+        for (stream, sample, start, _end), first, last in zip(batch.piece_keys.tolist(), bounds, bounds[1:]):
+            masked = (batch.labels[first:last] != -100).nonzero().flatten().tolist()
+            seen.add((stream, sample, start, tuple(masked)))
+    return seen
+
+
+def test_each_phase_draws_new_samples_and_masks_and_a_rerun_the_same(demo_data):
+    phase1 = demo_config(demo_data, "pretrain")
+    phase2 = demo_config(demo_data, "context-extension")
+    phase3 = demo_config(demo_data, "decay")
+    first = masked_pieces(phase1, 6)
+    assert not first & masked_pieces(phase2, 6) and not masked_pieces(phase2, 6) & masked_pieces(phase3, 6)
+    assert masked_pieces(demo_config(demo_data, "pretrain"), 6) == first  # the same run: the same data
+    # Given the first phase's seeds, a later phase replays its pieces with the same masks.
+    seeds = [
+        f"train_loader.shuffle_seed={phase1.train_loader.shuffle_seed}",
+        f"train_loader.masking.seed={phase1.train_loader.masking.seed}",
+        "train_loader.max_seq_len=128",
+    ]
+    assert first & masked_pieces(demo_config(demo_data, "context-extension", *seeds), 6)
 
 
 # --- a tiny run, then phase 2 from its weights --------------------------------------------------------
@@ -117,6 +155,30 @@ def test_tiny_run_learns_and_writes_its_run_folder(phase1):
     assert json.loads((phase1 / "config.json").read_text())["run_name"] == "tiny"
     assert (phase1 / "checkpoints" / "latest-rank0.pt").exists()
     assert sorted(p.name for p in (phase1 / "checkpoints").glob("ep*")) == ["ep0-ba20-rank0.pt", "ep0-ba30-rank0.pt"]
+
+
+def test_a_larger_model_starts_from_a_smaller_one_tiled_and_trains(corpus, phase1, tmp_path, capsys):
+    from flexbert.cli import main as cli_main
+    from flexbert.model.tiling import tile_state_dict
+    from flexbert.train.checkpoint import read_weights
+    from flexbert.train.loggers import read_metrics
+    from flexbert.train.pretrain import build_trainer
+
+    checkpoint = phase1 / "checkpoints" / "latest-rank0.pt"
+    wider = {"model.hidden_size": 48, "model.intermediate_size": 64, "model.num_hidden_layers": 3}
+    recipe = tiny_recipe(corpus, tmp_path, run_name="larger", init_from={"checkpoint": str(checkpoint)}, **wider)
+    trainer = build_trainer(TrainConfig.from_dict(recipe), recipe)
+    small_config = TrainConfig.from_dict(json.loads((phase1 / "config.json").read_text())).model_config
+    expected = tile_state_dict(read_weights(checkpoint)[0], small_config, trainer.state.model.model.config)
+    started = trainer.state.model.model.state_dict()
+    assert started.keys() == expected.keys() and all(torch.equal(started[k], expected[k]) for k in expected)
+    trainer.close()
+    # From the command line, it trains; and it cannot be combined with load_path.
+    assert cli_main(["train", str(write_recipe(tmp_path / "larger.yaml", recipe)), "max_duration=3ba"]) == 0
+    losses = [row["loss/train/total"] for row in read_metrics(tmp_path / "larger") if "loss/train/total" in row]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    with pytest.raises(ConfigError, match="^init_from: starts the weights afresh"):
+        TrainConfig.from_dict({**recipe, "load_path": str(checkpoint)})
 
 
 def test_phase_two_loads_weights_with_the_new_theta(corpus, phase1, tmp_path):

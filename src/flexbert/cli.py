@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from flexbert.errors import FlexBertError
 from flexbert.prepare import add_prepare_commands
@@ -93,7 +94,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from flexbert.hf import export_hf, export_notes, model_from_checkpoint
+    from flexbert.hf import export_hf, export_notes
+    from flexbert.train.checkpoint import model_from_checkpoint
 
     training_config = load_yaml_config(args.config) if args.config else None
     model, trained_tokenizer = model_from_checkpoint(args.checkpoint, training_config)
@@ -115,6 +117,33 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
     checkpoint = import_hf(args.hf_dir, args.out_checkpoint, overwrite=args.overwrite)
     print(f"{checkpoint} (train from it with load_path: {checkpoint} and load_weights_only: true)")
+    return 0
+
+
+def _cmd_average(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flexbert.errors import CheckpointError
+    from flexbert.train.averaging import average_weights, pick_checkpoints
+    from flexbert.train.checkpoint import MODEL_CONFIG_KEY, RunDir, model_from_checkpoint, write_weights
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"output {out} already exists; use --overwrite to replace it")
+    if bool(args.checkpoints) == bool(args.run_dir):
+        raise CheckpointError("name the checkpoints to average, or a run folder with --run (not both)")
+    if args.run_dir and not (args.best > 0 or args.last):
+        raise CheckpointError("--run picks checkpoints by --best K and/or --last; give at least one")
+    paths = [Path(path) for path in args.checkpoints] or pick_checkpoints(
+        RunDir(Path(args.run_dir)), args.best, args.last
+    )
+    model, tokenizer = model_from_checkpoint(paths[0])  # the config the average keeps, so it exports alone
+    averaged = average_weights(paths)
+    model.load_state_dict(averaged)
+    write_weights(out, averaged, **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
+    print(f"{out}: the mean of {', '.join(str(path) for path in paths)}")
+    if tokenizer is not None:
+        print(f"export it with: flexbert export-hf {out} OUT_DIR --tokenizer {tokenizer}")
     return 0
 
 
@@ -222,6 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     import_hf.add_argument("--overwrite", action="store_true", help="replace an existing OUT_CHECKPOINT")
     import_hf.set_defaults(run=_cmd_import_hf)
+
+    average = commands.add_parser(
+        "average",
+        help="average the weights of checkpoints (ModernBERT-base: its 3 best decay checkpoints and the last)",
+        description="Write the element-wise mean of the model weights of CHECKPOINTs (files or FSDP shard "
+        "folders), or of a run's K best checkpoints by the eval loss logged when each was saved, plus its "
+        "last (--run RUN_DIR --best K --last). The result is one checkpoint, with its model config, that "
+        "training loads with load_path and load_weights_only: true, and that export-hf exports.",
+    )
+    average.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT", help="checkpoints of one architecture")
+    average.add_argument(
+        "--run", dest="run_dir", metavar="RUN_DIR", help="pick the checkpoints of this run folder instead"
+    )
+    average.add_argument("--best", type=int, default=0, metavar="K", help="with --run: the K lowest eval losses")
+    average.add_argument("--last", action="store_true", help="with --run: and the last checkpoint")
+    average.add_argument("--out", required=True, metavar="OUT", help="the checkpoint file to write")
+    average.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    average.set_defaults(run=_cmd_average)
 
     add_prepare_commands(commands)
     return parser

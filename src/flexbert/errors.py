@@ -23,3 +23,7 @@ class InteropError(FlexBertError, ValueError):
 
 class RunFolderError(FlexBertError, ValueError):
     """A run folder lacks what a command reads from it (metrics to plot, sample-id logs ...)."""
+
+
+class CheckpointError(FlexBertError, ValueError):
+    """A checkpoint cannot be read, or does not fit what it is used with."""

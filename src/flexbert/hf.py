@@ -41,9 +41,6 @@ _MODERNBERT_BLOCKS = {
 # The decoder shares the token embeddings; like save_pretrained, an export stores the matrix once.
 _TIED_DECODER_KEY = "decoder.weight"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# Where an imported checkpoint keeps its model config. Composer reads only the "state" (and "rng")
-# entries of a checkpoint file, so this one travels along unread by training.
-MODEL_CONFIG_KEY = "flexbert_model_config"
 
 
 # --- configs --------------------------------------------------------------------------------------
@@ -310,7 +307,7 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, over
     """Turn a ModernBERT directory into a checkpoint file that a recipe loads with ``load_path`` and
     ``load_weights_only: true``; its model config rides along so that :func:`export_hf` can
     re-export it."""
-    from flexbert.train.checkpoint import write_weights
+    from flexbert.train.checkpoint import MODEL_CONFIG_KEY, write_weights
 
     out = Path(out_checkpoint)
     if out.is_dir():
@@ -320,68 +317,3 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, over
     model = from_hf(hf_dir)
     write_weights(out, model.state_dict(), **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
     return out
-
-
-# --- Composer checkpoints -------------------------------------------------------------------------
-
-
-def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[FlexBertConfig, Path]:
-    """The model a resolved training config builds, and its tokenizer directory.
-
-    Only the model section and the tokenizer are read: an export often happens long after the
-    training data and ``load_path`` are gone, so the rest of the recipe is not validated again.
-    """
-    from flexbert.data.tokenizer import load_tokenizer
-    from flexbert.train.config import model_config_for
-
-    model, loader = training_config.get("model"), training_config.get("train_loader")
-    if not isinstance(model, Mapping) or not isinstance(loader, Mapping) or "tokenizer" not in loader:
-        raise InteropError(
-            "the training config has no model: section or no train_loader.tokenizer; is it a pretraining recipe?"
-        )
-    tokenizer = load_tokenizer(loader["tokenizer"])
-    # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
-    return model_config_for({**model, "attn_backend": "auto"}, tokenizer), tokenizer.path
-
-
-def model_from_checkpoint(
-    checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
-) -> tuple[FlexBertForMaskedLM, Path | None]:
-    """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
-    which are put back together here), and the tokenizer it was trained with when that is known.
-
-    The model config comes from ``training_config`` when given, else from the checkpoint itself
-    (written by :func:`import_hf`), else from the run folder's config.json (a checkpoint saved by
-    training sits in ``<run folder>/checkpoints/``).
-    """
-    from flexbert.train.checkpoint import RunDir, read_weights
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise MissingFileError(f"checkpoint not found: {path}")
-    try:
-        weights, saved = read_weights(path)
-    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
-        raise InteropError(f"{path} is not a readable Composer checkpoint ({err})") from None
-
-    tokenizer_dir = None
-    run_config_file = RunDir.holding(path).config_file
-    if training_config is not None:
-        config, tokenizer_dir = _model_config_from_training(training_config)
-    elif MODEL_CONFIG_KEY in saved:
-        config = FlexBertConfig.from_dict(saved[MODEL_CONFIG_KEY], path=MODEL_CONFIG_KEY)
-    elif run_config_file.is_file():
-        config, tokenizer_dir = _model_config_from_training(json.loads(run_config_file.read_text()))
-    else:
-        raise InteropError(
-            f"cannot tell which model {path} holds: it carries no model config and there is no "
-            f"run folder config.json at {run_config_file}; pass the recipe with --config"
-        )
-
-    model = FlexBertForMaskedLM(config)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1:2] or [str(err)]
-        raise InteropError(f"{path} does not hold the model its config describes: {first[0].strip()}") from None
-    return model, tokenizer_dir

@@ -25,9 +25,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from flexbert.data.packing import GreedyPacker, Masker, PackedBatch, Piece, collate_rows, split_document
+from flexbert.data.packing import (
+    DEFAULT_MASK_SEED,
+    GreedyPacker,
+    Masker,
+    PackedBatch,
+    Piece,
+    collate_rows,
+    split_document,
+)
 from flexbert.data.shm import clean_stale_streaming_memory
-from flexbert.data.streams import DataError, DocumentDataset, LoaderConfig, build_dataset
+from flexbert.data.streams import DEFAULT_SHUFFLE_SEED, DataError, DocumentDataset, LoaderConfig, build_dataset
 from flexbert.data.tokenizer import MLMTokenizer
 from flexbert.typed_config import ConfigError
 
@@ -74,6 +82,7 @@ class PackedMLMLoader:
     ):
         """``batch_rows`` is this rank's rows per batch, or a function of the global rows emitted so
         far that gives them (batch-size warmup); by default ``config.rows_per_batch``."""
+        config = config.with_seeds(DEFAULT_SHUFFLE_SEED, DEFAULT_MASK_SEED)
         batch_rows = batch_rows or config.rows_per_batch
         if batch_rows is None:
             raise ConfigError(f"{path}.rows_per_batch", "missing: how many packed rows go into one batch")

@@ -22,13 +22,15 @@ import torch
 from flexbert.model.losses import IGNORE_INDEX
 from flexbert.typed_config import ConfigError
 
+DEFAULT_MASK_SEED = 0
+
 
 @dataclass(frozen=True)
 class MaskingConfig:
     mlm_probability: float = 0.30  # ModernBERT pretrains at 30% (and evaluates at 15%)
     mask_fraction: float = 0.8  # of selected tokens, replaced by [MASK]
     random_fraction: float = 0.1  # replaced by a random regular token; the rest stay unchanged
-    seed: int = 0
+    seed: int | None = None  # None: as LoaderConfig.shuffle_seed (derived per run when training)
 
     def validate(self, path: str = "masking") -> None:
         if not 0.0 < self.mlm_probability < 1.0:
@@ -39,7 +41,7 @@ class MaskingConfig:
                 f"mask_fraction={self.mask_fraction} and random_fraction={self.random_fraction} must be "
                 "non-negative and sum to at most 1",
             )
-        if self.seed < 0:
+        if self.seed is not None and self.seed < 0:
             raise ConfigError(f"{path}.seed", f"must be non-negative, got {self.seed}")
 
 
@@ -56,7 +58,8 @@ class Masker:
 
     def __call__(self, tokens: np.ndarray, identity: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """tokens: int64 [n] -> (corrupted input ids [n], labels [n] with -100 where not selected)."""
-        rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([self.config.seed, *identity])))
+        seed = self.config.seed if self.config.seed is not None else DEFAULT_MASK_SEED
+        rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([seed, *identity])))
         selected = (rng.random(tokens.shape[0]) < self.config.mlm_probability) & ~self.special[tokens]
         labels = np.where(selected, tokens, IGNORE_INDEX)
         action = rng.random(tokens.shape[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -39,6 +41,16 @@ class StreamConfig:
     choose: int | None = None
 
 
+DEFAULT_SHUFFLE_SEED = 9176
+
+
+def derived_seed(run_name: str, purpose: str) -> int:
+    """A seed of 31 bits that a run's name alone determines: a new run (a new phase) gets new ones,
+    a resumed run (same name) the same ones."""
+    digest = hashlib.sha256(f"{run_name}/{purpose}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFF_FFFF
+
+
 @dataclass
 class LoaderConfig:
     tokenizer: str
@@ -51,7 +63,9 @@ class LoaderConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     lookahead: int = 256  # pending pieces the packer chooses from
     shuffle: bool = True
-    shuffle_seed: int = 9176
+    # None: a training loader derives it from the run's name (see derived_seed), so each phase
+    # draws a new order; any other loader uses DEFAULT_SHUFFLE_SEED.
+    shuffle_seed: int | None = None
     shuffle_algo: Literal["naive", "py1b", "py1br", "py1e", "py1s", "py2s"] = "py1e"  # streaming's
     num_canonical_nodes: int | None = None
     sample_batch_size: int = 64  # documents per streaming fetch; must stay fixed across a resume
@@ -61,6 +75,12 @@ class LoaderConfig:
     download_retry: int = 2
     download_timeout: float = 60.0
     epochs: int | None = None  # None: cycle forever and let the trainer's duration decide
+
+    def with_seeds(self, shuffle_seed: int, mask_seed: int) -> LoaderConfig:
+        """This config with the seeds it leaves unset set to these (the ones it gives stay)."""
+        masking = self.masking if self.masking.seed is not None else dataclasses.replace(self.masking, seed=mask_seed)
+        shuffle = self.shuffle_seed if self.shuffle_seed is not None else shuffle_seed
+        return dataclasses.replace(self, shuffle_seed=shuffle, masking=masking)
 
     def validate(self, path: str = "train_loader") -> None:
         if not self.streams:

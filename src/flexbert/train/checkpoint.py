@@ -42,6 +42,8 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from flexbert.data.loader import PackedMLMLoader
+from flexbert.errors import CheckpointError, MissingFileError
+from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
 from flexbert.typed_config import ConfigError
 
 # The ComposerModel keeps the FlexBERT model as its attribute ``model``.
@@ -49,8 +51,12 @@ COMPOSER_MODEL_PREFIX = "model."
 SHARDED_MODEL_PREFIX = "state.model." + COMPOSER_MODEL_PREFIX  # a sharded checkpoint's flattened keys
 DCP_METADATA = ".metadata"
 LATEST_LINK = "latest-rank0.pt"
+# Where a checkpoint that import-hf or averaging wrote keeps its model config. Composer reads only the
+# "state" (and "rng") entries of a checkpoint file, so this one travels along unread by training.
+MODEL_CONFIG_KEY = "flexbert_model_config"
 # Composer's default checkpoint name, ep{epoch}-ba{batch}-rank{rank}.pt; rank 0 writes the file.
 CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt")
+SAVED_NAME = re.compile(r"ep(\d+)-ba(\d+)(?:-rank0\.pt)?")  # a file, or a folder of shards
 try:  # NumPy 2 (how pickles of arrays name the function that rebuilds them)
     from numpy._core.multiarray import _reconstruct as _reconstruct_ndarray
 except ImportError:  # NumPy 1
@@ -235,6 +241,69 @@ def check_checkpoint_matches(path: str, model: torch.nn.Module) -> None:
         raise ConfigError("load_path", f"{path} was saved from a different architecture: {listed}")
 
 
+# --- which model a checkpoint holds -------------------------------------------------------------
+
+
+def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[FlexBertConfig, Path]:
+    """The model a resolved training config builds, and its tokenizer directory.
+
+    Only the model section and the tokenizer are read: an export often happens long after the
+    training data and ``load_path`` are gone, so the rest of the recipe is not validated again.
+    """
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.config import model_config_for  # which itself needs RunDir from here
+
+    model, loader = training_config.get("model"), training_config.get("train_loader")
+    if not isinstance(model, Mapping) or not isinstance(loader, Mapping) or "tokenizer" not in loader:
+        raise CheckpointError(
+            "the training config has no model: section or no train_loader.tokenizer; is it a pretraining recipe?"
+        )
+    tokenizer = load_tokenizer(loader["tokenizer"])
+    # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
+    return model_config_for({**model, "attn_backend": "auto"}, tokenizer), tokenizer.path
+
+
+def model_from_checkpoint(
+    checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
+) -> tuple[FlexBertForMaskedLM, Path | None]:
+    """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
+    which are put back together here), and the tokenizer it was trained with when that is known.
+
+    The model config comes from ``training_config`` when given, else from the checkpoint itself
+    (written by ``flexbert import-hf`` and ``flexbert average``), else from the run folder's
+    config.json (a checkpoint saved by training sits in ``<run folder>/checkpoints/``).
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    try:
+        weights, saved = read_weights(path)
+    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
+        raise CheckpointError(f"{path} is not a readable Composer checkpoint ({err})") from None
+
+    tokenizer_dir = None
+    run_config_file = RunDir.holding(path).config_file
+    if training_config is not None:
+        config, tokenizer_dir = _model_config_from_training(training_config)
+    elif MODEL_CONFIG_KEY in saved:
+        config = FlexBertConfig.from_dict(saved[MODEL_CONFIG_KEY], path=MODEL_CONFIG_KEY)
+    elif run_config_file.is_file():
+        config, tokenizer_dir = _model_config_from_training(json.loads(run_config_file.read_text()))
+    else:
+        raise CheckpointError(
+            f"cannot tell which model {path} holds: it carries no model config and there is no "
+            f"run folder config.json at {run_config_file}; pass the recipe with --config"
+        )
+
+    model = FlexBertForMaskedLM(config)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise CheckpointError(f"{path} does not hold the model its config describes: {first[0].strip()}") from None
+    return model, tokenizer_dir
+
+
 # --- autoresume -------------------------------------------------------------------------------------
 
 
@@ -253,6 +322,17 @@ def checkpoint_problem(path: Path) -> str | None:
     if not any(name.endswith("data.pkl") for name in names):
         return "not a torch checkpoint (no data.pkl)"
     return None
+
+
+def saved_checkpoints(folder: Path) -> dict[int, Path]:
+    """Every checkpoint training saved in ``folder`` (whole files and shard folders alike), by the
+    batch it was saved at."""
+    found = {}
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = SAVED_NAME.fullmatch(path.name)
+        if match and not path.is_symlink() and (path.is_file() or is_sharded(path)):
+            found[int(match[2])] = path
+    return dict(sorted(found.items()))
 
 
 def _checkpoints_newest_first(folder: Path) -> list[Path]:

@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from composer import Evaluator, Trainer
 from composer.utils import dist, get_device, reproducibility
 
 from flexbert.data.loader import PackedMLMLoader
-from flexbert.data.streams import LoaderConfig
+from flexbert.data.streams import LoaderConfig, derived_seed
 from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.model import FlexBertForMaskedLM
+from flexbert.model.tiling import tile_into
 from flexbert.train.checkpoint import (
     LoaderCheckpoint,
     SigtermCheckpoint,
@@ -26,6 +27,7 @@ from flexbert.train.checkpoint import (
     check_on_rank_zero,
     is_remote,
     load_weights,
+    model_from_checkpoint,
     prepare_autoresume,
 )
 from flexbert.train.config import (
@@ -43,6 +45,19 @@ from flexbert.train.schedulers import parse_time
 from flexbert.train.sharding import FSDPConfig, average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units
 from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig, ComposerMLM, data_spec
 from flexbert.typed_config import ConfigError, from_dict
+
+
+@dataclass
+class InitFromConfig:
+    """``init_from:`` start a larger model from a smaller trained one, as ModernBERT-large started
+    from base (see flexbert/model/tiling.py for the rule)."""
+
+    checkpoint: str  # a checkpoint of this project (file or shard folder) whose model config is known
+    method: Literal["tile"] = "tile"
+
+    def validate(self, path: str) -> None:
+        if not os.path.exists(self.checkpoint):  # read before training, so local (copy a remote one first)
+            raise ConfigError(f"{path}.checkpoint", f"checkpoint not found: {self.checkpoint}")
 
 
 @dataclass(kw_only=True)
@@ -63,6 +78,7 @@ class TrainConfig(RunConfig):
     # Chaining phases: the previous phase's checkpoint, weights only (fresh optimizer, time at 0).
     load_path: str | None = None
     load_weights_only: bool = True
+    init_from: InitFromConfig | None = None  # a smaller model's weights, tiled into this one's shapes
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     hf_export: HFExportConfig | None = None
@@ -87,6 +103,11 @@ class TrainConfig(RunConfig):
         """Called by the typed-config builder once every section has validated itself: the checks
         that span sections, and the model, whose special-token ids come from the tokenizer."""
         super().validate(path)
+        # Each phase draws its own order and masks (a later phase never replays an earlier one's
+        # (sample, mask) pairs); a resumed run keeps them. Seeds a recipe gives are kept.
+        self.train_loader = self.train_loader.with_seeds(
+            derived_seed(self.run_name, "shuffle"), derived_seed(self.run_name, "masks")
+        )
         self.tokenizer = load_tokenizer(self.train_loader.tokenizer)
         self.model_config = model_config_for(self.model, self.tokenizer)
         if self.train_loader.rows_per_batch is not None:
@@ -108,6 +129,10 @@ class TrainConfig(RunConfig):
             check_fits_positions("eval_loader.max_seq_len", self.eval_loader.max_seq_len, self.model_config)
         if self.load_path is not None and not is_remote(self.load_path) and not os.path.exists(self.load_path):
             raise ConfigError("load_path", f"checkpoint not found: {self.load_path}")
+        if self.init_from is not None and self.load_path is not None:
+            raise ConfigError(
+                "init_from", "starts the weights afresh from a smaller model; give it or load_path, not both"
+            )
         if self.autoresume and self.save_folder is not None and "{" in self.save_folder:
             raise ConfigError("save_folder", "autoresume needs a save_folder without format fields")
 
@@ -128,6 +153,14 @@ class TrainConfig(RunConfig):
             self.fsdp_config.check_world_size("fsdp_config", world_size)
 
 
+def with_data_seeds(resolved: dict, train_loader: LoaderConfig) -> dict:
+    """The recipe as config.json records it: with the seeds the training loader draws with, derived
+    or given, so that a run can be repeated on the same data."""
+    loader = resolved.get("train_loader", {})
+    masking = {**loader.get("masking", {}), "seed": train_loader.masking.seed}
+    return {**resolved, "train_loader": {**loader, "shuffle_seed": train_loader.shuffle_seed, "masking": masking}}
+
+
 def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     """Everything but ``fit``; ``resolved`` is the plain config written into the run folder."""
     precision = resolve_precision(config.precision)
@@ -145,6 +178,9 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     if config.fsdp_config is not None:
         parallelism = {"fsdp": composer_fsdp2_config(config.fsdp_config, torch.distributed.get_backend())}
         mark_sharding_units(model, model.model.layers)
+    if config.init_from is not None:
+        small = model_from_checkpoint(config.init_from.checkpoint)[0]
+        tile_into(model, small.state_dict(), small.config)
     load_path = config.load_path
     if load_path is not None and not is_remote(load_path):
         check_on_rank_zero(lambda: check_checkpoint_matches(load_path, model))
@@ -188,7 +224,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         folder = Path(config.hf_export.folder) if config.hf_export.folder else run_dir.hf
         callbacks.append(HFExport(config.hf_export, folder, config.train_loader.tokenizer, model_config))
     trainer = Trainer(
-        **shared_trainer_arguments(config, model, resolved, precision),
+        **shared_trainer_arguments(config, model, with_data_seeds(resolved, config.train_loader), precision),
         model=ComposerMLM(model),
         train_dataloader=data_spec(train_loader),
         max_duration=config.max_duration.replace("_", ""),

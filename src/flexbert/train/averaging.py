@@ -1,0 +1,77 @@
+"""Checkpoint averaging: the released ModernBERT-base is the mean of its three best decay checkpoints
+and the last one (paper, appendix A.4).
+
+``flexbert average`` takes the checkpoints by name, or picks them from a run folder by the eval loss
+logged at the step each was saved. Whole files and FSDP shard folders are read alike; the result is
+one whole-file checkpoint carrying its model config, which training loads (``load_path`` with
+``load_weights_only``) and ``flexbert export-hf`` exports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from flexbert.errors import CheckpointError
+from flexbert.train.checkpoint import RunDir, read_weights, saved_checkpoints
+from flexbert.train.loggers import read_metrics
+
+EVAL_LOSS = "metrics/eval/LanguageCrossEntropy"
+
+
+def average_weights(paths: Sequence[str | os.PathLike]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the checkpoints' model weights, summed in float64 and returned in each
+    tensor's own dtype. Checkpoints of different architectures are refused, naming the first
+    tensor that differs."""
+    if not paths:
+        raise CheckpointError("nothing to average: name at least one checkpoint")
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in paths:
+        try:
+            weights, _ = read_weights(path)
+        except Exception as err:  # a missing, truncated or foreign file fails in many ways
+            raise CheckpointError(f"{path} is not a readable Composer checkpoint ({err})") from None
+        if not total:
+            dtypes = {name: tensor.dtype for name, tensor in weights.items()}
+            total = {name: tensor.to(torch.float64) for name, tensor in weights.items()}
+            continue
+        problem = _first_difference(total, weights)
+        if problem is not None:
+            raise CheckpointError(f"{path} and {paths[0]} hold different architectures: {problem}")
+        for name, tensor in weights.items():
+            total[name] += tensor.to(torch.float64)
+    return {name: (tensor / len(paths)).to(dtypes[name]) for name, tensor in total.items()}
+
+
+def _first_difference(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str | None:
+    for name in sorted(reference.keys() ^ other.keys()):
+        return f"{name} is in only one of them"
+    for name, tensor in reference.items():
+        if tensor.shape != other[name].shape:
+            return f"{name} is {tuple(other[name].shape)} in one and {tuple(tensor.shape)} in the other"
+    return None
+
+
+def pick_checkpoints(run_dir: RunDir, best: int, last: bool) -> list[Path]:
+    """The ``best`` checkpoints of a run by the eval loss logged at the step each was saved, then (if
+    ``last``) its last checkpoint, once."""
+    saved = saved_checkpoints(run_dir.checkpoints)
+    if not saved:
+        raise CheckpointError(f"{run_dir.checkpoints} holds no checkpoints")
+    picked = []
+    if best > 0:
+        losses = {row["step"]: row[EVAL_LOSS] for row in read_metrics(run_dir.path) if EVAL_LOSS in row}
+        unscored = [path.name for step, path in saved.items() if step not in losses]
+        if unscored:
+            raise CheckpointError(
+                f"no eval loss was logged at the step of {', '.join(unscored)} in {run_dir.metrics_file}; "
+                "choosing the best needs an evaluation at every save (eval_interval equal to save_interval)"
+            )
+        picked = [saved[step] for step in sorted(saved, key=lambda step: losses[step])[:best]]
+    if last and saved[max(saved)] not in picked:
+        picked.append(saved[max(saved)])
+    return picked
