@@ -293,3 +293,49 @@ def test_labelled_split_from_a_saved_hf_dataset(tmp_path):
     )
     split = load_split(SplitConfig(str(tmp_path / "saved"), ["text"], "label"), load_tokenizer(TOKENIZER), 2, 64)
     assert split.labels.tolist() == [1, 0, 1] and len(split.token_ids) == 3
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_the_nan_guard_stops_or_skips_a_fine_tuning_step(tmp_path, action):
+    from test_resume import Poison
+
+    from flexbert.train.nan_guard import NonFiniteTrainingError
+
+    train = write_conll(tmp_path / "train.txt", 40, seed=0)
+    raw = load_yaml_config(
+        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
+        [
+            f"tokenizer={TOKENIZER}",
+            f"run_root={tmp_path}",
+            f"train_split.path={train}",
+            f"eval_splits.eval.path={train}",
+            "task.num_labels=5",
+            "task.label_names=[O,B-PER,I-PER,B-LOC,I-LOC]",
+            "model.hidden_size=32",
+            "model.num_hidden_layers=2",
+            "model.num_attention_heads=2",
+            "model.intermediate_size=48",
+            "model.attn_backend=sdpa",
+            "max_duration=4ba",
+            "batch_size=8",
+            "logging.progress_bar=false",
+            f"nan_guard.action={action}",
+        ],
+    )
+    trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
+    poison = Poison(2, "loss")
+    trainer.state.callbacks.insert(0, poison)
+    record = tmp_path / "finetune-ner" / "nan_guard.jsonl"
+    if action == "stop":
+        with pytest.raises(NonFiniteTrainingError, match=rf"^nan_guard: step 2 has a NaN .* 8 examples of {train}"):
+            trainer.fit()
+        assert "after 2" not in poison.weights  # stopped before the optimizer step
+    else:
+        with pytest.warns(RuntimeWarning, match=r"nan_guard: step 2 has .* skipped its optimizer step"):
+            trainer.fit()
+        before, after = poison.weights["before 2"], poison.weights["after 2"]
+        assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+        assert int(trainer.state.timestamp.batch) == 4  # and it trained on
+    trainer.close()
+    entry = json.loads(record.read_text())
+    assert entry["step"] == 2 and entry["action"] == action and len(entry["examples_per_rank"][0]) == 8

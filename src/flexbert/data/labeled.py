@@ -239,6 +239,7 @@ def batches(
                 if isinstance(split.labels, torch.Tensor)
                 else torch.from_numpy(np.concatenate([split.labels[i] for i in chosen]))
             ),
+            "example_ids": chosen,  # host indices into the split, for the NaN guard's message
         }
 
 
@@ -288,4 +289,5 @@ def pair_batches(
     several processes each rank takes its share of the pairs, and its in-batch negatives are the
     other positives of its share."""
     for chosen in rank_shares(len(split.queries), batch_size, shuffle, seed, rank, world):
-        yield unpadded([split.queries[i] for i in chosen] + [split.positives[i] for i in chosen])
+        texts = unpadded([split.queries[i] for i in chosen] + [split.positives[i] for i in chosen])
+        yield {**texts, "example_ids": chosen}

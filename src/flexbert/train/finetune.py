@@ -45,6 +45,7 @@ from flexbert.train.config import (
     shared_trainer_arguments,
 )
 from flexbert.train.metrics import EntityF1, Retrieval
+from flexbert.train.nan_guard import NanGuard, NanGuardConfig, labelled_examples
 from flexbert.train.optimizers import OptimizerConfig
 from flexbert.train.schedulers import SchedulerConfig
 from flexbert.typed_config import ConfigError, from_dict
@@ -97,6 +98,7 @@ class FinetuneConfig(RunConfig):
     load_path: str | None = None  # a Composer checkpoint of this project or an HF ModernBERT dir
     max_seq_len: int = 512
     batch_size: int = 32  # examples per optimizer step, over all processes together
+    nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     max_duration: str = "3ep"
     eval_interval: str = "1ep"
     optimizer: OptimizerConfig = field(
@@ -264,5 +266,9 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
         ],
         max_duration=duration,
         device_train_microbatch_size=config.batch_size,
-        callbacks=[LRMonitor()],  # the pretraining monitors assume packed MLM batches
+        # The pretraining monitors assume packed MLM batches.
+        callbacks=[
+            LRMonitor(),
+            NanGuard(config.nan_guard, labelled_examples(config.train_split.path), config.run_dir.path),
+        ],
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,6 +45,35 @@ def _loss_tensors(loss) -> list[torch.Tensor]:
     return list(loss) if isinstance(loss, (list, tuple)) else [loss]
 
 
+@dataclass(frozen=True)
+class BatchContents:
+    """How the guard names what a batch held: ``key`` of the record's entry, ``of_batch`` the host
+    values that identify one rank's batch, ``describe`` the message's account of all ranks' ones."""
+
+    key: str
+    of_batch: Callable[[dict], list]
+    describe: Callable[[list[list]], str]
+
+
+def packed_pieces(stream_names: Sequence[str]) -> BatchContents:
+    """A pretraining batch: its pieces (stream, sample, start, end), named by dataset index and stream."""
+    return BatchContents(
+        "pieces", lambda batch: batch["piece_keys"].tolist(), lambda per_rank: describe_samples(per_rank, stream_names)
+    )
+
+
+def labelled_examples(split_path: str) -> BatchContents:
+    """A fine-tuning batch: its examples, by their index in the training split."""
+
+    def describe(per_rank: list[list[int]]) -> str:
+        examples = [index for indices in per_rank for index in indices]
+        named = ", ".join(map(str, examples[:SAMPLES_NAMED]))
+        more = f" and {len(examples) - SAMPLES_NAMED} more" if len(examples) > SAMPLES_NAMED else ""
+        return f"{len(examples)} examples of {split_path} (index in the split): {named}{more}"
+
+    return BatchContents("examples", lambda batch: batch["example_ids"].tolist(), describe)
+
+
 def describe_samples(pieces_per_rank: Sequence[Sequence[Sequence[int]]], stream_names: Sequence[str]) -> str:
     """``3 samples (dataset index and stream): 12 (web), 13 (web), 260 (code)``: each document once,
     in batch order."""
@@ -66,9 +95,9 @@ class NanGuard(Callback):
     gradients are the loss scaler's business, so only the loss is checked.
     """
 
-    def __init__(self, config: NanGuardConfig, stream_names: Sequence[str], run_dir: str | Path):
+    def __init__(self, config: NanGuardConfig, contents: BatchContents, run_dir: str | Path):
         self.action = config.action
-        self.stream_names = list(stream_names)
+        self.contents = contents
         self.record = RunDir(Path(run_dir)).nan_guard_file
         self.skipped_steps = 0
         self._loss_finite: torch.Tensor | None = None
@@ -86,18 +115,14 @@ class NanGuard(Callback):
             return
         step = state.timestamp.batch.value
         problem = "loss" if not grad_bad else "gradient" if not loss_bad else "loss and gradient"
-        pieces_per_rank = dist.all_gather_object(state.batch["piece_keys"].tolist())
+        per_rank = dist.all_gather_object(self.contents.of_batch(state.batch))
         if dist.get_global_rank() == 0:
+            entry = {"step": step, "problem": problem, "action": self.action, f"{self.contents.key}_per_rank": per_rank}
             with self.record.open("a", encoding="utf-8") as file:
-                file.write(
-                    json.dumps(
-                        {"step": step, "problem": problem, "action": self.action, "pieces_per_rank": pieces_per_rank}
-                    )
-                    + "\n"
-                )
+                file.write(json.dumps(entry) + "\n")
         message = (
             f"nan_guard: step {step} has a NaN or infinite {problem}; its batch held "
-            f"{describe_samples(pieces_per_rank, self.stream_names)} (every piece in {self.record})"
+            f"{self.contents.describe(per_rank)} (all of them in {self.record})"
         )
         if self.action == "stop":
             raise NonFiniteTrainingError(

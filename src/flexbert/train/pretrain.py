@@ -39,7 +39,7 @@ from flexbert.train.config import (
 )
 from flexbert.train.hf_export import HFExport, HFExportConfig
 from flexbert.train.monitors import build_monitors
-from flexbert.train.nan_guard import NanGuard, NanGuardConfig
+from flexbert.train.nan_guard import NanGuard, NanGuardConfig, packed_pieces
 from flexbert.train.sample_ids import DebugConfig, SampleIdLog
 from flexbert.train.schedulers import parse_time
 from flexbert.train.sharding import FSDPConfig, average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units
@@ -216,7 +216,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
 
     run_dir = config.run_dir
     sigterm = SigtermCheckpoint(config.save_interval)
-    nan_guard = NanGuard(config.nan_guard, list(config.train_loader.streams), run_dir.path)
+    nan_guard = NanGuard(config.nan_guard, packed_pieces(list(config.train_loader.streams)), run_dir.path)
     callbacks = [*build_monitors(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm, nan_guard]
     if config.debug.log_sample_ids:
         callbacks.append(SampleIdLog(run_dir.path))
