@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, TOKENIZER
 from test_convert_to_mds import assert_same_samples, crash_on_unit, expected_ids, read_back, write_jsonl
 
+from flexbert.cli import main as cli_main
 from flexbert.data.convert import ConversionError, convert_to_mds
 
 # streaming allocates shared-memory names per machine without locking: datasets built at the same
@@ -137,3 +138,71 @@ def test_a_missing_bucket_is_one_clear_error(s3, tmp_path):
     corpus = write_jsonl(tmp_path / "a.jsonl", ["some text"])
     with pytest.raises(ConversionError, match="cannot use bucket 'no-such-bucket'"):
         convert_to_mds([corpus], "s3://no-such-bucket/demo", TOKENIZER, workers=1, progress=False)
+
+
+def test_two_machines_convert_parts_to_s3_and_the_merge_reads_as_one_conversion(s3, tmp_path, capsys):
+    # Two "nodes": two processes, each converting its part of the corpus straight to S3, at once.
+    documents = [f"Shared corpus document {index}: " + "words " * (index % 13) for index in range(120)]
+    corpus = write_jsonl(tmp_path / "a.jsonl", documents)
+    remote = f"s3://{BUCKET}/parts"
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flexbert.cli",
+                "prepare",
+                "mds",
+                "--input",
+                str(corpus),
+                "--output",
+                remote,
+                "--tokenizer",
+                str(TOKENIZER),
+                "--workers",
+                "1",
+                "--unit-size",
+                "512",
+                "--no-progress",
+                "--part",
+                f"{index}/2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    for job in jobs:
+        out, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+        assert out.startswith("flexbert prepare mds: ")
+    assert {key.split("/")[1] for key in keys(s3, "parts/")} == {"part-00000-of-00002", "part-00001-of-00002"}
+    assert "parts/index.json" not in keys(s3, "parts/")  # nothing reads as whole before the merge
+
+    assert cli_main(["prepare", "merge", remote, "--parts", "2"]) == 0
+    assert capsys.readouterr().out.startswith("flexbert prepare merge: 2 parts, ")
+    # The merged dataset holds exactly the documents of a one-job conversion, in the same order.
+    one_job = tmp_path / "one-job"
+    convert_to_mds([corpus], one_job, TOKENIZER, workers=1, unit_size=512, progress=False)
+    merged = read_back(remote, tmp_path / "cache")
+    assert [sample.tolist() for sample in merged] == [sample.tolist() for sample in read_back(one_job, tmp_path / "c1")]
+    assert_same_samples(merged, expected_ids(documents))
+
+
+def test_merging_before_every_part_is_complete_is_one_clear_error(tmp_path, capsys):
+    documents = [f"Document {index} " + "text " * (index % 5) for index in range(30)]
+    corpus = write_jsonl(tmp_path / "a.jsonl", documents)
+    out = tmp_path / "out"
+    convert_to_mds([corpus], out, TOKENIZER, workers=1, unit_size=256, progress=False, part=(1, 3))
+    assert cli_main(["prepare", "merge", str(out), "--parts", "3"]) == 2
+    assert capsys.readouterr().err == (
+        f"flexbert: error: cannot merge {out}: 2 of 3 parts are not complete (part-00000-of-00003, "
+        "part-00002-of-00003); finish their conversions first\n"
+    )
+    for index in (0, 2):
+        convert_to_mds([corpus], out, TOKENIZER, workers=1, unit_size=256, progress=False, part=(index, 3))
+    assert cli_main(["prepare", "merge", str(out), "--parts", "3"]) == 0
+    assert_same_samples(read_back(out, tmp_path / "cache"), expected_ids(documents))
+    with pytest.raises(ConversionError, match="part 5/3: the part must lie in 0 .. 2"):
+        convert_to_mds([corpus], out, TOKENIZER, workers=1, progress=False, part=(5, 3))

@@ -14,7 +14,13 @@ import argparse
 import time
 from typing import Any
 
-from flexbert.data.convert import DEFAULT_MAX_BAD_FRACTION, DEFAULT_SHARD_SIZE, DEFAULT_UNIT_SIZE, convert_to_mds
+from flexbert.data.convert import (
+    DEFAULT_MAX_BAD_FRACTION,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_UNIT_SIZE,
+    convert_to_mds,
+    merge_parts,
+)
 from flexbert.data.demo_corpus import (
     DEFAULT_MAX_BYTES_PER_SOURCE,
     MAX_DOCUMENT_SHARE,
@@ -113,11 +119,26 @@ def _mds(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             unit_size=args.unit_size,
             progress=not args.no_progress,
+            part=args.part,
         )
     except KeyboardInterrupt:
         print(f"flexbert prepare mds: interrupted; run the same command again to resume {args.output}")
         return 130  # the shell's status for a command stopped by Ctrl-C
     print(f"flexbert prepare mds: {summary.line()}")
+    return 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    """``I/N`` as (I, N)."""
+    index, _, parts = text.partition("/")
+    if not (index.isdigit() and parts.isdigit() and int(index) < int(parts)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, such as 0/8, got {text!r}")
+    return int(index), int(parts)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    shards = merge_parts(args.output, args.parts, overwrite=args.overwrite)
+    print(f"flexbert prepare merge: {args.parts} parts, {shards} shards -> {args.output}")
     return 0
 
 
@@ -267,4 +288,24 @@ def add_prepare_commands(commands: Any) -> None:
         "compressed file is always one unit (default: %(default)s)",
     )
     mds.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    mds.add_argument(
+        "--part",
+        type=_part,
+        metavar="I/N",
+        help="convert only the I-th of N equal runs of the corpus's units (I from 0), into "
+        "OUTPUT/part-IIIII-of-NNNNN (zero-padded): N jobs (a SLURM array, say) share the work; join them with "
+        "prepare merge",
+    )
     mds.set_defaults(run=_mds)
+
+    merge = steps.add_parser(
+        "merge",
+        help="join the parts that prepare mds --part I/N wrote into one dataset",
+        description="Write OUTPUT/index.json listing the shards of the parts OUTPUT/part-IIIII-of-NNNNN in "
+        "order (mosaicml-streaming's index merge), so that a stream reads the whole corpus, in corpus order. "
+        "Every part must be complete; the parts' files stay where they are.",
+    )
+    merge.add_argument("output", metavar="OUTPUT", help="the --output the parts were converted to (folder or s3://)")
+    merge.add_argument("--parts", type=int, required=True, metavar="N", help="how many parts the corpus was cut into")
+    merge.add_argument("--overwrite", action="store_true", help="merge again over an existing index.json")
+    merge.set_defaults(run=_merge)

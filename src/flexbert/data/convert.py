@@ -520,6 +520,7 @@ def convert_to_mds(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     unit_size: int | str = DEFAULT_UNIT_SIZE,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> ConversionSummary:
     """Tokenize the documents at ``inputs`` into an MDS dataset at ``output`` (a folder or s3:// URL).
 
@@ -528,6 +529,10 @@ def convert_to_mds(
     are skipped, and fail the conversion only when more than ``max_bad_fraction`` of all records are
     bad. Raises a ValueError subclass (ConversionError, SourceError, TokenizerError) for anything
     wrong with the request, leaving no output that looks complete.
+
+    ``part=(i, n)`` converts only the i-th of n contiguous runs of units, into ``output/part-i-of-n``:
+    n jobs on n machines convert a corpus together, each part complete and resumable on its own,
+    and :func:`merge_parts` then joins them into one dataset with the documents in corpus order.
     """
     started = time.perf_counter()
     output = str(output) if _is_remote(str(output)) else os.path.abspath(output)
@@ -544,6 +549,18 @@ def convert_to_mds(
     mlm = load_tokenizer(tokenizer)
     found = find_inputs(inputs)
     pieces = plan_slices(found, text_field, unit_bytes)
+    units = list(enumerate(pieces))
+    if part is not None:
+        index, parts = part
+        if not 0 <= index < parts:
+            raise ConversionError(f"part {index}/{parts}: the part must lie in 0 .. {parts - 1}")
+        units = units[index * len(units) // parts : (index + 1) * len(units) // parts]
+        if not units:
+            raise ConversionError(
+                f"part {index}/{parts} gets no unit: the corpus is cut into {len(pieces)} units of about "
+                f"{unit_bytes:,} bytes; use fewer parts or a smaller --unit-size"
+            )
+        output = _join(output, part_folder(index, parts))
     dtype = "uint16" if mlm.vocab_size <= 1 << 16 else "uint32"
     plan = json.dumps(
         {
@@ -552,6 +569,7 @@ def convert_to_mds(
             "dtype": dtype,
             "shard_size": shard_bytes,
             "unit_size": unit_bytes,
+            "part": list(part) if part is not None else None,
             "tokenizer_sha256": hashlib.sha256(mlm.tokenizer.to_str().encode()).hexdigest(),
             "inputs": [
                 {"kind": item.kind, "path": os.path.abspath(item.path), "files": item.signature()} for item in found
@@ -566,7 +584,7 @@ def convert_to_mds(
         results = [UnitResult.from_json(name, destination.read(_record_name(name))) for name in sorted(finished)]
         todo = [
             (name, piece)
-            for name, piece in ((f"unit-{index:05d}", piece) for index, piece in enumerate(pieces))
+            for name, piece in ((f"unit-{index:05d}", piece) for index, piece in units)
             if name not in finished
         ]
         processes = max(1, min(workers, len(todo)))
@@ -594,11 +612,47 @@ def convert_to_mds(
     return ConversionSummary(
         output,
         total,
-        len(pieces),
+        len(units),
         len(finished),
         sum(result.tally.tokens for result in results if result.name not in finished),
         time.perf_counter() - started,
     )
+
+
+def part_folder(index: int, parts: int) -> str:
+    """Where part ``index`` of ``parts`` is written, under the dataset's output."""
+    return f"part-{index:05d}-of-{parts:05d}"
+
+
+def _join(output: str, name: str) -> str:
+    return f"{output.rstrip('/')}/{name}" if _is_remote(output) else os.path.join(output, name)
+
+
+def merge_parts(output: str | os.PathLike, parts: int, overwrite: bool = False) -> int:
+    """Join the ``parts`` that ``convert_to_mds(part=(i, parts))`` wrote under ``output`` into one
+    dataset: ``output/index.json`` lists every part's shards, in part order, so in corpus order. The
+    index is merged by mosaicml-streaming's own ``merge_index``. Every part must be complete. Returns
+    the number of shards."""
+    from streaming.base.util import merge_index
+
+    output = str(output) if _is_remote(str(output)) else os.path.abspath(output)
+    destination = _open_output(output)
+    if parts < 1:
+        raise ConversionError(f"parts must be at least 1, got {parts}")
+    if destination.exists(INDEX) and not overwrite:
+        raise ConversionError(f"output {output} already holds a dataset ({INDEX}); pass --overwrite to merge again")
+    missing = [
+        part_folder(i, parts) for i in range(parts) if not destination.exists(f"{part_folder(i, parts)}/{INDEX}")
+    ]
+    if missing:
+        raise ConversionError(
+            f"cannot merge {output}: {len(missing)} of {parts} parts are not complete ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}); finish their conversions first"
+        )
+    indices = [_join(_join(output, part_folder(i, parts)), INDEX) for i in range(parts)]
+    # For a local output keep_local must hold: streaming would otherwise delete the output folder.
+    merge_index(indices, output, keep_local=not _is_remote(output))
+    return len(json.loads(destination.read(INDEX))["shards"])
 
 
 def _corpus_problem(total: Tally, max_bad_fraction: float, text_field: str, inputs: Sequence) -> str | None:
