@@ -121,6 +121,21 @@ def masked_pieces(config: TrainConfig, batches: int) -> set[tuple]:
     return seen
 
 
+def test_the_sample_id_logs_of_two_phases_name_different_mask_seeds(corpus, phase1, tmp_path):
+    from flexbert.train.sample_ids import read_sample_ids
+
+    logged = {"debug.log_sample_ids": True, "max_duration": "2ba"}
+    for name, load in (("one", {}), ("two", {"load_path": str(phase1 / "checkpoints" / "latest-rank0.pt")})):
+        train(tiny_recipe(corpus, tmp_path, run_name=name, **load, **logged))
+    seeds = {}
+    for name in ("one", "two"):
+        lines = read_sample_ids(tmp_path / name)[0]
+        recorded = json.loads((tmp_path / name / "config.json").read_text())["train_loader"]["masking"]["seed"]
+        assert [line["step"] for line in lines] == [0, 1] and {line["mask_seed"] for line in lines} == {recorded}
+        seeds[name] = recorded
+    assert seeds["one"] != seeds["two"]  # so no piece of phase two is masked as in phase one
+
+
 def test_each_phase_draws_new_samples_and_masks_and_a_rerun_the_same(demo_data):
     phase1 = demo_config(demo_data, "pretrain")
     phase2 = demo_config(demo_data, "context-extension")

@@ -219,7 +219,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     nan_guard = NanGuard(config.nan_guard, packed_pieces(list(config.train_loader.streams)), run_dir.path)
     callbacks = [*build_monitors(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm, nan_guard]
     if config.debug.log_sample_ids:
-        callbacks.append(SampleIdLog(run_dir.path))
+        callbacks.append(SampleIdLog(run_dir.path, config.train_loader.masking.seed))
     if config.hf_export is not None:
         folder = Path(config.hf_export.folder) if config.hf_export.folder else run_dir.hf
         callbacks.append(HFExport(config.hf_export, folder, config.train_loader.tokenizer, model_config))

@@ -34,10 +34,15 @@ class DebugConfig:
 
 
 class SampleIdLog(Callback):
-    """Appends each step's pieces to this rank's file, flushed at once so a killed run loses none."""
+    """Appends each step's pieces to this rank's file, flushed at once so a killed run loses none.
 
-    def __init__(self, run_dir: str | Path):
+    Each line also names the run's ``mask_seed``: a piece's masks are drawn from the mask seed, the
+    epoch it was read in and its key, so pieces logged under different mask seeds (two phases, say)
+    never share their masks."""
+
+    def __init__(self, run_dir: str | Path, mask_seed: int | None = None):
         self.folder = RunDir(Path(run_dir)).sample_ids
+        self.mask_seed = mask_seed
         self._file = None
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -52,7 +57,7 @@ class SampleIdLog(Callback):
         # The clock has already moved past the step that just ended.
         step = state.timestamp.batch.value - 1
         pieces = state.batch["piece_keys"].tolist()
-        self._file.write(json.dumps({"step": step, "pieces": pieces}) + "\n")
+        self._file.write(json.dumps({"step": step, "pieces": pieces, "mask_seed": self.mask_seed}) + "\n")
         self._file.flush()
 
     def close(self, state: State, logger: Logger) -> None:
@@ -62,7 +67,7 @@ class SampleIdLog(Callback):
 
 
 def read_sample_ids(run_dir: str | Path) -> dict[int, list[dict[str, Any]]]:
-    """Per rank, the steps the run finally trained, in order, each ``{"step", "pieces"}``."""
+    """Per rank, the steps the run finally trained, in order, each ``{"step", "pieces", "mask_seed"}``."""
     folder = RunDir(Path(run_dir)).sample_ids
     files = sorted(folder.glob("rank*.jsonl"))
     if not files:
