@@ -339,3 +339,64 @@ def test_the_nan_guard_stops_or_skips_a_fine_tuning_step(tmp_path, action):
     trainer.close()
     entry = json.loads(record.read_text())
     assert entry["step"] == 2 and entry["action"] == action and len(entry["examples_per_rank"][0]) == 8
+
+
+def test_early_stopping_keeps_the_best_evaluation_and_a_next_task_starts_from_it(tmp_path):
+    from composer.core import Callback
+
+    from flexbert.train.checkpoint import read_weights
+    from flexbert.train.loggers import read_metrics
+    from flexbert.train.step import flexbert_module
+
+    class Snapshots(Callback):  # runs after the guard's own callbacks: the weights each evaluation saw
+        def __init__(self):
+            self.weights = []
+
+        def eval_end(self, state, logger):
+            state_dict = flexbert_module(state.model).state_dict()
+            self.weights.append({name: tensor.clone() for name, tensor in state_dict.items()})
+
+    train = write_conll(tmp_path / "train.txt", 120, seed=0)
+    valid = write_conll(tmp_path / "valid.txt", 40, seed=1)
+    overrides = [
+        f"tokenizer={TOKENIZER}",
+        f"run_root={tmp_path}",
+        f"train_split.path={train}",
+        f"eval_splits.eval.path={valid}",
+        "task.num_labels=5",
+        "task.label_names=[O,B-PER,I-PER,B-LOC,I-LOC]",
+        "model.hidden_size=64",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=4",
+        "model.intermediate_size=96",
+        "model.attn_backend=sdpa",
+        "batch_size=16",
+        "optimizer.lr=2e-3",
+        "logging.progress_bar=false",
+    ]
+    raw = load_yaml_config(
+        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
+        [*overrides, "max_duration=30ep", "early_stopping={patience: 1}"],
+    )
+    trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
+    snapshots = Snapshots()
+    trainer.state.callbacks.append(snapshots)
+    trainer.fit()
+    trainer.close()
+    rows = read_metrics(tmp_path / "finetune-ner")
+    scores = [row["metrics/eval/entity_f1"] for row in rows if "metrics/eval/entity_f1" in row]
+    best = max(scores)
+    # Stopped one evaluation after the best one, long before 30 epochs.
+    assert len(scores) < 30 and scores.index(best) == len(scores) - 2 and scores[-1] <= best
+    assert [row["metrics/eval/best_entity_f1"] for row in rows if "metrics/eval/best_entity_f1" in row][-1] == best
+    saved, _ = read_weights(tmp_path / "finetune-ner" / "checkpoints" / "best.pt")
+    at_best = snapshots.weights[scores.index(best)]
+    assert saved.keys() == at_best.keys() and all(torch.equal(saved[name], at_best[name]) for name in saved)
+    # A next task starts from it, as GLUE starts RTE from MNLI: everything but the new classifier.
+    raw = load_yaml_config(
+        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
+        [*overrides, "run_name=next", f"load_path={tmp_path / 'finetune-ner' / 'checkpoints' / 'best.pt'}"],
+    )
+    started = flexbert_module(build_finetune_trainer(FinetuneConfig.from_dict(raw), raw).state.model).state_dict()
+    assert all(torch.equal(started[name], saved[name]) for name in saved if not name.startswith("classifier."))
+    assert not torch.equal(started["classifier.weight"], saved["classifier.weight"])

@@ -6,13 +6,15 @@ from __future__ import annotations
 import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torchmetrics
 from composer import Evaluator, Trainer
 from composer.callbacks import LRMonitor
-from composer.core import DataSpec, Time, TimeUnit
+from composer.core import Callback, DataSpec, State, Time, TimeUnit
+from composer.loggers import Logger
 from composer.models import ComposerModel
 from composer.utils import dist, reproducibility
 
@@ -36,7 +38,7 @@ from flexbert.model import (
 )
 from flexbert.model.classification import Pooling
 from flexbert.model.losses import IGNORE_INDEX
-from flexbert.train.checkpoint import is_sharded, read_weights
+from flexbert.train.checkpoint import is_sharded, read_weights, write_weights
 from flexbert.train.config import (
     RunConfig,
     check_fits_positions,
@@ -48,6 +50,7 @@ from flexbert.train.metrics import EntityF1, Retrieval
 from flexbert.train.nan_guard import NanGuard, NanGuardConfig, labelled_examples
 from flexbert.train.optimizers import OptimizerConfig
 from flexbert.train.schedulers import SchedulerConfig
+from flexbert.train.step import full_weights
 from flexbert.typed_config import ConfigError, from_dict
 
 # Each task's official metric (GLUE's, and entity F1 for NER), built from the task config.
@@ -99,6 +102,7 @@ class FinetuneConfig(RunConfig):
     max_seq_len: int = 512
     batch_size: int = 32  # examples per optimizer step, over all processes together
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
+    early_stopping: EarlyStoppingConfig | None = None
     max_duration: str = "3ep"
     eval_interval: str = "1ep"
     optimizer: OptimizerConfig = field(
@@ -128,6 +132,49 @@ class FinetuneConfig(RunConfig):
         self.mlm_tokenizer = load_tokenizer(self.tokenizer)
         self.model_config = model_config_for(self.model, self.mlm_tokenizer)
         check_fits_positions("max_seq_len", self.max_seq_len, self.model_config)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """``early_stopping:`` judge each evaluation by the task's first metric on the first eval split
+    (higher is better for every metric here): stop after ``patience`` evaluations without a new
+    best, and with ``save_best`` keep the best evaluation's weights in RUN_DIR/checkpoints/best.pt,
+    which a next fine-tuning loads with ``load_path`` (as GLUE starts RTE from MNLI's best)."""
+
+    patience: int | None = 2  # None: never stop early, only keep the best
+    save_best: bool = True
+
+    def validate(self, path: str) -> None:
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError(f"{path}.patience", f"must be at least 1 evaluation, got {self.patience}")
+
+
+class BestEvaluation(Callback):
+    """Follows one metric of one evaluator: logs ``metrics/<label>/best_<metric>``, saves the weights
+    at each new best (rank 0 writes, every rank waits), and stops after ``patience`` evaluations
+    without one."""
+
+    def __init__(self, config: EarlyStoppingConfig, label: str, metric: str, best_path: Path):
+        self.config, self.label, self.metric, self.best_path = config, label, metric, best_path
+        self.best: float | None = None
+        self.since_best = 0
+
+    def eval_end(self, state: State, logger: Logger) -> None:
+        if state.dataloader_label != self.label:
+            return
+        value = float(state.eval_metrics[self.label][self.metric].compute())
+        if self.best is None or value > self.best:
+            self.best, self.since_best = value, 0
+            if self.config.save_best:
+                weights = full_weights(state.model)
+                if dist.get_global_rank() == 0:
+                    write_weights(self.best_path, weights)
+                dist.barrier()
+        else:
+            self.since_best += 1
+        logger.log_metrics({f"metrics/{self.label}/best_{self.metric}": self.best})
+        if self.config.patience is not None and self.since_best >= self.config.patience:
+            state.stop_training()
 
 
 class ComposerClassifier(ComposerModel):
@@ -251,6 +298,11 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     duration = Time.from_timestring(config.max_duration)
     if duration.unit == TimeUnit.EPOCH:
         duration = Time(duration.value * len(train_epochs), TimeUnit.BATCH)
+    early_stopping = []
+    if config.early_stopping is not None:
+        first_split, first_metric = next(iter(eval_splits)), task.metrics[0]
+        best_path = config.run_dir.checkpoints / "best.pt"
+        early_stopping.append(BestEvaluation(config.early_stopping, first_split, first_metric, best_path))
     return Trainer(
         **shared_trainer_arguments(config, model, resolved, precision),
         model=ComposerClassifier(model, task),
@@ -270,5 +322,6 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
         callbacks=[
             LRMonitor(),
             NanGuard(config.nan_guard, labelled_examples(config.train_split.path), config.run_dir.path),
+            *early_stopping,
         ],
     )
