@@ -202,10 +202,9 @@ def write_conll(path: Path, sentences: int, seed: int) -> Path:
     return path
 
 
-def test_ner_fine_tuning_learns_entities(tmp_path):
-    train = write_conll(tmp_path / "train.txt", 300, seed=0)
-    valid = write_conll(tmp_path / "valid.txt", 60, seed=1)
-    raw = load_yaml_config(
+def ner_recipe(tmp_path: Path, train: Path, valid: Path, *overrides: str) -> dict:
+    """yamls/finetune/ner-conll.yaml on synthetic CoNLL files, for a tiny model trained from scratch."""
+    return load_yaml_config(
         ROOT / "yamls" / "finetune" / "ner-conll.yaml",
         [
             f"tokenizer={TOKENIZER}",
@@ -219,12 +218,18 @@ def test_ner_fine_tuning_learns_entities(tmp_path):
             "model.num_attention_heads=4",
             "model.intermediate_size=96",
             "model.attn_backend=sdpa",
-            "max_duration=6ep",
             "batch_size=16",
             "optimizer.lr=2e-3",
             "logging.progress_bar=false",
+            *overrides,
         ],
     )
+
+
+def test_ner_fine_tuning_learns_entities(tmp_path):
+    train = write_conll(tmp_path / "train.txt", 300, seed=0)
+    valid = write_conll(tmp_path / "valid.txt", 60, seed=1)
+    raw = ner_recipe(tmp_path, train, valid, "max_duration=6ep")
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "finetune-ner" / "metrics.jsonl").open()]
@@ -302,26 +307,7 @@ def test_the_nan_guard_stops_or_skips_a_fine_tuning_step(tmp_path, action):
     from flexbert.train.nan_guard import NonFiniteTrainingError
 
     train = write_conll(tmp_path / "train.txt", 40, seed=0)
-    raw = load_yaml_config(
-        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
-        [
-            f"tokenizer={TOKENIZER}",
-            f"run_root={tmp_path}",
-            f"train_split.path={train}",
-            f"eval_splits.eval.path={train}",
-            "task.num_labels=5",
-            "task.label_names=[O,B-PER,I-PER,B-LOC,I-LOC]",
-            "model.hidden_size=32",
-            "model.num_hidden_layers=2",
-            "model.num_attention_heads=2",
-            "model.intermediate_size=48",
-            "model.attn_backend=sdpa",
-            "max_duration=4ba",
-            "batch_size=8",
-            "logging.progress_bar=false",
-            f"nan_guard.action={action}",
-        ],
-    )
+    raw = ner_recipe(tmp_path, train, train, "max_duration=4ba", "batch_size=8", f"nan_guard.action={action}")
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
     poison = Poison(2, "loss")
     trainer.state.callbacks.insert(0, poison)
@@ -358,26 +344,7 @@ def test_early_stopping_keeps_the_best_evaluation_and_a_next_task_starts_from_it
 
     train = write_conll(tmp_path / "train.txt", 120, seed=0)
     valid = write_conll(tmp_path / "valid.txt", 40, seed=1)
-    overrides = [
-        f"tokenizer={TOKENIZER}",
-        f"run_root={tmp_path}",
-        f"train_split.path={train}",
-        f"eval_splits.eval.path={valid}",
-        "task.num_labels=5",
-        "task.label_names=[O,B-PER,I-PER,B-LOC,I-LOC]",
-        "model.hidden_size=64",
-        "model.num_hidden_layers=2",
-        "model.num_attention_heads=4",
-        "model.intermediate_size=96",
-        "model.attn_backend=sdpa",
-        "batch_size=16",
-        "optimizer.lr=2e-3",
-        "logging.progress_bar=false",
-    ]
-    raw = load_yaml_config(
-        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
-        [*overrides, "max_duration=30ep", "early_stopping={patience: 1}"],
-    )
+    raw = ner_recipe(tmp_path, train, valid, "max_duration=30ep", "early_stopping={patience: 1}")
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
     snapshots = Snapshots()
     trainer.state.callbacks.append(snapshots)
@@ -393,10 +360,8 @@ def test_early_stopping_keeps_the_best_evaluation_and_a_next_task_starts_from_it
     at_best = snapshots.weights[scores.index(best)]
     assert saved.keys() == at_best.keys() and all(torch.equal(saved[name], at_best[name]) for name in saved)
     # A next task starts from it, as GLUE starts RTE from MNLI: everything but the new classifier.
-    raw = load_yaml_config(
-        ROOT / "yamls" / "finetune" / "ner-conll.yaml",
-        [*overrides, "run_name=next", f"load_path={tmp_path / 'finetune-ner' / 'checkpoints' / 'best.pt'}"],
-    )
+    best_path = tmp_path / "finetune-ner" / "checkpoints" / "best.pt"
+    raw = ner_recipe(tmp_path, train, valid, "run_name=next", f"load_path={best_path}")
     started = flexbert_module(build_finetune_trainer(FinetuneConfig.from_dict(raw), raw).state.model).state_dict()
     assert all(torch.equal(started[name], saved[name]) for name in saved if not name.startswith("classifier."))
     assert not torch.equal(started["classifier.weight"], saved["classifier.weight"])

@@ -11,6 +11,7 @@ and its errors are :class:`~flexbert.errors.FlexBertError`, printed by the comma
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -122,7 +123,7 @@ def _mds(args: argparse.Namespace) -> int:
             part=args.part,
         )
     except KeyboardInterrupt:
-        print(f"flexbert prepare mds: interrupted; run the same command again to resume {args.output}")
+        print(f"flexbert prepare mds: interrupted; run the same command again to resume {args.output}", file=sys.stderr)
         return 130  # the shell's status for a command stopped by Ctrl-C
     print(f"flexbert prepare mds: {summary.line()}")
     return 0
