@@ -85,6 +85,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep(args.sweep, args.out, args.dry_run, args.nproc)
 
 
+def _cmd_glue(args: argparse.Namespace) -> int:
+    from flexbert.glue import run_glue
+
+    return run_glue(
+        args.model, args.data, args.out, args.protocol, args.tasks, args.overrides, args.nproc, args.dry_run
+    )
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from flexbert.train.plotting import plot_run
 
@@ -213,6 +221,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.set_defaults(run=_cmd_sweep)
 
+    glue = commands.add_parser(
+        "glue",
+        help="fine-tune a model on GLUE as ModernBERT's paper did, and write its Table 5",
+        description="Run the protocol file's tasks (default: ModernBERT's GLUE protocol, learning rate x weight "
+        "decay x epochs x seeds, early stopping) as fine-tuning runs of MODEL under OUT/<task>/<run>, tasks that "
+        "start from another (RTE, MRPC, STS-B from MNLI) on its best run's best checkpoint. Each task's setting "
+        "with the best dev score averaged over seeds is chosen; OUT/glue.md holds Table 5 (each task's score "
+        "and their average) and every choice, OUT/glue.csv the same. Finished runs are skipped when run again. "
+        "Exits 1 if any run failed.",
+    )
+    glue.add_argument("model", metavar="MODEL", help="a checkpoint of this project, or a Hugging Face ModernBERT dir")
+    glue.add_argument("--data", required=True, metavar="GLUE_DIR", help="GLUE's TSV folders (CoLA/, SST-2/, ...)")
+    glue.add_argument("--out", metavar="DIR", help="where runs and tables go (default: runs/glue/<MODEL name>)")
+    glue.add_argument(
+        "--protocol",
+        metavar="FILE",
+        help="tasks, grid, seeds and patience (default: ModernBERT's, yamls/sweeps/glue-paper.yaml)",
+    )
+    glue.add_argument("--tasks", nargs="+", metavar="TASK", help="only these tasks of the protocol (e.g. mnli rte)")
+    glue.add_argument("--nproc", type=int, metavar="N", help="train each run on N processes (default: the protocol's)")
+    glue.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write OUT/commands.txt with every run that can start now, and train nothing; run it again once "
+        "they finished to plan the tasks that start from them",
+    )
+    glue.add_argument("overrides", nargs="*", help="key=value for every run, e.g. batch_size=16 precision=amp_bf16")
+    glue.set_defaults(run=_cmd_glue)
+
     plot = commands.add_parser(
         "plot",
         help="draw loss, throughput and learning-rate curves of runs",
@@ -275,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes a command's positionals in one run, so key=value overrides written after an
+    # option (train RECIPE --print-config x=1) would be refused; they are the command's overrides.
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except FlexBertError as err:  # bad input, named in one line; anything else is a bug and keeps its traceback

@@ -261,11 +261,8 @@ def export_hf(
 # --- import ---------------------------------------------------------------------------------------
 
 
-def _load_hf_dir(path: Path):
-    """A ModernBertForMaskedLM from a local directory, refusing anything that would load with
-    freshly initialised weights in place of missing ones."""
-    from transformers import ModernBertForMaskedLM
-
+def _check_modernbert_dir(path: Path) -> None:
+    """Refuse, in one line, a path that is not a local directory of a ModernBERT model."""
     config_file = path / "config.json"
     if not config_file.is_file():
         raise MissingFileError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
@@ -275,6 +272,22 @@ def _load_hf_dir(path: Path):
         raise InteropError(f"{config_file} is not a Hugging Face config (a JSON object)") from None
     if model_type != "modernbert":
         raise InteropError(f"{path} holds a {model_type!r} model, not ModernBERT (model_type 'modernbert')")
+
+
+def hf_dir_config(path: str | os.PathLike, attn_backend: str = "auto") -> FlexBertConfig:
+    """The FlexBERT config of a local ModernBERT directory, read without loading its weights."""
+    from transformers import ModernBertConfig
+
+    _check_modernbert_dir(Path(path))
+    return flexbert_config_from_hf(ModernBertConfig.from_pretrained(path), attn_backend)
+
+
+def _load_hf_dir(path: Path):
+    """A ModernBertForMaskedLM from a local directory, refusing anything that would load with
+    freshly initialised weights in place of missing ones."""
+    from transformers import ModernBertForMaskedLM
+
+    _check_modernbert_dir(path)
     try:
         hf_model, info = ModernBertForMaskedLM.from_pretrained(path, output_loading_info=True)
     except OSError as err:  # no weights file, or an unreadable one

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flexbert.train.loggers import read_metrics
 from flexbert.typed_config import ConfigError, from_dict, load_yaml_config
 
 DONE = "DONE"  # written into a run's folder once it exited successfully: resuming skips it
@@ -162,6 +161,7 @@ class Run:
     recipe: str
     swept: dict[str, Any]  # the values of the spec's swept keys
     overrides: list[str]  # key=value, as on the train command line
+    folder: Path  # the run's folder (run_root/run_name), where DONE marks it finished
     nproc: int = 1
 
     def command(self) -> list[str]:
@@ -217,7 +217,7 @@ def expand(spec: SweepSpec, sweep_file: str | Path, out: str | Path) -> list[Run
             f"run_name={name}",
             f"run_root={_dotlist_value(str(out))}",
         ]
-        runs[name] = Run(name, os.path.normpath(sweep_dir / recipe), swept, overrides, spec.nproc)
+        runs[name] = Run(name, os.path.normpath(sweep_dir / recipe), swept, overrides, Path(out) / name, spec.nproc)
     return list(runs.values())
 
 
@@ -252,13 +252,14 @@ def write_plan(runs: Sequence[Run], configs: Sequence[dict[str, Any]], out: Path
         (out / "configs" / f"{run.name}.yaml").write_text(OmegaConf.to_yaml(config))
     cwd = shlex.quote(os.getcwd())
     lines = [
-        f"cd {cwd} && {shlex.join(run.command())} && touch {shlex.quote(str(out / run.name / DONE))}" for run in runs
+        f"cd {cwd} && {shlex.join(run.command())} && touch {shlex.quote(str(run.folder / DONE))}" for run in runs
     ]
     (out / "commands.txt").write_text("\n".join(lines) + "\n")
 
 
-def _train(run: Run, run_dir: Path, tag: str) -> bool:
-    """One run in its own process, its output in ``run_dir/train.log``; whether it succeeded."""
+def _train(run: Run, tag: str) -> bool:
+    """One run in its own process, its output in ``train.log`` in its folder; whether it succeeded."""
+    run_dir = run.folder
     if run_dir.exists():  # an attempt that never finished: start again from nothing
         shutil.rmtree(run_dir)
         print(f"{tag}: removed the unfinished folder of an earlier attempt", flush=True)
@@ -275,8 +276,34 @@ def _train(run: Run, run_dir: Path, tag: str) -> bool:
     return False
 
 
+def execute(run: Run, tag: str, metrics: Sequence[str]) -> dict[str, Any]:
+    """Train ``run`` unless an earlier attempt finished it; its results row: name, status ("done" or
+    "failed"), swept values and the final value of each of ``metrics``."""
+    start = time.monotonic()
+    earlier = (run.folder / DONE).is_file()
+    status = "done" if earlier or _train(run, tag) else "failed"
+    values = final_metrics(run.folder, metrics) if status == "done" else dict.fromkeys(metrics)
+    when = "finished earlier, skipped" if earlier else f"{status.upper()} in {time.monotonic() - start:.1f} s"
+    shown = ", ".join(f"{name} {'missing' if value is None else f'{value:.4g}'}" for name, value in values.items())
+    print(f"{tag}: {when}" + (f"; {shown}" if status == "done" else ""), flush=True)
+    return {"run_name": run.name, "status": status, **run.swept, **values}
+
+
+def refuse_launcher(command: str) -> None:
+    """A sweep or a GLUE run is one process that launches its runs; under ``composer -n N`` every
+    rank would launch them all."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            command,
+            "runs as one process that launches every run; to train each run on N "
+            "processes, give --nproc N instead of a launcher",
+        )
+
+
 def final_metrics(run_dir: str | Path, names: Sequence[str]) -> dict[str, float | None]:
     """The last logged value of each named metric, or None where the run never logged it."""
+    from flexbert.train.loggers import read_metrics  # imports Composer: only once results are read
+
     try:
         rows = read_metrics(run_dir)
     except (FileNotFoundError, ValueError):
@@ -331,12 +358,7 @@ def run_sweep(
     """Validate every run, then plan them (``dry_run``) or train them one after another, each on
     ``nproc`` processes (default: the sweep file's ``nproc``); 0 when every run finished, 1 when any
     failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "sweep",
-            "runs as one process that launches every run; to train each run on N "
-            "processes, give --nproc N (or nproc: N in the sweep file) instead of a launcher",
-        )
+    refuse_launcher("sweep")
     sweep_file = Path(sweep_file)
     title = sweep_file.stem
     out = Path(out) if out is not None else Path("runs", "sweeps", title)
@@ -352,17 +374,7 @@ def run_sweep(
         write_plan(runs, configs, out)
         print(f"sweep {title}: configs in {out / 'configs'}, one command per run in {out / 'commands.txt'}")
         return 0
-    rows = []
-    for index, run in enumerate(runs, 1):
-        tag, run_dir = f"[{index}/{len(runs)}] {run.name}", out / run.name
-        start = time.monotonic()
-        earlier = (run_dir / DONE).is_file()
-        status = "done" if earlier or _train(run, run_dir, tag) else "failed"
-        values = final_metrics(run_dir, spec.metrics) if status == "done" else dict.fromkeys(spec.metrics)
-        rows.append({"run_name": run.name, "status": status, **run.swept, **values})
-        when = "finished earlier, skipped" if earlier else f"{status.upper()} in {time.monotonic() - start:.1f} s"
-        shown = ", ".join(f"{name} {'missing' if value is None else f'{value:.4g}'}" for name, value in values.items())
-        print(f"{tag}: {when}" + (f"; {shown}" if status == "done" else ""), flush=True)
+    rows = [execute(run, f"[{index}/{len(runs)}] {run.name}", spec.metrics) for index, run in enumerate(runs, 1)]
     write_report(out, title, spec, rows)
     failed = sum(row["status"] == "failed" for row in rows)
     print(
