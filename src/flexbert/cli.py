@@ -7,8 +7,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from flexbert.colbert import add_export_pylate_command
+from flexbert.embedders import add_export_st_command
+from flexbert.encode import add_encode_command
 from flexbert.errors import FlexBertError
 from flexbert.prepare import add_prepare_commands
+from flexbert.retrieval import add_eval_retrieval_command
 from flexbert.typed_config import load_yaml_config
 
 
@@ -308,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     average.set_defaults(run=_cmd_average)
 
     add_prepare_commands(commands)
+    add_eval_retrieval_command(commands)
+    add_export_st_command(commands)
+    add_export_pylate_command(commands)
+    add_encode_command(commands)
     return parser
 
 

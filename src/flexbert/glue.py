@@ -364,7 +364,7 @@ def run_glue(
     names = _selected(protocol, tasks)
     plans = {name: plan_task(protocol, protocol_file, name, fixed, out) for name in names}
     total = sum(len(plan.runs) for plan in plans.values())
-    print(f"glue {model_name}: validating {total} runs of {len(plans)} tasks", flush=True)
+    print(f"glue {model_name}: {total} runs of {len(plans)} tasks; checking every swept value", flush=True)
     for plan in plans.values():
         validate_runs(plan)
 

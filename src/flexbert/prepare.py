@@ -3,6 +3,7 @@
     flexbert prepare corpus OUT                       # the embedded demo corpus, from this Python install
     flexbert prepare tokenizer --input ... --output DIR
     flexbert prepare mds --input ... --output DIR_OR_URL --tokenizer DIR
+    flexbert prepare retrieval --task code-search|stsb --output DIR   # a retrieval benchmark, offline
 
 Each step writes its output whole or not at all (``mds`` resumes where an interrupted run stopped),
 and its errors are :class:`~flexbert.errors.FlexBertError`, printed by the command line as one line.
@@ -28,6 +29,14 @@ from flexbert.data.demo_corpus import (
     PART,
     SCIENCE_PACKAGES,
     build_demo_corpus,
+)
+from flexbert.data.retrieval_tasks import (
+    DEFAULT_PACKAGES,
+    MIN_PARAPHRASE_SCORE,
+    STSB_FILES,
+    TASKS,
+    build_code_search,
+    build_stsb,
 )
 from flexbert.data.sources import SUFFIX_KINDS
 from flexbert.data.tokenizer_training import (
@@ -140,6 +149,18 @@ def _part(text: str) -> tuple[int, int]:
 def _merge(args: argparse.Namespace) -> int:
     shards = merge_parts(args.output, args.parts, overwrite=args.overwrite)
     print(f"flexbert prepare merge: {args.parts} parts, {shards} shards -> {args.output}")
+    return 0
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.task == "code-search":
+        manifest = build_code_search(args.output, args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        manifest = build_stsb(args.output, args.glue, overwrite=args.overwrite)
+    splits = manifest["splits"].items()
+    counts = ", ".join(f"{name} {stats['queries']} queries / {stats['documents']} documents" for name, stats in splits)
+    print(f"flexbert prepare retrieval: {args.task}: {counts} -> {args.output} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -310,3 +331,34 @@ def add_prepare_commands(commands: Any) -> None:
     merge.add_argument("--parts", type=int, required=True, metavar="N", help="how many parts the corpus was cut into")
     merge.add_argument("--overwrite", action="store_true", help="merge again over an existing index.json")
     merge.set_defaults(run=_merge)
+
+    packages = {name: ", ".join(package.module for package in group) for name, group in DEFAULT_PACKAGES.items()}
+    retrieval = steps.add_parser(
+        "retrieval",
+        help="build a retrieval benchmark offline (code search, STS-B paraphrases) for flexbert eval-retrieval",
+        description="Write a retrieval task in BEIR's layout: DIR/{train,eval}/queries.jsonl, corpus.jsonl and "
+        "qrels.tsv, and DIR/manifest.json (sources, versions, filters, counts). code-search is built as "
+        "CodeSearchNet was, from installed packages: each function or method with a docstring becomes a query "
+        "(the docstring's first paragraph) and its one relevant document (the function without its docstring); "
+        f"train draws on {packages['train']}, eval on the held-out {packages['eval']}. stsb reads GLUE's "
+        f"{STSB_FILES['train']} (train) and {STSB_FILES['eval']} (eval): a pair scored {MIN_PARAPHRASE_SCORE:g} or "
+        "more makes its first sentence a query and its second the relevant document, among every second "
+        "sentence of the split. Two runs in the same environment write identical bytes.",
+    )
+    retrieval.add_argument("--task", required=True, choices=TASKS, help="the benchmark to build")
+    retrieval.add_argument(
+        "--output", required=True, metavar="DIR", help="directory to write; built beside DIR and renamed into place"
+    )
+    retrieval.add_argument(
+        "--glue", default="data/glue", metavar="DIR", help="stsb: the GLUE folder holding STS-B/ (default: data/glue)"
+    )
+    retrieval.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="code-search: the seed drawing a split's pairs beyond its cap (default: 0)",
+    )
+    retrieval.add_argument("--overwrite", action="store_true", help="replace DIR if it already exists and is not empty")
+    retrieval.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    retrieval.set_defaults(run=_retrieval)

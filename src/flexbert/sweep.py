@@ -251,9 +251,7 @@ def write_plan(runs: Sequence[Run], configs: Sequence[dict[str, Any]], out: Path
     for run, config in zip(runs, configs):
         (out / "configs" / f"{run.name}.yaml").write_text(OmegaConf.to_yaml(config))
     cwd = shlex.quote(os.getcwd())
-    lines = [
-        f"cd {cwd} && {shlex.join(run.command())} && touch {shlex.quote(str(run.folder / DONE))}" for run in runs
-    ]
+    lines = [f"cd {cwd} && {shlex.join(run.command())} && touch {shlex.quote(str(run.folder / DONE))}" for run in runs]
     (out / "commands.txt").write_text("\n".join(lines) + "\n")
 
 

@@ -3,6 +3,7 @@ regression), from one of this project's checkpoints or a Hugging Face ModernBERT
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
@@ -32,11 +33,13 @@ from flexbert.data.labeled import (
 )
 from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.model import (
+    FlexBertConfig,
     FlexBertForSentenceEmbedding,
     FlexBertForSequenceClassification,
     FlexBertForTokenClassification,
 )
 from flexbert.model.classification import Pooling
+from flexbert.model.late_interaction import FlexBertForLateInteraction, document_tokens, query_tokens
 from flexbert.model.losses import IGNORE_INDEX
 from flexbert.train.checkpoint import is_sharded, read_weights, write_weights
 from flexbert.train.config import (
@@ -53,6 +56,12 @@ from flexbert.train.schedulers import SchedulerConfig
 from flexbert.train.step import full_weights
 from flexbert.typed_config import ConfigError, from_dict
 
+
+def token_widths(task: TaskConfig) -> tuple[int, int] | None:
+    """Late interaction ranks token vectors of queries and documents at most this long."""
+    return (task.query_length, task.document_length) if task.kind == "late_interaction" else None
+
+
 # Each task's official metric (GLUE's, and entity F1 for NER), built from the task config.
 METRICS = {
     "accuracy": lambda task: torchmetrics.Accuracy(task="multiclass", num_classes=task.num_labels),
@@ -61,9 +70,9 @@ METRICS = {
     "pearson": lambda task: torchmetrics.PearsonCorrCoef(),
     "spearman": lambda task: torchmetrics.SpearmanCorrCoef(),
     "entity_f1": lambda task: EntityF1(task.label_names),
-    "recall_at_1": lambda task: Retrieval("recall", 1),
-    "recall_at_10": lambda task: Retrieval("recall", 10),
-    "ndcg_at_10": lambda task: Retrieval("ndcg", 10),
+    "recall_at_1": lambda task: Retrieval("recall", 1, token_widths(task)),
+    "recall_at_10": lambda task: Retrieval("recall", 10, token_widths(task)),
+    "ndcg_at_10": lambda task: Retrieval("ndcg", 10, token_widths(task)),
 }
 MetricName = Literal[
     "accuracy", "f1", "mcc", "pearson", "spearman", "entity_f1", "recall_at_1", "recall_at_10", "ndcg_at_10"
@@ -75,11 +84,18 @@ assert set(typing.get_args(MetricName)) == METRICS.keys()
 class TaskConfig:
     metrics: list[MetricName]
     num_labels: int = 2  # 1 = regression; unused by embeddings
-    # One label per text; per word (token classification, CoNLL files); or sentence embeddings
-    # trained on (query, positive) pairs with in-batch negatives.
-    kind: Literal["sequence", "token", "embedding"] = "sequence"
-    temperature: float = 0.05  # embedding similarity scale
+    # One label per text; per word (token classification, CoNLL files); or, trained on (query,
+    # positive) pairs with in-batch negatives, sentence embeddings or ColBERT token vectors.
+    kind: Literal["sequence", "token", "embedding", "late_interaction"] = "sequence"
+    # The scale of the contrastive loss's scores: cosine similarities / 0.05 for embeddings, raw
+    # MaxSim scores (up to query_length) for late interaction.
+    temperature: float | None = None
     pooling: Pooling = "cls"
+    # Late interaction (PyLate's defaults): token vectors of `dim`, queries of exactly
+    # `query_length` tokens ([MASK]-expanded), documents of at most `document_length`.
+    dim: int = 128
+    query_length: int = 32
+    document_length: int = 180
     classifier_dropout: float = 0.0
     label_names: list[str] | None = None  # class names in label order, if the files hold names
 
@@ -88,6 +104,13 @@ class TaskConfig:
             raise ConfigError(f"{path}.label_names", "token classification needs its num_labels tag names, in order")
         if self.num_labels < 1:
             raise ConfigError(f"{path}.num_labels", f"must be at least 1, got {self.num_labels}")
+        if self.temperature is None:
+            self.temperature = 1.0 if self.kind == "late_interaction" else 0.05
+        if self.temperature <= 0:
+            raise ConfigError(f"{path}.temperature", f"must be positive, got {self.temperature}")
+        for key in ("dim", "query_length", "document_length"):
+            if getattr(self, key) < (4 if key != "dim" else 1):  # [CLS] marker text [SEP]
+                raise ConfigError(f"{path}.{key}", f"too small: {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -132,6 +155,25 @@ class FinetuneConfig(RunConfig):
         self.mlm_tokenizer = load_tokenizer(self.tokenizer)
         self.model_config = model_config_for(self.model, self.mlm_tokenizer)
         check_fits_positions("max_seq_len", self.max_seq_len, self.model_config)
+        if self.task.kind == "late_interaction":
+            self.model_config = with_marker_ids(self.model_config, self.mlm_tokenizer)
+            for key in ("query_length", "document_length"):
+                check_fits_positions(f"task.{key}", getattr(self.task, key), self.model_config)
+
+
+def marker_ids(tokenizer: MLMTokenizer) -> tuple[int, int]:
+    """Late interaction's [Q] and [D] markers: the two ids after the tokenizer's last one, the ids
+    PyLate gives them when it adds them to the tokenizer."""
+    return tokenizer.vocab_size, tokenizer.vocab_size + 1
+
+
+def with_marker_ids(model_config: FlexBertConfig, tokenizer: MLMTokenizer) -> FlexBertConfig:
+    """The model config of a late-interaction model: a vocabulary grown, where it must, to hold the
+    markers (their embeddings start at the mean of the others, see :func:`with_vocabulary_of`)."""
+    markers_end = marker_ids(tokenizer)[1] + 1
+    if model_config.vocab_size >= markers_end:
+        return model_config
+    return dataclasses.replace(model_config, vocab_size=markers_end)
 
 
 @dataclass
@@ -184,7 +226,7 @@ class ComposerClassifier(ComposerModel):
         self.eval_metrics = {name: METRICS[name](task) for name in task.metrics}
 
     def forward(self, batch: dict):
-        if isinstance(self.model, FlexBertForSentenceEmbedding):
+        if isinstance(self.model, (FlexBertForSentenceEmbedding, FlexBertForLateInteraction)):
             return self.model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])
         return self.model(
             batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"]
@@ -194,7 +236,7 @@ class ComposerClassifier(ComposerModel):
         return outputs.loss
 
     def eval_forward(self, batch: dict, outputs=None):
-        if isinstance(self.model, FlexBertForSentenceEmbedding):  # retrieval ranks embeddings
+        if isinstance(self.model, (FlexBertForSentenceEmbedding, FlexBertForLateInteraction)):  # retrieval ranks them
             return self.model.embed(batch["input_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
         return outputs if outputs is not None else self.forward(batch)
 
@@ -202,8 +244,13 @@ class ComposerClassifier(ComposerModel):
         return {} if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict, outputs, metric) -> None:
-        if isinstance(metric, Retrieval):
-            metric.update(*outputs.chunk(2))  # queries, then their positives
+        if isinstance(metric, Retrieval):  # queries, then their positives
+            if isinstance(outputs, tuple):  # token vectors and their mask
+                vectors, mask = outputs
+                half = vectors.shape[0] // 2
+                metric.update(vectors[:half], vectors[half:], mask[:half], mask[half:])
+            else:
+                metric.update(*outputs.chunk(2))
             return
         logits = outputs.logits
         predictions = logits.squeeze(-1) if self.model.num_labels == 1 else logits.argmax(-1)
@@ -253,14 +300,28 @@ def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenC
         weights = from_hf(path).state_dict()
     else:
         weights, _ = read_weights(path)
-    wanted = {name for name in model.state_dict() if not name.startswith("classifier.")}  # new for the task
+    new_for_task = ("classifier.", "projection.")
+    wanted = {name for name in model.state_dict() if not name.startswith(new_for_task)}
     missing = sorted(wanted - weights.keys())
     if missing:
         raise ConfigError("load_path", f"{path} lacks {len(missing)} encoder weights, e.g. {missing[0]}")
+    weights = with_vocabulary_of(model, weights)
     try:
         model.load_state_dict({name: weights[name] for name in wanted}, strict=False)
     except RuntimeError as err:
         raise ConfigError("load_path", f"{path} was saved from a different architecture: {err}") from None
+
+
+def with_vocabulary_of(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` with the token embeddings grown to ``model``'s vocabulary (late interaction's
+    markers): the new rows start at the mean of the pretrained ones."""
+    name = "model.embeddings.tok_embeddings.weight"
+    target = model.state_dict()[name]
+    have = weights[name]
+    if have.shape[0] >= target.shape[0] or have.shape[1:] != target.shape[1:]:
+        return weights
+    extra = have.float().mean(dim=0, keepdim=True).to(have.dtype).expand(target.shape[0] - have.shape[0], -1)
+    return {**weights, name: torch.cat((have, extra))}
 
 
 def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
@@ -271,6 +332,13 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit:
         if task.kind == "embedding":
             return load_pair_split(split, tokenizer, config.max_seq_len, key_path)
+        if task.kind == "late_interaction":
+            pairs = load_pair_split(split, tokenizer, config.max_seq_len, key_path)
+            query_marker, document_marker = marker_ids(tokenizer)
+            return PairSplit(
+                [query_tokens(ids, query_marker, tokenizer.mask_id, task.query_length) for ids in pairs.queries],
+                [document_tokens(ids, document_marker, task.document_length) for ids in pairs.positives],
+            )
         if task.kind == "token":
             return load_conll_split(split.path, tokenizer, task.label_names, config.max_seq_len, key_path, split.limit)
         return load_split(split, tokenizer, task.num_labels, config.max_seq_len, task.label_names, key_path)
@@ -287,6 +355,8 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
             )
     if task.kind == "embedding":
         model = FlexBertForSentenceEmbedding(model_config, task.temperature, task.pooling)
+    elif task.kind == "late_interaction":
+        model = FlexBertForLateInteraction(model_config, task.dim, task.temperature)
     elif task.kind == "token":
         model = FlexBertForTokenClassification(model_config, task.num_labels, task.classifier_dropout)
     else:

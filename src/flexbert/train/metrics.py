@@ -1,12 +1,17 @@
-"""Metrics that torchmetrics and Composer lack: MLM accuracy from predicted ids, and entity-level F1
-for BIO-tagged token classification."""
+"""Metrics that torchmetrics and Composer lack: MLM accuracy from predicted ids, entity-level F1
+for BIO-tagged token classification, and the ranking metrics of retrieval (nDCG, recall, MRR), which
+the fine-tuning metric :class:`Retrieval` and ``flexbert eval-retrieval`` share."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
+from torchmetrics.utilities import dim_zero_cat
+
+from flexbert.model.late_interaction import maxsim
 
 
 class MaskedTokenAccuracy(torchmetrics.Metric):
@@ -100,32 +105,84 @@ class EntityF1(torchmetrics.Metric):
         return 2 * precision * recall / (precision + recall).clamp(min=1e-12)
 
 
+def dcg_at_k(gains: torch.Tensor, k: int) -> torch.Tensor:
+    """[queries] discounted cumulative gain of the first k of each row of ``gains`` [queries, ranks]:
+    the relevance grade of the document ranked at each position, discounted by log2(position + 1)."""
+    top = gains[:, :k]
+    positions = torch.arange(top.shape[1], dtype=top.dtype, device=top.device)
+    return (top / torch.log2(positions + 2)).sum(dim=1)
+
+
+def ndcg_at_k(gains: torch.Tensor, ideal_gains: torch.Tensor, k: int) -> torch.Tensor:
+    """[queries] DCG@k of the ranking over DCG@k of the best one: ``ideal_gains`` holds each query's
+    relevance grades sorted from the highest (zero-padded), the ranking that puts them first."""
+    return dcg_at_k(gains, k) / dcg_at_k(ideal_gains, k)
+
+
+def recall_at_k(gains: torch.Tensor, relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """[queries] share of each query's ``relevant`` documents ranked in its first k."""
+    return (gains[:, :k] > 0).sum(dim=1) / relevant
+
+
+def reciprocal_rank_at_k(gains: torch.Tensor, k: int) -> torch.Tensor:
+    """[queries] 1 / the position of the first relevant document, 0 when none is in the first k."""
+    hits = gains[:, :k] > 0
+    first = hits.int().argmax(dim=1)  # the first True; 0 when there is none, masked below
+    return torch.where(hits.any(dim=1), 1 / (first + 1).to(gains.dtype), 0.0)
+
+
 class Retrieval(torchmetrics.Metric):
     """Recall@k or nDCG@k of retrieving each query's own positive among all positives of the split.
 
     Embeddings are gathered over the evaluation and ranked once at the end, so the corpus is the
-    whole split, not one batch.
+    whole split, not one batch. They are one vector per text, scored by dot product, or, given
+    ``token_widths`` (the longest query and document), token vectors scored by MaxSim (late
+    interaction), each batch padded to those widths so that batches and ranks concatenate.
     """
 
     full_state_update = False
 
-    def __init__(self, kind: str, k: int):
+    def __init__(self, kind: str, k: int, token_widths: tuple[int, int] | None = None):
         super().__init__()
         if kind not in ("recall", "ndcg"):
             raise ValueError(f"kind must be recall or ndcg, got {kind!r}")
-        self.kind, self.k = kind, k
-        self.add_state("queries", default=[], dist_reduce_fx="cat")
-        self.add_state("positives", default=[], dist_reduce_fx="cat")
+        self.kind, self.k, self.token_widths = kind, k, token_widths
+        for state in ("queries", "positives", "query_masks", "positive_masks"):
+            self.add_state(state, default=[], dist_reduce_fx="cat")
 
-    def update(self, queries: torch.Tensor, positives: torch.Tensor) -> None:
-        self.queries.append(queries.float())
-        self.positives.append(positives.float())
+    def update(
+        self,
+        queries: torch.Tensor,
+        positives: torch.Tensor,
+        query_mask: torch.Tensor | None = None,
+        positive_mask: torch.Tensor | None = None,
+    ) -> None:
+        """[n, D] vectors, or [n, L, D] token vectors with their [n, L] masks of real tokens."""
+        if query_mask is None:
+            self.queries.append(queries.float())
+            self.positives.append(positives.float())
+            return
+        for store, masks, vectors, mask, width in (
+            (self.queries, self.query_masks, queries, query_mask, self.token_widths[0]),
+            (self.positives, self.positive_masks, positives, positive_mask, self.token_widths[1]),
+        ):
+            vectors, mask = vectors[:, :width], mask[:, :width]  # beyond the widest text: padding only
+            store.append(F.pad(vectors.float(), (0, 0, 0, width - vectors.shape[1])))
+            masks.append(F.pad(mask, (0, width - mask.shape[1])))
 
     def compute(self) -> torch.Tensor:
-        queries, positives = (torchmetrics.utilities.dim_zero_cat(x) for x in (self.queries, self.positives))
-        scores = queries @ positives.T  # [N, N]; query i's positive is document i
+        queries, positives = (dim_zero_cat(x) for x in (self.queries, self.positives))
+        if self.token_widths is None:
+            scores = queries @ positives.T  # [N, N]; query i's positive is document i
+        else:
+            query_masks, positive_masks = (dim_zero_cat(x) for x in (self.query_masks, self.positive_masks))
+            # [N, N] in slices of queries: MaxSim holds a similarity per query and document token pair.
+            slices = zip(queries.split(64), query_masks.split(64))
+            scores = torch.cat([maxsim(q, mask, positives, positive_masks) for q, mask in slices])
         rank = (scores > scores.diagonal()[:, None]).sum(dim=1)  # 0-based rank of the positive
-        hit = rank < self.k
+        # Each query's ranking, as relevance by position: 1 where its one relevant document sits.
+        gains = (rank[:, None] == torch.arange(self.k, device=rank.device)).float()
+        one = torch.ones(len(rank), 1, device=rank.device)
         if self.kind == "recall":
-            return hit.float().mean()
-        return (hit / torch.log2(rank.float() + 2)).mean()  # one relevant document: DCG = IDCG * gain
+            return recall_at_k(gains, one[:, 0], self.k).mean()
+        return ndcg_at_k(gains, one, self.k).mean()

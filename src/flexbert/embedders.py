@@ -1,0 +1,324 @@
+"""Embedding models from checkpoints, and their export as sentence-transformers directories.
+
+An embedding model is an encoder and a pooling, the rule that turns its token states into one vector
+per document (``cls``: the first token's; ``mean``: the mean of all of them), normalised to unit
+length. It comes from one of three sources:
+
+* an embedding fine-tune's checkpoint (``task.kind: embedding``; ``RUN_DIR/checkpoints/best.pt`` or
+  any checkpoint the run saved), which knows the pooling it was trained with;
+* any other checkpoint of this project (pretraining, an import, an average, a classifier's
+  fine-tune), or a Hugging Face ModernBertForMaskedLM directory: an encoder without a trained
+  pooling, so the caller chooses one.
+
+``flexbert export-st`` writes the sentence-transformers layout (its ``save()``):
+
+    OUT_DIR/config.json, model.safetensors   the encoder as transformers' ModernBertModel
+    OUT_DIR/tokenizer.json ...               the tokenizer
+    OUT_DIR/modules.json                     Transformer -> Pooling (-> Normalize)
+    OUT_DIR/sentence_bert_config.json        max_seq_length
+    OUT_DIR/1_Pooling/config.json            the pooling
+    OUT_DIR/2_Normalize/                     unit-length vectors (left out with --no-normalize)
+    OUT_DIR/config_sentence_transformers.json   prompts and the similarity function (cosine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flexbert.errors import CheckpointError, MissingFileError
+
+if TYPE_CHECKING:  # torch and the model are imported where used: the command line starts without them
+    import torch
+
+    from flexbert.model import FlexBertConfig, FlexBertForSentenceEmbedding
+    from flexbert.model.classification import Pooling
+
+# flexbert.model.classification.Pooling's values, spelled out for the same reason.
+POOLINGS = ("cls", "mean")
+ENCODER_PREFIX = "model."  # the encoder's weights inside every FlexBERT task model
+# The layout written is the one sentence-transformers 5.3 saves, which the tests load; its version
+# tells a reader which release wrote it, as its own save() does.
+ST_LAYOUT_VERSION = "5.3.0"
+ST_MODULES = "sentence_transformers.models"
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """An embedding model ready to use: ``model.embed(...)`` gives unit vectors, one per document."""
+
+    path: Path  # where it was loaded from
+    model: FlexBertForSentenceEmbedding  # in eval mode, on the CPU, in the checkpoint's dtype
+    tokenizer_dir: Path | None  # the tokenizer it was trained with, where the source names one
+    max_seq_len: int  # longest input, [CLS] and [SEP] included: the fine-tune's, else the model's positions
+    pooling: Pooling
+
+    @property
+    def config(self) -> FlexBertConfig:
+        return self.model.config
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """What a source gives: an encoder's weights (named ``model.*``, as in every task model) and what
+    is known about how it was trained."""
+
+    config: FlexBertConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer_dir: Path | None
+    max_seq_len: int
+    trained_pooling: Pooling | None  # an embedding fine-tune's; None for any other encoder
+
+
+def load_embedder(path: str | os.PathLike, pooling: Pooling | None = None) -> Embedder:
+    """The embedding model at ``path``: a checkpoint of this project (a file, or a folder of FSDP
+    shards) or a Hugging Face ModernBERT directory. ``pooling`` is required unless ``path`` is an
+    embedding fine-tune's, and must then agree with the one it was trained with."""
+    from flexbert.model import FlexBertForSentenceEmbedding
+    from flexbert.train.checkpoint import RunDir, is_sharded
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"model not found: {path} does not exist")
+    if path.is_dir() and not is_sharded(path):
+        encoder = _hf_encoder(path)
+    else:
+        run_config = RunDir.holding(path).read_config()
+        if run_config is not None and "task" in run_config:
+            encoder = _finetuned_encoder(path, run_config, RunDir.holding(path).config_file)
+        else:
+            encoder = _pretrained_encoder(path)
+    chosen = _choose_pooling(path, encoder.trained_pooling, pooling)
+    model = FlexBertForSentenceEmbedding(encoder.config, pooling=chosen)
+    try:
+        model.load_state_dict(encoder.weights, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1:2] or [str(err)]
+        raise CheckpointError(f"{path} does not hold the encoder its config describes: {first[0].strip()}") from None
+    dtype = next(iter(encoder.weights.values())).dtype
+    return Embedder(path, model.to(dtype).eval(), encoder.tokenizer_dir, encoder.max_seq_len, chosen)
+
+
+def with_max_seq_len(embedder: Embedder, max_seq_len: int, where: str) -> Embedder:
+    """``embedder`` taking inputs of up to ``max_seq_len`` tokens; ``where`` names the setting."""
+    positions = embedder.config.max_position_embeddings
+    if not 2 <= max_seq_len <= positions:
+        raise CheckpointError(
+            f"{where}={max_seq_len}: must be between 2 ([CLS] and [SEP]) and the {positions} positions of "
+            f"the model in {embedder.path}"
+        )
+    return dataclasses.replace(embedder, max_seq_len=max_seq_len)
+
+
+def _choose_pooling(path: Path, trained: Pooling | None, requested: Pooling | None) -> Pooling:
+    if requested is not None and requested not in POOLINGS:
+        raise CheckpointError(f"pooling must be one of {', '.join(POOLINGS)}, got {requested!r}")
+    if trained is None and requested is None:
+        raise CheckpointError(
+            f"{path} is an encoder without a trained pooling (not an embedding fine-tune's); choose one with "
+            "--pooling cls|mean"
+        )
+    if trained is not None and requested not in (None, trained):
+        raise CheckpointError(
+            f"{path} was fine-tuned with {trained} pooling; --pooling {requested} would embed differently "
+            "(leave it out)"
+        )
+    return trained or requested
+
+
+def _encoder_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in weights.items() if name.startswith(ENCODER_PREFIX)}
+
+
+def _hf_encoder(path: Path) -> _Encoder:
+    from flexbert.hf import from_hf
+
+    model = from_hf(path)
+    tokenizer_dir = path if (path / "tokenizer.json").is_file() else None
+    config = model.config
+    return _Encoder(config, _encoder_weights(model.state_dict()), tokenizer_dir, config.max_position_embeddings, None)
+
+
+def _pretrained_encoder(path: Path) -> _Encoder:
+    from flexbert.train.checkpoint import model_from_checkpoint
+
+    model, tokenizer_dir = model_from_checkpoint(path)
+    config = model.config
+    return _Encoder(config, _encoder_weights(model.state_dict()), tokenizer_dir, config.max_position_embeddings, None)
+
+
+def _finetuned_encoder(path: Path, run_config: Mapping[str, Any], config_file: Path) -> _Encoder:
+    """A fine-tune's encoder. Only its model, tokenizer, sequence length and task are read: the
+    training data of a finished fine-tune is often gone, so the rest is not validated again."""
+    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.train.checkpoint import read_weights
+    from flexbert.train.config import model_config_for
+    from flexbert.train.finetune import FinetuneConfig, TaskConfig
+    from flexbert.typed_config import ConfigError, from_dict
+
+    if not isinstance(run_config.get("model"), Mapping) or "tokenizer" not in run_config:
+        raise CheckpointError(f"{config_file} has no model: section or no tokenizer; is it a fine-tuning recipe?")
+    try:
+        task = from_dict(TaskConfig, run_config["task"], "task")
+        tokenizer = load_tokenizer(run_config["tokenizer"])
+        # The kernel is a runtime choice, and the one trained with may be missing here (flash on CPU).
+        config = model_config_for({**run_config["model"], "attn_backend": "auto"}, tokenizer)
+    except ConfigError as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    try:
+        weights, _ = read_weights(path)
+    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
+        raise CheckpointError(f"{path} is not a readable Composer checkpoint ({err})") from None
+    max_seq_len = run_config.get("max_seq_len", FinetuneConfig.__dataclass_fields__["max_seq_len"].default)
+    trained_pooling = task.pooling if task.kind == "embedding" else None  # a classifier's pools for its head
+    return _Encoder(config, _encoder_weights(weights), tokenizer.path, max_seq_len, trained_pooling)
+
+
+# --- export to sentence-transformers ---------------------------------------------------------------
+
+
+def _modules(normalize: bool) -> list[dict[str, Any]]:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": f"{ST_MODULES}.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": f"{ST_MODULES}.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": f"{ST_MODULES}.Normalize"})
+    return modules
+
+
+def _pooling_config(pooling: Pooling, hidden_size: int) -> dict[str, Any]:
+    """Pooling's config under the keys sentence-transformers 2 to 6 read. Its ``mean`` averages
+    every token its attention mask marks, [CLS] and [SEP] included, as ours does."""
+    return {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False,
+        "include_prompt": True,
+    }
+
+
+def _model_config() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    return {
+        "__version__": {
+            "sentence_transformers": ST_LAYOUT_VERSION,
+            "transformers": transformers.__version__,
+            "pytorch": torch.__version__,
+        },
+        "model_type": "SentenceTransformer",
+        # No text is put before queries or documents: the fine-tune saw them bare. These are the
+        # empty prompts sentence-transformers 5 itself saves, which encode_query and encode_document use.
+        "prompts": {"query": "", "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",  # the similarity a contrastive fine-tune trains
+    }
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def export_st(
+    embedder: Embedder,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    normalize: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``embedder`` as a sentence-transformers directory that ``SentenceTransformer(out_dir)``
+    loads, with inputs cut at ``embedder.max_seq_len`` tokens. The tokenizer is ``tokenizer_dir``,
+    else the one the model was trained with. The directory appears all at once, or not at all."""
+    from flexbert.data.atomic_output import atomic_output_dir
+    from flexbert.hf import export_hf
+
+    tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else embedder.tokenizer_dir
+    if tokenizer_dir is None:
+        raise CheckpointError(
+            f"no tokenizer is known for {embedder.path}, and sentence-transformers needs one; add --tokenizer DIR"
+        )
+    # The bare encoder under ModernBertModel's own names, as sentence-transformers' save() writes it.
+    weights = {name.removeprefix(ENCODER_PREFIX): tensor for name, tensor in embedder.model.state_dict().items()}
+    with atomic_output_dir(out_dir, overwrite) as staging:
+        export_hf(embedder.model, staging, tokenizer_dir, overwrite=True, weights=weights)
+        config_json = json.loads((staging / "config.json").read_text())
+        _write_json(staging / "config.json", {**config_json, "architectures": ["ModernBertModel"]})
+        _write_json(staging / "modules.json", _modules(normalize))
+        _write_json(
+            staging / "sentence_bert_config.json", {"max_seq_length": embedder.max_seq_len, "do_lower_case": False}
+        )
+        _write_json(
+            staging / "1_Pooling" / "config.json", _pooling_config(embedder.pooling, embedder.config.hidden_size)
+        )
+        if normalize:
+            (staging / "2_Normalize").mkdir()
+        _write_json(staging / "config_sentence_transformers.json", _model_config())
+    return Path(out_dir)
+
+
+def _cmd_export_st(args: argparse.Namespace) -> int:
+    from flexbert.hf import export_notes
+
+    embedder = load_embedder(args.checkpoint, args.pooling)
+    if args.max_seq_length is not None:
+        embedder = with_max_seq_len(embedder, args.max_seq_length, "--max-seq-length")
+    out_dir = export_st(
+        embedder, args.out_dir, args.tokenizer, normalize=not args.no_normalize, overwrite=args.overwrite
+    )
+    for note in export_notes(embedder.config):
+        print(f"flexbert: note: {note}", file=sys.stderr)
+    print(out_dir)
+    return 0
+
+
+def add_pooling_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        help="the document vector: the [CLS] token's (cls) or the mean of all tokens (mean); required "
+        "unless MODEL is an embedding fine-tune's checkpoint, which knows its own",
+    )
+
+
+def add_export_st_command(commands: Any) -> None:
+    """``export-st`` under the command line's subcommands."""
+    export_st_parser = commands.add_parser(
+        "export-st",
+        help="write an embedding model as a sentence-transformers directory",
+        description="Write an embedding model as a directory that sentence-transformers' "
+        "SentenceTransformer(OUT_DIR) loads: the encoder as transformers' ModernBertModel, its tokenizer, "
+        "and the Transformer -> Pooling -> Normalize modules. CHECKPOINT is an embedding fine-tune's "
+        "checkpoint (e.g. RUN_DIR/checkpoints/best.pt), whose pooling and max_seq_len are kept; or any "
+        "other checkpoint of this project or a Hugging Face ModernBertForMaskedLM directory, with --pooling.",
+    )
+    export_st_parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT", help="a checkpoint of this project, or a Hugging Face ModernBERT directory"
+    )
+    export_st_parser.add_argument("out_dir", metavar="OUT_DIR", help="the sentence-transformers directory to write")
+    add_pooling_argument(export_st_parser)
+    export_st_parser.add_argument(
+        "--max-seq-length",
+        type=int,
+        metavar="N",
+        help="cut inputs at N tokens (default: the fine-tune's max_seq_len, else the model's max_position_embeddings)",
+    )
+    export_st_parser.add_argument(
+        "--no-normalize", action="store_true", help="leave out the Normalize module: vectors keep their length"
+    )
+    export_st_parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer to ship (default: the training one)")
+    export_st_parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    export_st_parser.set_defaults(run=_cmd_export_st)

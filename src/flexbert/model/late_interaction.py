@@ -1,0 +1,90 @@
+"""Late interaction (ColBERT): every token of a text becomes a small unit vector, and a query scores a
+document by MaxSim, the sum over the query's tokens of each one's best match among the document's.
+
+Queries and documents carry a marker token after [CLS] ([Q] or [D]), and queries are padded to a
+fixed length with [MASK] tokens (query expansion) that the encoder attends to like any other token;
+:func:`query_tokens` and :func:`document_tokens` build them, as PyLate does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flexbert.model.backends import DocumentLayout, scatter_rows
+from flexbert.model.classification import ClassifierOutput
+from flexbert.model.config import FlexBertConfig
+from flexbert.model.model import FlexBertModel, finish_building
+
+
+def query_tokens(ids: np.ndarray, marker_id: int, mask_id: int, length: int) -> np.ndarray:
+    """[CLS] text [SEP] -> [CLS] [Q] text [SEP] [MASK]...: exactly ``length`` tokens, the text cut to
+    fit (keeping the closing [SEP])."""
+    kept = document_tokens(ids, marker_id, length)
+    return np.concatenate((kept, np.full(length - len(kept), mask_id, dtype=ids.dtype)))
+
+
+def document_tokens(ids: np.ndarray, marker_id: int, max_length: int) -> np.ndarray:
+    """[CLS] text [SEP] -> [CLS] [D] text [SEP]: at most ``max_length`` tokens, the text cut to fit."""
+    text = ids[1:-1][: max_length - 3]
+    return np.concatenate((ids[:1], [marker_id], text, ids[-1:])).astype(ids.dtype)
+
+
+def padded(vectors: torch.Tensor, layout: DocumentLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, D] token vectors of packed texts -> ([texts, longest, D] zero-padded, [texts, longest] mask)."""
+    rows = layout.doc_ids * layout.max_seqlen + layout.positions  # each token's slot in the padded grid
+    slots = layout.num_docs * layout.max_seqlen
+    grid = scatter_rows(vectors, rows, slots).view(layout.num_docs, layout.max_seqlen, -1)
+    mask = scatter_rows(torch.ones_like(rows, dtype=torch.bool), rows, slots).view(layout.num_docs, -1)
+    return grid, mask
+
+
+def maxsim(
+    queries: torch.Tensor, query_mask: torch.Tensor, documents: torch.Tensor, document_mask: torch.Tensor
+) -> torch.Tensor:
+    """[Q, Lq, D] and [N, Ld, D] padded token vectors -> [Q, N] scores: for every query token its
+    highest similarity to a real token of the document, summed over the query's real tokens."""
+    similarity = torch.einsum("qid,njd->qnij", queries, documents)  # [Q, N, Lq, Ld]
+    similarity = similarity.masked_fill(~document_mask[None, :, None, :], float("-inf"))
+    best = similarity.max(dim=-1).values  # [Q, N, Lq]
+    return (best * query_mask[:, None, :]).sum(dim=-1)
+
+
+class FlexBertForLateInteraction(nn.Module):
+    """Encoder -> a linear projection to ``dim`` without bias -> L2 norm per token; trained with
+    in-batch negatives: each query's positive is its target, every other document in the batch a
+    negative (cross-entropy over MaxSim scores / ``temperature``)."""
+
+    def __init__(self, config: FlexBertConfig, dim: int = 128, temperature: float = 1.0):
+        super().__init__()
+        self.config = config
+        self.temperature = temperature
+        self.model = FlexBertModel(config)
+        self.projection = nn.Linear(config.hidden_size, dim, bias=False)
+        finish_building(self, config)
+
+    def embed_tokens(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+    ) -> tuple[torch.Tensor, DocumentLayout]:
+        """[T] packed texts -> [T, dim] unit vectors, and the texts' layout."""
+        encoded = self.model.encode(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return F.normalize(self.projection(encoded.hidden), dim=-1), encoded.layout
+
+    def embed(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] packed texts -> ([texts, longest, dim] vectors, [texts, longest] mask of real tokens)."""
+        return padded(*self.embed_tokens(input_ids, cu_seqlens, max_seqlen))
+
+    def forward(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+    ) -> ClassifierOutput:
+        """A batch of 2B texts, B queries then their B positive documents. ``logits`` [B, B] are the
+        MaxSim scores of each query against every document; the loss pulls up the diagonal."""
+        vectors, mask = self.embed(input_ids, cu_seqlens, max_seqlen)
+        half = vectors.shape[0] // 2
+        scores = maxsim(vectors[:half], mask[:half], vectors[half:], mask[half:])
+        targets = torch.arange(half, device=scores.device)
+        return ClassifierOutput(F.cross_entropy(scores.float() / self.temperature, targets), scores)
