@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchmetrics
 from conftest import ROOT, SHARED, STSB, TOKENIZER, needs_stsb
 
 from flexbert.data.labeled import LabeledDataError, SplitConfig, batches, load_split
@@ -137,6 +138,20 @@ def test_glue_recipes_use_the_official_metrics(task):
     assert (config.task.num_labels == 1) == (task == "stsb")
     if task == "mnli":
         assert set(config.eval_splits) == {"matched", "mismatched"}
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [path for path in sorted((ROOT / "yamls" / "finetune").glob("*.yaml")) if path.name != "glue.yaml"],  # an include
+    ids=lambda path: path.name,
+)
+def test_every_fine_tuning_recipe_validates(recipe):
+    """Each shipped recipe builds its config, and its metrics build for its task (data aside)."""
+    from flexbert.train.finetune import METRICS
+
+    config = FinetuneConfig.from_dict(load_yaml_config(recipe, [f"tokenizer={TOKENIZER}"]))
+    metrics = {name: METRICS[name](config.task) for name in config.task.metrics}
+    assert metrics and all(isinstance(metric, torchmetrics.Metric) for metric in metrics.values())
 
 
 def test_headerless_tsv_with_named_columns(tmp_path):

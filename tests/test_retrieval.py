@@ -101,6 +101,22 @@ def test_code_search_has_no_duplicate_document_or_query(code_search):
     assert len(set(queries)) == len(queries)
 
 
+def test_each_split_pairs_the_texts_its_qrels_judge_relevant_for_fine_tuning(code_search, tmp_path):
+    from flexbert.data.labeled import SplitConfig, load_pair_split
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    for name in SMALL_PACKAGES:
+        split = read_split(code_search, name)
+        pairs = [json.loads(line) for line in (code_search / name / "pairs.jsonl").read_text().splitlines()]
+        judged = [(split.queries[q], split.corpus[d]) for q, relevant in split.qrels.items() for d in relevant]
+        assert [(pair["query"], pair["document"]) for pair in pairs] == judged
+        # As a fine-tune reads it: one (query, positive) example per pair.
+        loaded = load_pair_split(
+            SplitConfig(str(code_search / name / "pairs.jsonl"), ["query", "document"]), tokenizer, 512
+        )
+        assert len(loaded.queries) == len(judged)
+
+
 def installed_function(pair_id: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
     """The function a pair was taken from, found again in the installed source by its id (the first
     with that name and a docstring: typing's @overload stubs come before the function, without one)."""

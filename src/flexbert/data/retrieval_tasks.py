@@ -14,7 +14,9 @@ Two tasks, each with a ``train`` and an ``eval`` split:
 A task folder holds ``manifest.json`` and, per split, ``SPLIT/queries.jsonl`` and
 ``SPLIT/corpus.jsonl`` (records ``{"_id", "text"}``; a corpus record may add a ``title``) and
 ``SPLIT/qrels.tsv`` (``query-id corpus-id score`` under a header line, score > 0 meaning relevant),
-as a BEIR dataset holds them.
+as a BEIR dataset holds them, plus ``SPLIT/pairs.jsonl``: one ``{"query", "document"}`` record per
+relevant (query, document) pair, the texts themselves, which a contrastive fine-tune reads as its
+split (``text_columns: [query, document]``; ``yamls/finetune/embeddings-code-search.yaml``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from flexbert.errors import FlexBertError, MissingFileError
 TASKS = ("code-search", "stsb")
 SPLITS = ("train", "eval")
 QUERIES, CORPUS, QRELS, MANIFEST = "queries.jsonl", "corpus.jsonl", "qrels.tsv", "manifest.json"
+PAIRS = "pairs.jsonl"  # for training: the texts of each relevant pair
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
 
@@ -77,7 +80,7 @@ def _write_jsonl(path: Path, texts: dict[str, str]) -> None:
 
 
 def write_split(directory: Path, split: RetrievalSplit) -> None:
-    """``directory``/queries.jsonl, corpus.jsonl and qrels.tsv, in the split's own order."""
+    """``directory``/queries.jsonl, corpus.jsonl, qrels.tsv and pairs.jsonl, in the split's own order."""
     directory.mkdir(parents=True)
     _write_jsonl(directory / QUERIES, split.queries)
     _write_jsonl(directory / CORPUS, split.corpus)
@@ -86,6 +89,11 @@ def write_split(directory: Path, split: RetrievalSplit) -> None:
         for query_id, relevant in split.qrels.items():
             for document_id, grade in relevant.items():
                 out.write(f"{query_id}\t{document_id}\t{grade}\n")
+    with (directory / PAIRS).open("wb") as out:
+        for query_id, relevant in split.qrels.items():
+            for document_id in relevant:
+                pair = {"query": split.queries[query_id], "document": split.corpus[document_id]}
+                out.write((json.dumps(pair, ensure_ascii=False) + "\n").encode("utf-8", errors="replace"))
 
 
 def _read_jsonl(path: Path) -> dict[str, str]:
