@@ -15,6 +15,24 @@ TOKENIZER = ROOT / "tokenizers" / "modernbert"
 SHARED = ROOT.parent / "shared"
 STSB = SHARED / "data" / "glue" / "STS-B"
 needs_stsb = pytest.mark.skipif(not STSB.is_dir(), reason=f"needs GLUE STS-B at {STSB} (../shared is absent)")
+# The columns of GLUE's STS-B TSVs, for tests that write files in its layout.
+STSB_COLUMNS = "index genre filename year old_index source1 source2 sentence1 sentence2 score".split()
+
+
+def tiny_stsb_overrides(run_root: Path) -> list[str]:
+    """A fine-tuning recipe on the real STS-B from ../shared, shrunk to a from-scratch model small
+    enough to train in seconds on 2 cores."""
+    return [
+        f"vars.glue={SHARED / 'data' / 'glue'}",
+        f"tokenizer={TOKENIZER}",
+        f"run_root={run_root}",
+        "model.hidden_size=64",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=4",
+        "model.intermediate_size=96",
+        "model.attn_backend=sdpa",
+        "logging.progress_bar=false",
+    ]
 
 
 def tiny_config(**overrides) -> FlexBertConfig:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchmetrics
-from conftest import ROOT, SHARED, STSB, TOKENIZER, needs_stsb
+from conftest import ROOT, STSB, TOKENIZER, needs_stsb, tiny_stsb_overrides
 
 from flexbert.data.labeled import LabeledDataError, SplitConfig, batches, load_split
 from flexbert.data.tokenizer import load_tokenizer
@@ -26,20 +26,12 @@ def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
     raw = load_yaml_config(
         ROOT / "yamls" / "finetune" / "stsb.yaml",
         [
-            f"vars.glue={SHARED / 'data' / 'glue'}",
-            f"tokenizer={TOKENIZER}",
-            f"run_root={tmp_path}",
-            "model.hidden_size=64",
-            "model.num_hidden_layers=2",
-            "model.num_attention_heads=4",
-            "model.intermediate_size=96",
-            "model.attn_backend=sdpa",
+            *tiny_stsb_overrides(tmp_path),
             "train_split.limit=1200",
             "eval_splits.eval.limit=400",
             "max_duration=4ep",
             "batch_size=32",
             "optimizer.lr=1e-3",
-            "logging.progress_bar=false",
         ],
     )
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
@@ -277,19 +269,11 @@ def test_embedding_training_retrieves_paraphrases(tmp_path):
     raw = load_yaml_config(
         ROOT / "yamls" / "finetune" / "embeddings-stsb.yaml",
         [
-            f"vars.glue={SHARED / 'data' / 'glue'}",
-            f"tokenizer={TOKENIZER}",
-            f"run_root={tmp_path}",
-            "model.hidden_size=64",
-            "model.num_hidden_layers=2",
-            "model.num_attention_heads=4",
-            "model.intermediate_size=96",
-            "model.attn_backend=sdpa",
+            *tiny_stsb_overrides(tmp_path),
             "max_duration=3ep",
             "batch_size=32",
             "train_split.limit=600",
             "optimizer.lr=1e-3",
-            "logging.progress_bar=false",
         ],
     )
     trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)

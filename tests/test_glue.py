@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, STSB, TOKENIZER, needs_stsb
+from conftest import ROOT, STSB, STSB_COLUMNS, TOKENIZER, needs_stsb
 
 from flexbert.cli import main
 from flexbert.data.tokenizer import load_tokenizer
@@ -67,18 +67,7 @@ def write_glue(folder: Path, examples: int = 48) -> Path:
             ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
             [[b, str(i), str(i + 1), a, c] for i, ((a, c), b) in enumerate(zip(pairs, binary))],
         )
-        stsb = [
-            "index",
-            "genre",
-            "filename",
-            "year",
-            "old_index",
-            "source1",
-            "source2",
-            "sentence1",
-            "sentence2",
-            "score",
-        ]
+        stsb = STSB_COLUMNS
         _write(
             folder / "STS-B" / f"{split}.tsv",
             stsb,

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SHARED, TOKENIZER, needs_stsb, tiny_config
+from conftest import ROOT, TOKENIZER, needs_stsb, tiny_config, tiny_stsb_overrides
 
 from flexbert.cli import main
 from flexbert.colbert import LateInteractionScorer, load_late_interaction
@@ -83,19 +83,11 @@ def test_late_interaction_training_retrieves_paraphrases(tmp_path):
     raw = load_yaml_config(
         ROOT / "yamls" / "finetune" / "colbert-stsb.yaml",
         [
-            f"vars.glue={SHARED / 'data' / 'glue'}",
-            f"tokenizer={TOKENIZER}",
-            f"run_root={tmp_path}",
-            "model.hidden_size=64",
-            "model.num_hidden_layers=2",
-            "model.num_attention_heads=4",
-            "model.intermediate_size=96",
-            "model.attn_backend=sdpa",
+            *tiny_stsb_overrides(tmp_path),
             "task.dim=32",
             "max_duration=3ep",
             "train_split.limit=600",
             "optimizer.lr=1e-3",
-            "logging.progress_bar=false",
         ],
     )
     config = FinetuneConfig.from_dict(raw)

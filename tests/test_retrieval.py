@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import STSB, TOKENIZER, needs_stsb, tiny_config
+from conftest import STSB, STSB_COLUMNS, TOKENIZER, needs_stsb, tiny_config
 
 from flexbert.cli import main
 from flexbert.data.atomic_output import OutputExistsError
@@ -49,7 +49,6 @@ SMALL_PACKAGES = {
     "eval": (Package("safetensors", "safetensors"), Package("tokenizers", "tokenizers")),
 }
 SMALL_CAPS = {"train": 40, "eval": 1000}
-GLUE_HEADER = "index genre filename year old_index source1 source2 sentence1 sentence2 score".split()
 
 
 def file_bytes(root: Path) -> dict[str, bytes]:
@@ -249,7 +248,7 @@ def write_glue(folder: Path, splits: dict[str, list[tuple[str, str, float]]]) ->
     """(sentence1, sentence2, score) rows in GLUE's STS-B layout."""
     (folder / "STS-B").mkdir(parents=True)
     for file, rows in splits.items():
-        lines = ["\t".join(GLUE_HEADER)]
+        lines = ["\t".join(STSB_COLUMNS)]
         for index, (first, second, score) in enumerate(rows):
             fields = [str(index), "captions", "x", "2026", str(index), "a", "b", first, second, str(score)]
             lines.append("\t".join(fields))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, TOKENIZER
+from conftest import ROOT, STSB_COLUMNS, TOKENIZER
 
 from flexbert.cli import main
 from flexbert.sweep import DONE, Run, expand, final_metrics, load_sweep, run_sweep, summary_table
@@ -31,25 +31,13 @@ TINY = {
     "logging.progress_bar": False,
 }
 pytestmark = pytest.mark.xdist_group("streaming")  # the real sweep trains
-GLUE_COLUMNS = [
-    "index",
-    "genre",
-    "filename",
-    "year",
-    "old_index",
-    "source1",
-    "source2",
-    "sentence1",
-    "sentence2",
-    "score",
-]
 
 
 def write_pairs(path: Path, count: int, seed: int) -> None:
     """Sentence pairs scored 0-5 in GLUE's STS-B layout: the score is the share of words they share."""
     rng = random.Random(seed)
     words = "the a cat dog sat ran on under mat park fast slow red blue".split()
-    lines = ["\t".join(GLUE_COLUMNS)]
+    lines = ["\t".join(STSB_COLUMNS)]
     for index in range(count):
         first = rng.choices(words, k=6)
         second = [word if rng.random() < 0.5 else rng.choice(words) for word in first]
