@@ -214,3 +214,57 @@ def test_eval_retrieval_ranks_a_late_interaction_model_by_maxsim(late_checkpoint
     ]
     expected = brute_force_metrics(scores, [{0: 1}, {1: 1}, {2: 1}])
     assert report["metrics"] == pytest.approx(expected, abs=1e-6)
+
+
+# --- hard negatives ----------------------------------------------------------------------------------
+
+
+def write_triples(path, count: int) -> None:
+    words = "cat dog sun mat park red blue fast slow tree".split()
+    rows = [
+        {"query": f"{words[i % 10]} {words[(i + 3) % 10]}", "positive": f"a {words[i % 10]}", "negative": "the end"}
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "late_interaction"])
+def test_hard_negatives_join_each_querys_candidates(kind, tmp_path):
+    """Trained on (query, positive, negative) triples, a batch holds B queries, B positives and B
+    negatives, and its loss is cross-entropy over each query's scores against all 2B documents."""
+    from flexbert.model import FlexBertForSentenceEmbedding
+
+    write_triples(tmp_path / "triples.jsonl", 12)
+    split = {"path": str(tmp_path / "triples.jsonl"), "text_columns": ["query", "positive", "negative"]}
+    raw = {
+        "run_name": "triples",
+        "run_root": str(tmp_path),
+        "tokenizer": str(TOKENIZER),
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48},
+        "task": {"kind": kind, "dim": 16, "query_length": 8, "document_length": 16, "metrics": ["recall_at_1"]},
+        "train_split": split,
+        "eval_splits": {"eval": split},
+        "batch_size": 4,
+        "max_duration": "2ba",
+        "logging": {"progress_bar": False},
+    }
+    trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
+    batch = next(iter(trainer.state.train_dataloader))
+    assert batch["num_queries"] == 4 and len(batch["cu_seqlens"]) == 13  # 4 queries, 4 positives, 4 negatives
+    model = trainer.state.model.model.eval()
+    texts = [batch["input_ids"][start:end] for start, end in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:])]
+    # The reference: every text embedded on its own, scored against all 8 documents.
+    with torch.no_grad():
+        if isinstance(model, FlexBertForSentenceEmbedding):
+            vectors = [model.embed(text, cu_seqlens=torch.tensor([0, len(text)]))[0] for text in texts]
+            scores = torch.stack([torch.stack([q @ d for d in vectors[4:]]) for q in vectors[:4]])
+        else:
+            alone = [model.embed(text, torch.tensor([0, len(text)])) for text in texts]
+            scores = torch.stack(
+                [torch.stack([maxsim(q, qm, d, dm)[0, 0] for d, dm in alone[4:]]) for q, qm in alone[:4]]
+            )
+        expected = torch.nn.functional.cross_entropy(scores / model.temperature, torch.arange(4))
+        output = model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"], batch["num_queries"])
+    assert output.logits.shape == (4, 8) and torch.allclose(output.loss, expected, atol=1e-5)
+    trainer.fit()  # and it trains, evaluating each query's positive among the split's positives
+    trainer.close()

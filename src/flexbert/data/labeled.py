@@ -245,10 +245,12 @@ def batches(
 
 @dataclass
 class PairSplit:
-    """(query, positive) text pairs for contrastive training; each text is [CLS] text [SEP]."""
+    """(query, positive) text pairs for contrastive training, each with a hard negative where the
+    data gives one; each text is [CLS] text [SEP]."""
 
     queries: list[np.ndarray]
     positives: list[np.ndarray]
+    negatives: list[np.ndarray] | None = None
 
     @property
     def token_ids(self) -> list[np.ndarray]:  # one entry per example, for counting
@@ -256,13 +258,16 @@ class PairSplit:
 
 
 def load_pair_split(config: SplitConfig, tokenizer: MLMTokenizer, max_seq_len: int, path: str = "split") -> PairSplit:
-    """Pairs from ``text_columns`` [query, positive]; rows whose ``label_column`` holds a score below
-    ``min_score`` (when set) are skipped, so graded data such as STS-B yields only close pairs."""
+    """Pairs from ``text_columns`` [query, positive] or [query, positive, hard negative]; rows whose
+    ``label_column`` holds a score below ``min_score`` (when set) are skipped, so graded data such as
+    STS-B yields only close pairs."""
     file = Path(config.path)
     if not file.exists():
         raise LabeledDataError(f"{path}.path: {file} does not exist")
-    if len(config.text_columns) != 2:
-        raise LabeledDataError(f"{path}.text_columns: give two columns, the query and its positive")
+    if len(config.text_columns) not in (2, 3):
+        raise LabeledDataError(
+            f"{path}.text_columns: give two columns, the query and its positive, or three, adding a hard negative"
+        )
     pairs = []
     for row in _rows(file, config.header):
         if config.limit is not None and len(pairs) == config.limit:
@@ -275,19 +280,21 @@ def load_pair_split(config: SplitConfig, tokenizer: MLMTokenizer, max_seq_len: i
         pairs.append([str(row[column]) for column in config.text_columns])
     if not pairs:
         raise LabeledDataError(f"{path}: {file} holds no pairs")
-    encodings = [tokenizer.tokenizer.encode_batch([pair[side] for pair in pairs]) for side in (0, 1)]
-    queries, positives = ([fit(np.asarray(e.ids, dtype=np.int64), max_seq_len) for e in side] for side in encodings)
+    columns = len(config.text_columns)
+    encodings = [tokenizer.tokenizer.encode_batch([pair[side] for pair in pairs]) for side in range(columns)]
+    texts = [[fit(np.asarray(e.ids, dtype=np.int64), max_seq_len) for e in side] for side in encodings]
     truncated = sum(len(e.ids) > max_seq_len for side in encodings for e in side)
-    _warn_truncated(truncated, 2 * len(pairs), file, max_seq_len, path)
-    return PairSplit(queries, positives)
+    _warn_truncated(truncated, columns * len(pairs), file, max_seq_len, path)
+    return PairSplit(*texts)
 
 
 def pair_batches(
     split: PairSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
 ) -> Iterator[dict]:
-    """Unpadded batches of 2B texts: the B queries, then their B positives in the same order. Under
-    several processes each rank takes its share of the pairs, and its in-batch negatives are the
-    other positives of its share."""
+    """Unpadded batches of the B queries, then their B positives in the same order, then (where the
+    split has them) their B hard negatives; ``num_queries`` is B. Under several processes each rank
+    takes its share of the pairs, and its in-batch negatives are the other documents of its share."""
+    sides = [split.queries, split.positives, *([split.negatives] if split.negatives is not None else [])]
     for chosen in rank_shares(len(split.queries), batch_size, shuffle, seed, rank, world):
-        texts = unpadded([split.queries[i] for i in chosen] + [split.positives[i] for i in chosen])
-        yield {**texts, "example_ids": chosen}
+        texts = unpadded([side[i] for side in sides for i in chosen])
+        yield {**texts, "num_queries": len(chosen), "example_ids": chosen}

@@ -138,12 +138,29 @@ class FlexBertForSentenceEmbedding(nn.Module):
         return F.normalize(pool_documents(encoded.hidden, encoded.layout, self.pooling), dim=-1)
 
     def forward(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None = None,
+        num_queries: int | None = None,
     ) -> ClassifierOutput:
-        """A batch of 2B documents: B queries, then their B positives. ``logits`` [B, B] are the
-        scaled query-positive similarities; the loss is cross-entropy towards the diagonal."""
+        """A batch of B queries, then their B positives, then any further documents (hard
+        negatives); B is ``num_queries``, half the batch by default. ``logits`` [B, documents] are the
+        scaled query-document similarities; the loss is cross-entropy towards each query's positive."""
         embeddings = self.embed(input_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        queries, positives = embeddings.chunk(2)
-        logits = queries @ positives.T / self.temperature
-        targets = torch.arange(logits.shape[0], device=logits.device)
-        return ClassifierOutput(F.cross_entropy(logits.float(), targets), logits)
+        queries, documents = split_queries(embeddings, num_queries)
+        logits = queries @ documents.T / self.temperature
+        return ClassifierOutput(in_batch_loss(logits), logits)
+
+
+def split_queries(texts: torch.Tensor, num_queries: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[texts, ...] -> (the B queries, every document after them); B defaults to half the texts."""
+    count = texts.shape[0] // 2 if num_queries is None else num_queries
+    return texts[:count], texts[count:]
+
+
+def in_batch_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Contrastive loss over [B, documents] scores: query i's positive is document i, and every
+    other document of the batch (the other positives, any hard negatives) is a negative."""
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits.float(), targets)

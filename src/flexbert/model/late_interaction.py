@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from flexbert.model.backends import DocumentLayout, scatter_rows
-from flexbert.model.classification import ClassifierOutput
+from flexbert.model.classification import ClassifierOutput, in_batch_loss, split_queries
 from flexbert.model.config import FlexBertConfig
 from flexbert.model.model import FlexBertModel, finish_building
 
@@ -79,12 +79,17 @@ class FlexBertForLateInteraction(nn.Module):
         return padded(*self.embed_tokens(input_ids, cu_seqlens, max_seqlen))
 
     def forward(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None = None,
+        num_queries: int | None = None,
     ) -> ClassifierOutput:
-        """A batch of 2B texts, B queries then their B positive documents. ``logits`` [B, B] are the
-        MaxSim scores of each query against every document; the loss pulls up the diagonal."""
+        """A batch of B queries, then their B positive documents, then any further documents (hard
+        negatives); B is ``num_queries``, half the batch by default. ``logits`` [B, documents] are
+        the MaxSim scores of each query against every document; the loss pulls up each query's positive."""
         vectors, mask = self.embed(input_ids, cu_seqlens, max_seqlen)
-        half = vectors.shape[0] // 2
-        scores = maxsim(vectors[:half], mask[:half], vectors[half:], mask[half:])
-        targets = torch.arange(half, device=scores.device)
-        return ClassifierOutput(F.cross_entropy(scores.float() / self.temperature, targets), scores)
+        queries, documents = split_queries(vectors, num_queries)
+        query_mask, document_mask = split_queries(mask, num_queries)
+        scores = maxsim(queries, query_mask, documents, document_mask)
+        return ClassifierOutput(in_batch_loss(scores / self.temperature), scores)

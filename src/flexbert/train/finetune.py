@@ -227,7 +227,7 @@ class ComposerClassifier(ComposerModel):
 
     def forward(self, batch: dict):
         if isinstance(self.model, (FlexBertForSentenceEmbedding, FlexBertForLateInteraction)):
-            return self.model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"])
+            return self.model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"], batch["num_queries"])
         return self.model(
             batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"]
         )
@@ -244,13 +244,13 @@ class ComposerClassifier(ComposerModel):
         return {} if is_train else self.eval_metrics
 
     def update_metric(self, batch: dict, outputs, metric) -> None:
-        if isinstance(metric, Retrieval):  # queries, then their positives
+        if isinstance(metric, Retrieval):  # each query's own positive among the split's positives
+            count = batch["num_queries"]  # queries, then their positives; hard negatives only train
             if isinstance(outputs, tuple):  # token vectors and their mask
                 vectors, mask = outputs
-                half = vectors.shape[0] // 2
-                metric.update(vectors[:half], vectors[half:], mask[:half], mask[half:])
+                metric.update(vectors[:count], vectors[count : 2 * count], mask[:count], mask[count : 2 * count])
             else:
-                metric.update(*outputs.chunk(2))
+                metric.update(outputs[:count], outputs[count : 2 * count])
             return
         logits = outputs.logits
         predictions = logits.squeeze(-1) if self.model.num_labels == 1 else logits.argmax(-1)
@@ -335,9 +335,10 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
         if task.kind == "late_interaction":
             pairs = load_pair_split(split, tokenizer, config.max_seq_len, key_path)
             query_marker, document_marker = marker_ids(tokenizer)
+            documents = [pairs.positives, *([pairs.negatives] if pairs.negatives is not None else [])]
             return PairSplit(
                 [query_tokens(ids, query_marker, tokenizer.mask_id, task.query_length) for ids in pairs.queries],
-                [document_tokens(ids, document_marker, task.document_length) for ids in pairs.positives],
+                *([document_tokens(ids, document_marker, task.document_length) for ids in side] for side in documents),
             )
         if task.kind == "token":
             return load_conll_split(split.path, tokenizer, task.label_names, config.max_seq_len, key_path, split.limit)
