@@ -33,11 +33,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from inference_workloads import autocast, padded, workloads
 
 from flexbert.data.tokenizer import load_tokenizer
 from flexbert.embedders import Embedder, export_st
@@ -48,30 +48,6 @@ from flexbert.model import PRESETS, FlexBertConfig, FlexBertForSentenceEmbedding
 TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"
 # Words that the ModernBERT tokenizer keeps whole: " word" is one token each.
 WORDS = "the of and to in is that for it as was with be by on not he this are or".split()
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    lengths: np.ndarray  # tokens per document, [CLS] and [SEP] included
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum())
-
-
-def workloads(short: int, long: int, seed: int = 0) -> list[Workload]:
-    rng = np.random.default_rng(seed)
-
-    def normal(count: int, mean: int, limit: int) -> np.ndarray:
-        return np.clip(rng.normal(mean, mean / 4, count).round(), 16, limit).astype(int)
-
-    return [
-        Workload("short fixed (512)", np.full(short, 512)),
-        Workload("short variable (~256)", normal(short, 256, 512)),
-        Workload("long fixed (8192)", np.full(long, 8192)),
-        Workload("long variable (~4096)", normal(long, 4096, 8192)),
-    ]
 
 
 def texts_of(lengths: np.ndarray, seed: int = 0) -> list[str]:
@@ -112,37 +88,12 @@ def ours(embedder: Embedder, documents: list[np.ndarray], budget: int, device: t
     return lambda: embed_documents(embedder, documents, budget, device)
 
 
-def padded(model: torch.nn.Module, documents: list[np.ndarray], per_batch: int, device: torch.device):
-    """transformers' way: padded batches of ``per_batch`` documents in corpus order, mean-pooled."""
-
-    def run() -> None:
-        for start in range(0, len(documents), per_batch):
-            batch = documents[start : start + per_batch]
-            width = max(len(document) for document in batch)
-            input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-            attention_mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, document in enumerate(batch):
-                input_ids[row, : len(document)] = torch.from_numpy(document)
-                attention_mask[row, : len(document)] = 1
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            with torch.inference_mode(), autocast(device):
-                hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                mask = attention_mask[..., None].to(hidden.dtype)
-                torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).float().cpu()
-
-    return run
-
-
 def sentence_transformers_encode(st_model, texts: list[str], per_batch: int, device: torch.device):
     def run() -> None:
         with autocast(device):
             st_model.encode(texts, batch_size=per_batch, convert_to_numpy=True)
 
     return run
-
-
-def autocast(device: torch.device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
 def synchronize(device: torch.device) -> None:

@@ -16,7 +16,10 @@ Sections, each skipped (and said so) once the time budget is spent:
 (b) training: ``modernbert-base`` at 1024 tokens, 96 rows per microbatch, per kernel, with compiled
     regions off and on: tokens/s, MFU by our FLOP formula, peak memory;
 (c) context extension: a few 8192-token steps (12 rows of 8192);
-(d) FSDP2: the (b) steps under ``fully_shard`` on one GPU.
+(d) FSDP2: the (b) steps under ``fully_shard`` on one GPU;
+(e) inference (run before (d)): ``flexbert encode``'s batching (length-sorted, unpadded, bf16) against transformers'
+    ``ModernBertModel`` (sdpa, padded batches) where transformers imports, on the paper's four
+    inference workloads (512 and 8192 tokens, fixed and variable): tokens/s and their ratio.
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` (a table for BENCHMARKS.md) to ``--out``.
 """
@@ -35,6 +38,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # inference_workloads, beside this file
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -291,6 +295,61 @@ def fsdp_section(device: torch.device, budget: Budget, smoke: bool) -> list[dict
         dist.destroy_process_group()
 
 
+def inference_section(device: torch.device, budget: Budget, smoke: bool) -> list[dict]:
+    """(e): each workload embedded by ours and, where transformers imports, by ModernBertModel on
+    padded batches of as many documents as the longest fits in the same token budget; the same
+    random weights, the median of three passes after a warm-up."""
+    from inference_workloads import padded, workloads
+
+    from flexbert.embedders import Embedder
+    from flexbert.encode import embed_documents
+    from flexbert.model import FlexBertForSentenceEmbedding
+
+    if not budget.allows(120):
+        return [{"section": "inference", "skipped": f"time budget ({budget.left():.0f} s left)"}]
+    config = model_config("sdpa", 8192, compiled=False, smoke=smoke)
+    short, long, budget_tokens = (4, 2, 512) if smoke else (512, 32, 65536)
+    lengths = (64, 256) if smoke else (512, 8192)
+    torch.manual_seed(0)
+    model = FlexBertForSentenceEmbedding(config, pooling="mean").to(device).eval()
+    ours_embedder = Embedder(Path("random"), model, None, config.max_position_embeddings, "mean")
+    theirs = None
+    try:
+        import transformers
+
+        from flexbert.hf import hf_config_from_flexbert
+
+        hf_config = hf_config_from_flexbert(config, attn_implementation="sdpa")
+        theirs = transformers.ModernBertModel(hf_config).to(device).eval()
+        theirs.load_state_dict({k.removeprefix("model."): v for k, v in model.state_dict().items()})
+    except ImportError:
+        pass  # ours alone: its tokens/s still says what encoding costs here
+    rng = np.random.default_rng(0)
+    rows = []
+    for workload in workloads(short, long, *lengths):
+        documents = [rng.integers(5, FIRST_SPECIAL, length).astype(np.int64) for length in workload.lengths]
+        contenders = {"ours": lambda d=documents: embed_documents(ours_embedder, d, budget_tokens, device)}
+        if theirs is not None:
+            per_batch = max(1, budget_tokens // int(workload.lengths.max()))
+            contenders["transformers"] = padded(theirs, documents, per_batch, device)
+        row = {"section": "inference", "workload": workload.name, "documents": len(documents)}
+        for name, run in contenders.items():
+            run()  # warm-up: first calls allocate and compile kernels
+            passes = []
+            for _ in range(3):
+                synchronize(device)
+                started = time.perf_counter()
+                run()
+                synchronize(device)
+                passes.append(time.perf_counter() - started)
+            row[f"{name}_tokens_per_s"] = workload.tokens / sorted(passes)[1]
+        if theirs is not None:
+            row["ratio"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -314,6 +373,21 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['section']} ({row.get('rows', '')} × {row.get('seq_len', '')}) | {row.get('kernel', '')} | "
             f"{'on' if row.get('compiled') else 'off'} | {speed} | {mfu} | {memory} | {loss} | {note} |"
+        )
+    lines += [
+        "",
+        "| inference workload | documents | ours tokens/s | transformers tokens/s | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for row in report.get("inference", []):
+        if "skipped" in row:
+            lines.append(f"| {row['skipped']} | | | | |")
+            continue
+        theirs = row.get("transformers_tokens_per_s")
+        theirs = f"{theirs:,.0f}" if theirs else "— (no transformers)"
+        ratio = f"{row['ratio']:.2f}×" if "ratio" in row else "—"
+        lines.append(
+            f"| {row['workload']} | {row['documents']} | {row['ours_tokens_per_s']:,.0f} | {theirs} | {ratio} |"
         )
     lines += [
         "",
@@ -368,6 +442,8 @@ def main() -> int:
     report["training"] += training_section(
         "context extension", device, budget, args.smoke, 8192, 12, 5, 60, compiled_options=(True,)
     )
+    # Inference before FSDP: its ratios are a goal of their own, FSDP's rows a check of (b).
+    report["inference"] = inference_section(device, budget, args.smoke)
     report["training"] += fsdp_section(device, budget, args.smoke)
     report["seconds"] = args.budget_s - budget.left()
     args.out.mkdir(parents=True, exist_ok=True)

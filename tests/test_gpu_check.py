@@ -34,5 +34,14 @@ def test_the_gpu_check_runs_in_smoke_mode_without_the_training_stack(tmp_path):
         ("fsdp2", "sdpa", False),
     }
     assert all(row["losses_finite"] and row["tokens_per_s"] > 0 for row in report["training"])
+    # Without transformers, the inference section times ours alone on the four workloads.
+    inference = report["inference"]
+    assert [row["workload"] for row in inference] == [
+        "short fixed (64)",
+        "short variable (~32)",
+        "long fixed (256)",
+        "long variable (~128)",
+    ]
+    assert all(row["ours_tokens_per_s"] > 0 and "ratio" not in row for row in inference)
     table = (tmp_path / "gpu_check.md").read_text()
     assert table.startswith("GPU check on ") and "| pretraining (2 × 128) | sdpa | off |" in table
