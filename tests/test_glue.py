@@ -377,7 +377,7 @@ def test_bad_models_data_and_task_lists_stop_in_one_line(glue, hf_model, tmp_pat
         ),
         (
             ["glue", str(hf_model), "--data", str(glue), *base, "--tasks", "rte"],
-            "--tasks: rte starts from mnli's best checkpoint; run mnli too",
+            "--tasks: rte starts from mnli's best checkpoint; run mnli too (or give a --protocol whose rte",
         ),
         (["glue", str(hf_model), "--data", str(glue), *base, "--tasks", "wnli"], "--tasks: unknown task 'wnli'"),
         (

@@ -186,6 +186,9 @@ def test_export_pylate_refuses_what_is_not_a_late_interaction_checkpoint(late_ch
         assert main(["export-pylate", str(checkpoint), str(tmp_path / "out")]) == 2
         printed = capsys.readouterr().err
         assert error in printed and printed.count("\n") == 1
+    # And the commands that take a pretrained (masked-LM) checkpoint say what this one is.
+    assert main(["export-hf", str(late_checkpoint), str(tmp_path / "hf")]) == 2
+    assert "was saved by a fine-tuning run" in capsys.readouterr().err
     assert main(["export-pylate", str(late_checkpoint), str(tmp_path / "out")]) == 0
     assert main(["export-pylate", str(late_checkpoint), str(tmp_path / "out")]) == 2  # exists: --overwrite
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "plain.pt"]  # nothing half-written

@@ -327,7 +327,11 @@ def _selected(protocol: GlueProtocol, tasks: list[str] | None) -> list[str]:
             raise ConfigError("--tasks", f"unknown task {name!r}; the protocol's: {', '.join(protocol.tasks)}")
         source = protocol.tasks[name].start_from
         if source is not None and source not in chosen:
-            raise ConfigError("--tasks", f"{name} starts from {source}'s best checkpoint; run {source} too")
+            raise ConfigError(
+                "--tasks",
+                f"{name} starts from {source}'s best checkpoint; run {source} too (or give a --protocol "
+                f"whose {name} has no start_from)",
+            )
     ordered = [name for name in protocol.tasks if name in chosen]
     return sorted(ordered, key=lambda name: name not in protocol.sources)
 

@@ -288,7 +288,13 @@ def model_from_checkpoint(
     elif MODEL_CONFIG_KEY in saved:
         config = FlexBertConfig.from_dict(saved[MODEL_CONFIG_KEY], path=MODEL_CONFIG_KEY)
     elif run_config_file.is_file():
-        config, tokenizer_dir = _model_config_from_training(json.loads(run_config_file.read_text()))
+        run_config = json.loads(run_config_file.read_text())
+        if "task" in run_config:  # a fine-tune's weights: an encoder with a task head, no MLM head
+            raise CheckpointError(
+                f"{path} was saved by a fine-tuning run ({run_config_file} has a task: section); "
+                "this needs a pretrained (masked-LM) checkpoint"
+            )
+        config, tokenizer_dir = _model_config_from_training(run_config)
     else:
         raise CheckpointError(
             f"cannot tell which model {path} holds: it carries no model config and there is no "
