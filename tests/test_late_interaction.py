@@ -15,9 +15,9 @@ from flexbert.model.backends import DocumentLayout
 from flexbert.model.late_interaction import FlexBertForLateInteraction, document_tokens, maxsim, padded, query_tokens
 from flexbert.train.checkpoint import RunDir, write_weights
 from flexbert.train.config import model_config_for
-from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer, marker_ids, with_marker_ids
+from flexbert.train.finetune import FinetuneConfig, TaskConfig, build_finetune_trainer, marker_ids, with_marker_ids
 from flexbert.train.metrics import Retrieval
-from flexbert.typed_config import load_yaml_config
+from flexbert.typed_config import ConfigError, load_yaml_config
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trains
 
@@ -271,3 +271,80 @@ def test_hard_negatives_join_each_querys_candidates(kind, tmp_path):
     assert output.logits.shape == (4, 8) and torch.allclose(output.loss, expected, atol=1e-5)
     trainer.fit()  # and it trains, evaluating each query's positive among the split's positives
     trainer.close()
+
+
+# --- distillation ------------------------------------------------------------------------------------
+
+
+def test_distillation_learns_the_teachers_distribution_over_each_querys_candidates(tmp_path):
+    """A batch holds B queries, then each one's k candidates; the loss is the KL divergence from the
+    softmax of the teacher's scores to that of the student's MaxSim scores of its own candidates."""
+    words = "cat dog sun mat park red blue fast slow tree".split()
+    rows = [
+        {
+            "query": f"{words[i % 10]} {words[(i + 1) % 10]}",
+            "documents": [f"a {w}" for w in words[:3]],
+            "scores": [3.0, 1.0, float(i % 4)],
+        }
+        for i in range(8)
+    ]
+    (tmp_path / "distil.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_triples(tmp_path / "pairs.jsonl", 8)
+    raw = {
+        "run_name": "distil",
+        "run_root": str(tmp_path),
+        "tokenizer": str(TOKENIZER),
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48},
+        "task": {
+            "kind": "late_interaction",
+            "loss": "distillation",
+            "dim": 16,
+            "query_length": 8,
+            "document_length": 16,
+            "metrics": ["recall_at_1"],
+        },
+        "train_split": {
+            "path": str(tmp_path / "distil.jsonl"),
+            "text_columns": ["query", "documents"],
+            "label_column": "scores",
+        },
+        "eval_splits": {"eval": {"path": str(tmp_path / "pairs.jsonl"), "text_columns": ["query", "positive"]}},
+        "batch_size": 4,
+        "max_duration": "2ba",
+        "logging": {"progress_bar": False},
+    }
+    trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
+    batch = next(iter(trainer.state.train_dataloader))
+    assert batch["num_queries"] == 4 and len(batch["cu_seqlens"]) == 4 + 4 * 3 + 1
+    model = trainer.state.model.model.eval()
+    texts = [batch["input_ids"][start:end] for start, end in zip(batch["cu_seqlens"][:-1], batch["cu_seqlens"][1:])]
+    with torch.no_grad():
+        alone = [model.embed(text, torch.tensor([0, len(text)])) for text in texts]
+        student = torch.stack(
+            [torch.stack([maxsim(*alone[q], *alone[4 + 3 * q + c])[0, 0] for c in range(3)]) for q in range(4)]
+        )
+        teacher = torch.softmax(batch["teacher_scores"], dim=-1)
+        expected = (teacher * (teacher.log() - torch.log_softmax(student, dim=-1))).sum(dim=-1).mean()
+        output = model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"], 4, batch["teacher_scores"])
+    assert output.logits.shape == (4, 3) and torch.allclose(output.loss, expected, atol=1e-5)
+    trainer.fit()
+    trainer.close()
+
+
+def test_bad_distillation_rows_are_one_line(tmp_path):
+    from flexbert.data.labeled import LabeledDataError, SplitConfig, load_distillation_split
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    cases = [
+        ({"query": "q", "documents": ["a", "b"], "scores": [1.0]}, "row 2: 2 documents and 1 scores"),
+        ({"query": "q", "documents": "a", "scores": [1.0]}, "'documents' must be a non-empty list of texts"),
+        ({"query": "q", "documents": ["a"], "scores": [1.0]}, "row 2: 1 documents and 1 scores; every row needs 2"),
+    ]
+    for bad, error in cases:
+        good = {"query": "q", "documents": ["a", "b"], "scores": [1.0, 0.0]}
+        (tmp_path / "rows.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        config = SplitConfig(str(tmp_path / "rows.jsonl"), ["query", "documents"], "scores")
+        with pytest.raises(LabeledDataError, match=error):
+            load_distillation_split(config, tokenizer, 64)
+    with pytest.raises(ConfigError, match="task.loss: distillation trains late-interaction models"):
+        TaskConfig(metrics=["recall_at_1"], kind="embedding", loss="distillation").validate("task")

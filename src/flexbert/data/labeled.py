@@ -298,3 +298,75 @@ def pair_batches(
     for chosen in rank_shares(len(split.queries), batch_size, shuffle, seed, rank, world):
         texts = unpadded([side[i] for side in sides for i in chosen])
         yield {**texts, "num_queries": len(chosen), "example_ids": chosen}
+
+
+@dataclass
+class DistillationSplit:
+    """Queries, each with the same number of candidate documents and a teacher's score for each,
+    whose distribution over its candidates a student learns (as PyLate distils ColBERT models)."""
+
+    queries: list[np.ndarray]
+    documents: list[list[np.ndarray]]  # each query's candidates, in the teacher's order
+    teacher_scores: torch.Tensor  # [queries, candidates]
+
+    @property
+    def token_ids(self) -> list[np.ndarray]:  # one entry per example, for counting
+        return self.queries
+
+
+def load_distillation_split(
+    config: SplitConfig, tokenizer: MLMTokenizer, max_seq_len: int, path: str = "split"
+) -> DistillationSplit:
+    """Rows of ``text_columns`` [query, documents] (a text, and a list of texts) with the teacher's
+    scores, one per document, in ``label_column``; every row has as many documents as the first."""
+    file = Path(config.path)
+    if not file.exists():
+        raise LabeledDataError(f"{path}.path: {file} does not exist")
+    if len(config.text_columns) != 2:
+        raise LabeledDataError(f"{path}.text_columns: give two columns, the query and its list of documents")
+    query_column, documents_column = config.text_columns
+    queries, documents, scores = [], [], []
+    for number, row in enumerate(_rows(file, config.header), 1):
+        if config.limit is not None and len(queries) == config.limit:
+            break
+        candidates, teacher = row.get(documents_column), row.get(config.label_column)
+        where = f"{path}: {file} row {number}"
+        if not isinstance(row.get(query_column), str):
+            raise LabeledDataError(f"{where}: {query_column!r} must be a text")
+        if not (isinstance(candidates, list) and candidates and all(isinstance(text, str) for text in candidates)):
+            raise LabeledDataError(f"{where}: {documents_column!r} must be a non-empty list of texts")
+        if not (isinstance(teacher, list) and all(isinstance(x, (int, float)) for x in teacher)):
+            raise LabeledDataError(f"{where}: {config.label_column!r} must be a list of scores")
+        if len(teacher) != len(candidates) or (documents and len(candidates) != len(documents[0])):
+            raise LabeledDataError(
+                f"{where}: {len(candidates)} documents and {len(teacher)} scores; every row needs "
+                f"{len(documents[0]) if documents else len(candidates)} of each"
+            )
+        queries.append(row[query_column])
+        documents.append(candidates)
+        scores.append(teacher)
+    if not queries:
+        raise LabeledDataError(f"{path}: {file} holds no rows")
+
+    def tokenized(texts: list[str]) -> list[np.ndarray]:
+        return [fit(np.asarray(e.ids, dtype=np.int64), max_seq_len) for e in tokenizer.tokenizer.encode_batch(texts)]
+
+    flat = tokenized([text for candidates in documents for text in candidates])
+    per_query = len(documents[0])
+    grouped = [flat[start : start + per_query] for start in range(0, len(flat), per_query)]
+    return DistillationSplit(tokenized(queries), grouped, torch.tensor(scores, dtype=torch.float32))
+
+
+def distillation_batches(
+    split: DistillationSplit, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[dict]:
+    """Unpadded batches of the B queries, then each query's candidates in turn; ``num_queries`` is B
+    and ``teacher_scores`` [B, candidates] the teacher's scores of them."""
+    for chosen in rank_shares(len(split.queries), batch_size, shuffle, seed, rank, world):
+        texts = [split.queries[i] for i in chosen] + [document for i in chosen for document in split.documents[i]]
+        yield {
+            **unpadded(texts),
+            "num_queries": len(chosen),
+            "teacher_scores": split.teacher_scores[torch.from_numpy(chosen)],
+            "example_ids": chosen,
+        }

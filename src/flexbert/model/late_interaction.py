@@ -52,6 +52,30 @@ def maxsim(
     return (best * query_mask[:, None, :]).sum(dim=-1)
 
 
+def maxsim_per_query(
+    queries: torch.Tensor, query_mask: torch.Tensor, documents: torch.Tensor, document_mask: torch.Tensor
+) -> torch.Tensor:
+    """[Q, Lq, D] queries and [Q * k, Ld, D] documents, query 0's k first -> [Q, k]: each query's
+    MaxSim against its own k documents only."""
+    count = documents.shape[0] // queries.shape[0]
+    documents = documents.view(queries.shape[0], count, *documents.shape[1:])  # [Q, k, Ld, D]
+    document_mask = document_mask.view(queries.shape[0], count, -1)
+    similarity = torch.einsum("qid,qkjd->qkij", queries, documents)  # [Q, k, Lq, Ld]
+    similarity = similarity.masked_fill(~document_mask[:, :, None, :], float("-inf"))
+    return (similarity.max(dim=-1).values * query_mask[:, None, :]).sum(dim=-1)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the teacher's distribution over each query's candidates (softmax of its
+    [Q, k] scores) to the student's."""
+    return F.kl_div(
+        F.log_softmax(student.float(), dim=-1),
+        F.log_softmax(teacher.float(), dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+
+
 class FlexBertForLateInteraction(nn.Module):
     """Encoder -> a linear projection to ``dim`` without bias -> L2 norm per token; trained with
     in-batch negatives: each query's positive is its target, every other document in the batch a
@@ -84,12 +108,20 @@ class FlexBertForLateInteraction(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int | None = None,
         num_queries: int | None = None,
+        teacher_scores: torch.Tensor | None = None,
     ) -> ClassifierOutput:
         """A batch of B queries, then their B positive documents, then any further documents (hard
         negatives); B is ``num_queries``, half the batch by default. ``logits`` [B, documents] are
-        the MaxSim scores of each query against every document; the loss pulls up each query's positive."""
+        the MaxSim scores of each query against every document; the loss pulls up each query's positive.
+
+        Distillation: with ``teacher_scores`` [B, k], the documents are each query's k candidates in
+        turn, ``logits`` [B, k] its MaxSim scores of them, and the loss the KL divergence from the
+        teacher's distribution over them to ours (of the scores / ``temperature``)."""
         vectors, mask = self.embed(input_ids, cu_seqlens, max_seqlen)
         queries, documents = split_queries(vectors, num_queries)
         query_mask, document_mask = split_queries(mask, num_queries)
+        if teacher_scores is not None:
+            scores = maxsim_per_query(queries, query_mask, documents, document_mask)
+            return ClassifierOutput(distillation_loss(scores / self.temperature, teacher_scores), scores)
         scores = maxsim(queries, query_mask, documents, document_mask)
         return ClassifierOutput(in_batch_loss(scores / self.temperature), scores)

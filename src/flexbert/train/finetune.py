@@ -20,13 +20,16 @@ from composer.models import ComposerModel
 from composer.utils import dist, reproducibility
 
 from flexbert.data.labeled import (
+    DistillationSplit,
     LabeledDataError,
     LabeledSplit,
     PairSplit,
     SplitConfig,
     batches,
+    distillation_batches,
     global_batches,
     load_conll_split,
+    load_distillation_split,
     load_pair_split,
     load_split,
     pair_batches,
@@ -96,6 +99,9 @@ class TaskConfig:
     dim: int = 128
     query_length: int = 32
     document_length: int = 180
+    # Late interaction's training signal: in-batch contrastive on (query, positive[, negative]) rows,
+    # or distillation of a teacher's scores of each query's candidates (query, documents, scores).
+    loss: Literal["contrastive", "distillation"] = "contrastive"
     classifier_dropout: float = 0.0
     label_names: list[str] | None = None  # class names in label order, if the files hold names
 
@@ -104,6 +110,8 @@ class TaskConfig:
             raise ConfigError(f"{path}.label_names", "token classification needs its num_labels tag names, in order")
         if self.num_labels < 1:
             raise ConfigError(f"{path}.num_labels", f"must be at least 1, got {self.num_labels}")
+        if self.loss == "distillation" and self.kind != "late_interaction":
+            raise ConfigError(f"{path}.loss", "distillation trains late-interaction models (kind: late_interaction)")
         if self.temperature is None:
             self.temperature = 1.0 if self.kind == "late_interaction" else 0.05
         if self.temperature <= 0:
@@ -227,7 +235,10 @@ class ComposerClassifier(ComposerModel):
 
     def forward(self, batch: dict):
         if isinstance(self.model, (FlexBertForSentenceEmbedding, FlexBertForLateInteraction)):
-            return self.model(batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"], batch["num_queries"])
+            distilled = {"teacher_scores": batch["teacher_scores"]} if "teacher_scores" in batch else {}
+            return self.model(
+                batch["input_ids"], batch["cu_seqlens"], batch["max_seqlen"], batch["num_queries"], **distilled
+            )
         return self.model(
             batch["input_ids"], labels=batch["labels"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"]
         )
@@ -268,9 +279,9 @@ class Epochs:
     this rank's share of every global batch of ``batch_size`` examples (the same count of batches on
     every rank, together covering the split once)."""
 
-    def __init__(self, split: LabeledSplit | PairSplit, batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, split: LabeledSplit | PairSplit | DistillationSplit, batch_size: int, shuffle: bool, seed: int):
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
-        self.batches = pair_batches if isinstance(split, PairSplit) else batches
+        self.batches = {PairSplit: pair_batches, DistillationSplit: distillation_batches}.get(type(split), batches)
         self.rank, self.world = dist.get_global_rank(), dist.get_world_size()
         self.epoch = 0
 
@@ -329,9 +340,20 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
     precision = resolve_precision(config.precision)
     tokenizer, model_config, task = config.mlm_tokenizer, config.model_config, config.task
 
-    def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit:
+    def load(split: SplitConfig, key_path: str) -> LabeledSplit | PairSplit | DistillationSplit:
         if task.kind == "embedding":
             return load_pair_split(split, tokenizer, config.max_seq_len, key_path)
+        if task.kind == "late_interaction" and task.loss == "distillation" and key_path == "train_split":
+            rows = load_distillation_split(split, tokenizer, config.max_seq_len, key_path)
+            query_marker, document_marker = marker_ids(tokenizer)
+            return DistillationSplit(
+                [query_tokens(ids, query_marker, tokenizer.mask_id, task.query_length) for ids in rows.queries],
+                [
+                    [document_tokens(ids, document_marker, task.document_length) for ids in docs]
+                    for docs in rows.documents
+                ],
+                rows.teacher_scores,
+            )
         if task.kind == "late_interaction":
             pairs = load_pair_split(split, tokenizer, config.max_seq_len, key_path)
             query_marker, document_marker = marker_ids(tokenizer)
