@@ -116,9 +116,11 @@ class TaskConfig:
             self.temperature = 1.0 if self.kind == "late_interaction" else 0.05
         if self.temperature <= 0:
             raise ConfigError(f"{path}.temperature", f"must be positive, got {self.temperature}")
-        for key in ("dim", "query_length", "document_length"):
-            if getattr(self, key) < (4 if key != "dim" else 1):  # [CLS] marker text [SEP]
-                raise ConfigError(f"{path}.{key}", f"too small: {getattr(self, key)}")
+        if self.dim < 1:
+            raise ConfigError(f"{path}.dim", f"must be at least 1, got {self.dim}")
+        for key in ("query_length", "document_length"):
+            if getattr(self, key) < 4:  # [CLS], the marker, a token of text, [SEP]
+                raise ConfigError(f"{path}.{key}", f"must be at least 4 tokens, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
