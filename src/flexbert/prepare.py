@@ -2,7 +2,8 @@
 
     flexbert prepare corpus OUT                       # the embedded demo corpus, from this Python install
     flexbert prepare tokenizer --input ... --output DIR
-    flexbert prepare mds --input ... --output DIR_OR_URL --tokenizer DIR
+    flexbert prepare mds --input ... --output DIR_OR_URL --tokenizer DIR [--part I/N]
+    flexbert prepare merge DIR_OR_URL --parts N        # the parts of N jobs, as one dataset
     flexbert prepare retrieval --task code-search|stsb --output DIR   # a retrieval benchmark, offline
 
 Each step writes its output whole or not at all (``mds`` resumes where an interrupted run stopped),
@@ -168,7 +169,8 @@ def add_prepare_commands(commands: Any) -> None:
     """``prepare corpus | tokenizer | mds`` under the command line's subcommands."""
     prepare = commands.add_parser(
         "prepare",
-        help="build the demo corpus, train a tokenizer, or tokenize text into MDS shards",
+        help="build the demo corpus, train a tokenizer, tokenize text into MDS shards (in parts, then merge "
+        "them), or build a retrieval benchmark",
         description="The data steps before training: corpus -> tokenizer -> MDS shards.",
     )
     steps = prepare.add_subparsers(dest="step", required=True, metavar="STEP")

@@ -236,9 +236,10 @@ def add_eval_retrieval_command(commands: Any) -> None:
 
     parser = commands.add_parser(
         "eval-retrieval",
-        help="rank a retrieval task's corpus with an embedding model: nDCG@10, MRR@10, recall@1/10/100",
+        help="rank a retrieval task's corpus with an embedding or ColBERT model: nDCG@10, MRR@10, recall@1/10/100",
         description="Embed the queries and the corpus of a retrieval task's split with MODEL, rank the corpus "
-        "for each query by cosine similarity, and score the rankings against the split's qrels as BEIR does: "
+        "for each query by cosine similarity (by MaxSim over token vectors when MODEL is a late-interaction "
+        "fine-tune's checkpoint), and score the rankings against the split's qrels as BEIR does: "
         "nDCG@10, MRR@10 and recall@1, @10 and @100, averaged over the queries with a relevant document. "
         "The task (--task DIR) is a folder that flexbert prepare retrieval writes, or any folder holding "
         "SPLIT/queries.jsonl, SPLIT/corpus.jsonl and SPLIT/qrels.tsv in BEIR's formats.",
