@@ -21,7 +21,6 @@ document token skipped (``skiplist_words`` empty), so its scores are ours.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -186,11 +185,6 @@ def _tokenizer_with_markers(tokenizer: MLMTokenizer, out: Path) -> Path:
     return out
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
 def _pylate_config(task: TaskConfig) -> dict[str, Any]:
     import torch
     import transformers
@@ -223,26 +217,20 @@ def export_pylate(late: LateInteractionModel, out_dir: str | os.PathLike, overwr
     from safetensors.torch import save_file
 
     from flexbert.data.atomic_output import atomic_output_dir
-    from flexbert.embedders import ENCODER_PREFIX
-    from flexbert.hf import export_hf
+    from flexbert.embedders import write_json, write_transformer_module
 
-    state = late.model.state_dict()
-    # The bare encoder under ModernBertModel's own names, as sentence-transformers saves it.
-    encoder = {name.removeprefix(ENCODER_PREFIX): t for name, t in state.items() if name.startswith(ENCODER_PREFIX)}
-    projection = state["projection.weight"]
+    projection = late.model.state_dict()["projection.weight"]
     with tempfile.TemporaryDirectory() as scratch, atomic_output_dir(out_dir, overwrite) as staging:
         tokenizer_dir = _tokenizer_with_markers(late.tokenizer, Path(scratch) / "tokenizer")
-        export_hf(late.model, staging, tokenizer_dir, overwrite=True, weights=encoder)
-        config_json = json.loads((staging / "config.json").read_text())
-        _write_json(staging / "config.json", {**config_json, "architectures": ["ModernBertModel"]})
-        _write_json(
+        write_transformer_module(late.model, staging, tokenizer_dir, late.task.document_length)
+        write_json(
             staging / "modules.json",
             [
                 {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                 {"idx": 1, "name": "1", "path": "1_Dense", "type": "pylate.models.Dense.Dense"},
             ],
         )
-        _write_json(
+        write_json(
             staging / "1_Dense" / "config.json",
             {
                 "in_features": projection.shape[1],
@@ -253,10 +241,7 @@ def export_pylate(late: LateInteractionModel, out_dir: str | os.PathLike, overwr
             },
         )
         save_file({"linear.weight": projection.detach().cpu().contiguous()}, staging / "1_Dense" / "model.safetensors")
-        _write_json(
-            staging / "sentence_bert_config.json", {"max_seq_length": late.task.document_length, "do_lower_case": False}
-        )
-        _write_json(staging / "config_sentence_transformers.json", _pylate_config(late.task))
+        write_json(staging / "config_sentence_transformers.json", _pylate_config(late.task))
     return Path(out_dir)
 
 

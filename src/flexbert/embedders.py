@@ -38,6 +38,7 @@ from flexbert.errors import CheckpointError, MissingFileError
 if TYPE_CHECKING:  # torch and the model are imported where used: the command line starts without them
     import torch
 
+    from flexbert.data.tokenizer import MLMTokenizer
     from flexbert.model import FlexBertConfig, FlexBertForSentenceEmbedding
     from flexbert.model.classification import Pooling
 
@@ -228,9 +229,40 @@ def _model_config() -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def write_transformer_module(
+    model: torch.nn.Module, out: Path, tokenizer_dir: str | os.PathLike, max_seq_length: int
+) -> None:
+    """The Transformer module of a sentence-transformers directory (as PyLate's too) into ``out``:
+    the encoder of a FlexBERT task model under transformers' ModernBertModel names, with its config,
+    the tokenizer, and ``sentence_bert_config.json``."""
+    from flexbert.hf import export_hf
+
+    state = model.state_dict()
+    weights = {name.removeprefix(ENCODER_PREFIX): t for name, t in state.items() if name.startswith(ENCODER_PREFIX)}
+    export_hf(model, out, tokenizer_dir, overwrite=True, weights=weights)
+    config_json = json.loads((out / "config.json").read_text())
+    write_json(out / "config.json", {**config_json, "architectures": ["ModernBertModel"]})
+    write_json(out / "sentence_bert_config.json", {"max_seq_length": max_seq_length, "do_lower_case": False})
+
+
+def fitting_tokenizer(config: FlexBertConfig, directory: str | os.PathLike) -> MLMTokenizer:
+    """The tokenizer in ``directory``, refused in one line unless its ids fit the model: a vocabulary
+    no larger than the model's, and the model's [CLS] and [SEP]."""
+    from flexbert.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    ours, theirs = (tokenizer.cls_id, tokenizer.sep_id), (config.cls_token_id, config.sep_token_id)
+    if tokenizer.vocab_size > config.vocab_size or ours != theirs:
+        raise CheckpointError(
+            f"tokenizer {tokenizer.path} does not fit the model: {tokenizer.vocab_size} tokens for its "
+            f"{config.vocab_size}, [CLS] and [SEP] ids {ours} for its {theirs}"
+        )
+    return tokenizer
 
 
 def export_st(
@@ -244,29 +276,21 @@ def export_st(
     loads, with inputs cut at ``embedder.max_seq_len`` tokens. The tokenizer is ``tokenizer_dir``,
     else the one the model was trained with. The directory appears all at once, or not at all."""
     from flexbert.data.atomic_output import atomic_output_dir
-    from flexbert.hf import export_hf
 
     tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else embedder.tokenizer_dir
     if tokenizer_dir is None:
         raise CheckpointError(
             f"no tokenizer is known for {embedder.path}, and sentence-transformers needs one; add --tokenizer DIR"
         )
-    # The bare encoder under ModernBertModel's own names, as sentence-transformers' save() writes it.
-    weights = {name.removeprefix(ENCODER_PREFIX): tensor for name, tensor in embedder.model.state_dict().items()}
     with atomic_output_dir(out_dir, overwrite) as staging:
-        export_hf(embedder.model, staging, tokenizer_dir, overwrite=True, weights=weights)
-        config_json = json.loads((staging / "config.json").read_text())
-        _write_json(staging / "config.json", {**config_json, "architectures": ["ModernBertModel"]})
-        _write_json(staging / "modules.json", _modules(normalize))
-        _write_json(
-            staging / "sentence_bert_config.json", {"max_seq_length": embedder.max_seq_len, "do_lower_case": False}
-        )
-        _write_json(
+        write_transformer_module(embedder.model, staging, tokenizer_dir, embedder.max_seq_len)
+        write_json(staging / "modules.json", _modules(normalize))
+        write_json(
             staging / "1_Pooling" / "config.json", _pooling_config(embedder.pooling, embedder.config.hidden_size)
         )
         if normalize:
             (staging / "2_Normalize").mkdir()
-        _write_json(staging / "config_sentence_transformers.json", _model_config())
+        write_json(staging / "config_sentence_transformers.json", _model_config())
     return Path(out_dir)
 
 

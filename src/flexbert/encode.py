@@ -286,16 +286,9 @@ def _tokenizer_for(embedder: Embedder, corpus: Corpus) -> Callable[[list], list]
         raise EncodeError(
             f"no tokenizer is known for {embedder.path}, and {corpus.path} holds text; add --tokenizer DIR"
         )
-    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.embedders import fitting_tokenizer
 
-    tokenizer, config = load_tokenizer(embedder.tokenizer_dir), embedder.config
-    ours, theirs = (tokenizer.cls_id, tokenizer.sep_id), (config.cls_token_id, config.sep_token_id)
-    if tokenizer.vocab_size > config.vocab_size or ours != theirs:
-        raise EncodeError(
-            f"tokenizer {tokenizer.path} does not fit the model: {tokenizer.vocab_size} tokens for its "
-            f"{config.vocab_size}, [CLS] and [SEP] ids {ours} for its {theirs}"
-        )
-    return tokenizer.encode_batch
+    return fitting_tokenizer(embedder.config, embedder.tokenizer_dir).encode_batch
 
 
 def encode_corpus(

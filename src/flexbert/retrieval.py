@@ -159,21 +159,12 @@ def evaluate(scorer: Scorer, split: RetrievalSplit) -> RetrievalResult:
 
 def _tokenizer_for(embedder: Embedder, override: str | None) -> MLMTokenizer:
     """The tokenizer the model reads: ``override``, else the one it was trained with; its ids must fit the model."""
-    from flexbert.data.tokenizer import load_tokenizer
+    from flexbert.embedders import fitting_tokenizer
 
     directory = override if override is not None else embedder.tokenizer_dir
     if directory is None:
         raise RetrievalEvalError("no tokenizer is known for the model; add --tokenizer DIR")
-    tokenizer, config = load_tokenizer(directory), embedder.config
-    if tokenizer.vocab_size > config.vocab_size or (tokenizer.cls_id, tokenizer.sep_id) != (
-        config.cls_token_id,
-        config.sep_token_id,
-    ):
-        raise RetrievalEvalError(
-            f"tokenizer {tokenizer.path} does not fit the model (vocab {tokenizer.vocab_size} vs {config.vocab_size}, "
-            f"[CLS]/[SEP] {tokenizer.cls_id}/{tokenizer.sep_id} vs {config.cls_token_id}/{config.sep_token_id})"
-        )
-    return tokenizer
+    return fitting_tokenizer(embedder.config, directory)
 
 
 def dense_scorer(
