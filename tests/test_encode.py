@@ -19,6 +19,8 @@ from flexbert.data.tokenizer import load_tokenizer
 from flexbert.embedders import load_embedder
 from flexbert.encode import encode_corpus, length_sorted_batches, open_corpus
 
+pytestmark = pytest.mark.xdist_group("streaming")  # converts to MDS: see test_remote_streaming.py
+
 # Lengths from a few tokens to past MAX_SEQ_LEN, shuffled so that sorting them matters.
 DOCUMENTS = [
     " ".join(f"word{index}-{k}" for k in range(length))
