@@ -48,5 +48,6 @@ del stream, loader
 resumed = PackedMLMLoader(config, tokenizer)
 resumed.load_state_dict(state)
 (out / f"rank{rank}_resumed.json").write_text(json.dumps(head + keys(resumed)))
+# Both ranks have written their files. No destroy_process_group: gloo's teardown can wait forever
+# once the other rank has exited (seen in CI, a rank stuck there after its work was done).
 dist.barrier()
-dist.destroy_process_group()
