@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 HF5 := .venv-hf5
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench gpu-check clean
+.PHONY: install test test-newest lint format demo bench gpu-check clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install --compile-bytecode --python $(BIN)/python -e '.[train,dev]'
 	rm -rf $(HF5)
 	$(BIN)/uv pip install --quiet --target $(HF5) 'transformers>=5,<6' \
 		"numpy==$$($(BIN)/python -c 'import numpy; print(numpy.__version__)')"
@@ -22,6 +22,41 @@ $(STAMP): pyproject.toml
 
 test: install lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# The model side on the newest stack the registry serves: torch, transformers 5.x and
+# sentence-transformers 6.x, with the core install alone (`pip install flexbert`: no Composer,
+# streaming, OmegaConf or wandb). torch's wheels bring about 5 GB of CUDA libraries, so this is a
+# target of its own, which .ci/run runs after `make test`. The training environment (.venv) writes
+# checkpoints and reference outputs; .venv-newest must reproduce them (tests/test_newest_stack.py),
+# and the core's model tests run there too.
+NEWEST := .venv-newest
+NEWEST_STAMP := $(NEWEST)/.installed
+NEWEST_STACK := 'torch>=2.15' 'transformers>=5.25,<6' 'sentence-transformers>=6.3,<7'
+NEWEST_FIXTURES := runs/newest-stack-fixtures
+NEWEST_TESTS := tests/test_newest_stack.py tests/test_encoder.py tests/test_attention_backends.py \
+	tests/test_hf_parity.py tests/test_registry.py tests/test_tiling.py
+STACK_VERSIONS := import torch, transformers; print(torch.__version__, transformers.__version__)
+TRAINING_ONLY := composer streaming omegaconf wandb torchmetrics
+
+$(NEWEST_STAMP): pyproject.toml Makefile | $(STAMP)
+	rm -rf $(NEWEST)
+	$(PYTHON) -m venv $(NEWEST)
+	$(BIN)/uv pip install --quiet --python $(NEWEST)/bin/python $(NEWEST_STACK) 'pytest>=8,<9' 'pytest-timeout>=2.3'
+	$(NEWEST)/bin/python -c '$(STACK_VERSIONS)' > $(NEWEST)/stack-before
+	$(BIN)/uv pip install --quiet --python $(NEWEST)/bin/python -e .
+	$(NEWEST)/bin/python -c '$(STACK_VERSIONS)' > $(NEWEST)/stack-after
+	@cmp -s $(NEWEST)/stack-before $(NEWEST)/stack-after || { echo "the core install changed torch or" \
+		"transformers: $$(cat $(NEWEST)/stack-before) -> $$(cat $(NEWEST)/stack-after)"; exit 1; }
+	@for module in $(TRAINING_ONLY); do $(NEWEST)/bin/python -c "import $$module" 2>/dev/null && \
+		{ echo "the core install brought $$module, a training package"; exit 1; }; done; true
+	@echo "$(NEWEST): $$(cat $(NEWEST)/stack-after) (torch, transformers), core install only"
+	touch $(NEWEST_STAMP)
+
+test-newest: $(NEWEST_STAMP)
+	rm -rf $(NEWEST_FIXTURES)
+	$(BIN)/python tests/stack_fixtures.py $(NEWEST_FIXTURES)
+	FLEXBERT_STACK_FIXTURES=$(abspath $(NEWEST_FIXTURES)) $(NEWEST)/bin/python -m pytest -p no:cacheprovider \
+		$(PYTEST_ARGS) $(NEWEST_TESTS)
 
 # Style is checked, never argued: ruff's lint rules and its formatter (settings in pyproject.toml).
 LINTED := src tests bench data_prep main.py
@@ -75,4 +110,4 @@ gpu-check:
 	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(HF5) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(HF5) $(NEWEST) build src/*.egg-info .pytest_cache

@@ -13,8 +13,8 @@ import argparse
 import torch
 from bench_model import DTYPES, side_by_side
 
-from flexbert.model import DocumentLayout
-from flexbert.model.backends.sdpa import _banded_sdpa, _full_sdpa
+from flexbert.core.model import DocumentLayout
+from flexbert.core.model.backends.sdpa import _banded_sdpa, _full_sdpa
 
 HEADS, HEAD_DIM, HALF_WINDOW = 12, 64, 64
 

@@ -53,7 +53,7 @@ def main() -> None:
     workers = args.workers or available_cores()
     # Before the tokenizer's thread pool starts: the bare side gets the same cores as the converter.
     os.environ.update(TOKENIZERS_PARALLELISM="true" if workers > 1 else "false", RAYON_NUM_THREADS=str(workers))
-    from flexbert.data.sources import iter_documents
+    from flexbert.core.sources import iter_documents
     from tokenizers import Tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -9,7 +9,7 @@ The model is the ``modernbert-base`` preset (width 768, 12 heads, local window 1
 every third layer) with ``--layers`` layers, randomly initialised; all three contenders run the same
 weights, in fp32 on the CPU and under bf16 autocast on a GPU:
 
-* **ours**: :func:`flexbert.encode.embed_documents`, what ``flexbert encode`` runs: documents sorted
+* **ours**: :func:`flexbert.core.encode.embed_documents`, what ``flexbert encode`` runs: documents sorted
   by length, cut into batches of at most ``--max-tokens-per-batch`` tokens, each batch one unpadded
   stream (``cu_seqlens``), sdpa backend;
 * **transformers**: ``ModernBertModel`` (``attn_implementation="sdpa"``) on padded batches in corpus
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from inference_workloads import autocast, padded, workloads
 
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.embedders import Embedder, export_st
-from flexbert.encode import embed_documents
-from flexbert.hf import hf_config_from_flexbert
-from flexbert.model import PRESETS, FlexBertConfig, FlexBertForSentenceEmbedding
+from flexbert.core.embedders import export_st
+from flexbert.core.embedding import Embedder, embed_documents
+from flexbert.core.hf import hf_config_from_flexbert
+from flexbert.core.model import PRESETS, FlexBertConfig, FlexBertForSentenceEmbedding
+from flexbert.core.tokenizer import load_tokenizer
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"
 # Words that the ModernBERT tokenizer keeps whole: " word" is one token each.

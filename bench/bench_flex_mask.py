@@ -40,8 +40,8 @@ def measure(method: str, rows: int, row_tokens: int, device: str) -> dict:
     """Run in its own process: build both masks once to warm up, then time a second build."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from flexbert.model import DocumentLayout
-    from flexbert.model.backends.flex import _FLEX_BLOCK, document_block_mask
+    from flexbert.core.model import DocumentLayout
+    from flexbert.core.model.backends.flex import _FLEX_BLOCK, document_block_mask
 
     lengths = packed_lengths(rows, row_tokens)
     total = rows * row_tokens

@@ -13,12 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from flexbert.core.model.losses import IGNORE_INDEX
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.convert import convert_to_mds
 from flexbert.data.demo_corpus import build_demo_corpus
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.streams import LoaderConfig
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.model.losses import IGNORE_INDEX
 from flexbert.typed_config import from_dict
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"

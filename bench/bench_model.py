@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from flexbert.hf import from_hf, hf_config_from_flexbert
-from flexbert.model import PRESETS, FlexBertConfig, FlexBertForMaskedLM
-from flexbert.model.compile import compile_regions
-from flexbert.model.losses import IGNORE_INDEX
+from flexbert.core.hf import from_hf, hf_config_from_flexbert
+from flexbert.core.model import PRESETS, FlexBertConfig, FlexBertForMaskedLM
+from flexbert.core.model.compile import compile_regions
+from flexbert.core.model.losses import IGNORE_INDEX
 from flexbert.train.flops import TrainingFlops
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "modernbert"

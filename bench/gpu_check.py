@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # inference_workloads,
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from flexbert.core.model import DocumentLayout, FlexBertConfig, FlexBertForMaskedLM  # noqa: E402
+from flexbert.core.model.registries import ATTENTION_BACKENDS  # noqa: E402
 from flexbert.data.packing import GreedyPacker, Masker, MaskingConfig, collate_rows, split_document  # noqa: E402  # noqa: E402
-from flexbert.model import DocumentLayout, FlexBertConfig, FlexBertForMaskedLM  # noqa: E402
-from flexbert.model.registries import ATTENTION_BACKENDS  # noqa: E402
 from flexbert.train.flops import TrainingFlops, gpu_peak_flops  # noqa: E402
 from flexbert.train.optimizers import OPTIMIZERS, parameter_groups  # noqa: E402
 
@@ -301,9 +301,8 @@ def inference_section(device: torch.device, budget: Budget, smoke: bool) -> list
     random weights, the median of three passes after a warm-up."""
     from inference_workloads import padded, workloads
 
-    from flexbert.embedders import Embedder
-    from flexbert.encode import embed_documents
-    from flexbert.model import FlexBertForSentenceEmbedding
+    from flexbert.core.embedding import Embedder, embed_documents
+    from flexbert.core.model import FlexBertForSentenceEmbedding
 
     if not budget.allows(120):
         return [{"section": "inference", "skipped": f"time budget ({budget.left():.0f} s left)"}]
@@ -317,7 +316,7 @@ def inference_section(device: torch.device, budget: Budget, smoke: bool) -> list
     try:
         import transformers
 
-        from flexbert.hf import hf_config_from_flexbert
+        from flexbert.core.hf import hf_config_from_flexbert
 
         hf_config = hf_config_from_flexbert(config, attn_implementation="sdpa")
         theirs = transformers.ModernBertModel(hf_config).to(device).eval()

@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from flexbert.model import FlexBertConfig  # noqa: E402
+from flexbert.core.model import FlexBertConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # ModernBERT's tokenizer ships with the project, at the path the recipes name.

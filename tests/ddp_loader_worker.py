@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.streams import LoaderConfig
-from flexbert.data.tokenizer import load_tokenizer
 from flexbert.typed_config import from_dict
 
 corpus, tokenizer_dir, out = (Path(arg) for arg in sys.argv[1:4])

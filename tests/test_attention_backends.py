@@ -4,11 +4,12 @@ that defines the semantics, on values and gradients."""
 import pytest
 import torch
 
-from flexbert.model import DocumentLayout
-from flexbert.model.backends import flash3_available, flash_attn_available, resolve_backend
-from flexbert.model.backends.flex import _FLEX_BLOCK, document_block_mask, prepare_flex
-from flexbert.model.backends.sdpa import _length_groups
-from flexbert.model.registries import ATTENTION_BACKENDS
+from flexbert.core.model import DocumentLayout
+from flexbert.core.model.backends import resolve_backend
+from flexbert.core.model.backends.flex import _FLEX_BLOCK, backward_runs_on_cpu, document_block_mask, prepare_flex
+from flexbert.core.model.backends.sdpa import _length_groups
+from flexbert.core.model.layout import flash3_available, flash_attn_available
+from flexbert.core.model.registries import ATTENTION_BACKENDS
 
 HEADS, HEAD_DIM = 2, 16
 SCALE = HEAD_DIM**-0.5
@@ -31,13 +32,22 @@ def cu_seqlens_from_lengths(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
+def trains_on(backend: str, device: str = "cpu") -> bool:
+    """Whether ``backend`` backpropagates on ``device`` with this torch (FlexAttention on a CPU stopped
+    at torch 2.11); where it does not, its forward is still compared."""
+    return backend != "flex" or device != "cpu" or backward_runs_on_cpu()
+
+
 def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cpu"):
+    """The output and, where the backend trains here, the gradients of q, k and v."""
     gen = torch.Generator().manual_seed(sum(lengths))
     total = sum(lengths)
     q, k, v, grad_out = (torch.randn(total, HEADS, HEAD_DIM, generator=gen) for _ in range(4))
-    q, k, v = (x.to(device, dtype).requires_grad_() for x in (q, k, v))
+    q, k, v = (x.to(device, dtype).requires_grad_(trains_on(backend, device)) for x in (q, k, v))
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths).to(device), max(lengths), total)
     out = ATTENTION_BACKENDS.get(backend)(layout, half_window, SCALE)(q, k, v, 0.0)
+    if not trains_on(backend, device):
+        return [out.float().cpu()]
     out.backward(grad_out.to(device, dtype))
     return [t.float().cpu() for t in (out, q.grad, k.grad, v.grad)]
 
@@ -48,6 +58,7 @@ def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cp
 def test_backend_matches_eager_fp32(backend, layout, window):
     expected = run_attention("eager", LAYOUTS[layout], WINDOWS[window])
     actual = run_attention(backend, LAYOUTS[layout], WINDOWS[window])
+    assert len(actual) == (4 if trains_on(backend) else 1)
     for name, a, e in zip(("output", "dq", "dk", "dv"), actual, expected):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, e, atol=1e-5, rtol=0, msg=f"{backend} {name} differs")
@@ -112,7 +123,7 @@ def test_auto_resolves_to_sdpa_on_cpu():
     ],
 )
 def test_auto_picks_the_fastest_installed_kernel_on_a_gpu(monkeypatch, fa3, fa2, capability, expected):
-    from flexbert.model import backends
+    from flexbert.core.model import backends
 
     monkeypatch.setattr(backends, "flash3_available", lambda: fa3)
     monkeypatch.setattr(backends, "flash_attn_available", lambda: fa2)
@@ -123,7 +134,7 @@ def test_auto_picks_the_fastest_installed_kernel_on_a_gpu(monkeypatch, fa3, fa2,
 def test_flash3_is_refused_where_it_cannot_run(monkeypatch):
     import importlib.util
 
-    from flexbert.model import FlexBertConfig
+    from flexbert.core.model import FlexBertConfig
     from flexbert.typed_config import ConfigError
 
     if flash3_available():
@@ -253,7 +264,7 @@ def test_flex_mask_preparation_never_builds_a_tokens_by_tokens_tensor(rows, row_
 def test_flash_kernels_are_called_as_their_varlen_interface_expects(window):
     # The CPU twin of flash and flash3: a stand-in kernel with flash-attn's varlen signature checks the
     # arguments it is given and computes with the eager definition, so the result must equal eager's.
-    from flexbert.model.backends.flash import call_varlen
+    from flexbert.core.model.backends.flash import call_varlen
 
     lengths = LAYOUTS["long_docs_beyond_window"]
     total = sum(lengths)

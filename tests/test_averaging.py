@@ -10,8 +10,8 @@ import transformers
 from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
-from flexbert.model import FlexBertForMaskedLM
-from flexbert.train.checkpoint import read_weights, write_weights
+from flexbert.core.checkpoint import read_weights, write_weights
+from flexbert.core.model import FlexBertForMaskedLM
 from flexbert.train.loggers import read_metrics
 from flexbert.train.pretrain import TrainConfig
 

@@ -22,11 +22,11 @@ from test_remote_streaming import command_line as convert_command_line
 from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
+from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.convert import convert_to_mds
 from flexbert.data.loader import DataError, PackedMLMLoader
 from flexbert.data.streams import DocumentDataset, LoaderConfig
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.model import FlexBertForMaskedLM
 from flexbert.train.pretrain import TrainConfig
 from flexbert.typed_config import ConfigError, from_dict
 
@@ -322,7 +322,7 @@ def test_a_missing_checkpoint(corpus, tmp_path, capsys):
 
 
 def test_a_checkpoint_from_another_architecture_is_refused_before_training(corpus, tmp_path, tiny_checkpoint):
-    from flexbert.train.checkpoint import check_checkpoint_matches
+    from flexbert.core.checkpoint import check_checkpoint_matches
 
     wider = FlexBertForMaskedLM(
         TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"model.hidden_size": 64})).model_config
@@ -352,7 +352,7 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_reading_weights_never_runs_code_stored_in_a_checkpoint(corpus, tmp_path, tiny_checkpoint, capsys):
-    from flexbert.train.checkpoint import read_weights
+    from flexbert.core.checkpoint import read_weights
 
     marker = tmp_path / "code-ran"
     hostile = tmp_path / "hostile.pt"

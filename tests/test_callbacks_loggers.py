@@ -16,7 +16,7 @@ from composer.models import ComposerModel
 from conftest import tiny_config
 from PIL import Image
 
-from flexbert.model import FlexBertForMaskedLM
+from flexbert.core.model import FlexBertForMaskedLM
 from flexbert.train import monitors as monitors_module
 from flexbert.train.flops import batch_training_flops, gpu_peak_flops
 from flexbert.train.loggers import (

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
-from flexbert.typed_config import ConfigError, load_yaml_config
+from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.typed_config import ConfigError
+from flexbert.yaml_config import load_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

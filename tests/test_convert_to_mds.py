@@ -13,10 +13,10 @@ import pytest
 import zstandard
 from conftest import ROOT, TOKENIZER
 
+from flexbert.core.sources import BadRecords, SourceError, find_inputs, plan_slices, read_slice
+from flexbert.core.tokenizer import TokenizerError, load_tokenizer
 from flexbert.data import convert
 from flexbert.data.convert import ConversionError, convert_to_mds
-from flexbert.data.sources import BadRecords, SourceError, find_inputs, plan_slices, read_slice
-from flexbert.data.tokenizer import TokenizerError, load_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 # Reading back builds streaming datasets; see test_remote_streaming.py for why they share a group.

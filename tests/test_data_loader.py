@@ -13,10 +13,10 @@ import torch
 from conftest import TOKENIZER
 from data_helpers import document_tokens, random_lengths, write_stream
 
+from flexbert.core.model.losses import IGNORE_INDEX
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.streams import LoaderConfig
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.model.losses import IGNORE_INDEX
 from flexbert.typed_config import from_dict
 
 pytestmark = [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flexbert.data.atomic_output import OutputExistsError
+from flexbert.core.atomic_output import OutputExistsError
 from flexbert.data.demo_corpus import (
     MAX_DOCUMENT_SHARE,
     MIN_CHARS,

@@ -19,9 +19,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import tiny_recipe, write_corpus
 
+from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.model.backends import sdpa
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.packing import PackedBatch
-from flexbert.model import FlexBertForMaskedLM, backends
 from flexbert.train.flops import TrainingFlops
 from flexbert.train.pretrain import TrainConfig
 from flexbert.train.step import ComposerMLM, data_spec
@@ -153,7 +154,7 @@ def test_the_whole_microbatch_step_runs_on_the_device(cpu_batches, monkeypatch):
     the evaluation step; the MFU counter's FLOPs come from host values alone and equal the CPU batch's."""
     spec, batches, model_config = cpu_batches
     # sdpa groups documents by length only where lengths are host values; treat nothing as host.
-    monkeypatch.setattr(backends, "GROUPING_DEVICES", ())
+    monkeypatch.setattr(sdpa, "GROUPING_DEVICES", ())
     config = tiny_config(
         vocab_size=model_config.vocab_size,
         pad_token_id=model_config.pad_token_id,

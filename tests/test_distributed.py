@@ -20,12 +20,12 @@ import yaml
 from conftest import ROOT, TOKENIZER
 from train_helpers import command, environment, run_recipe, tiny_recipe, write_corpus, write_recipe
 
-from flexbert.sweep import run_sweep
-from flexbert.train.checkpoint import LATEST_LINK
+from flexbert.core.checkpoint import LATEST_LINK
 from flexbert.train.loggers import read_metrics
 from flexbert.train.sample_ids import read_sample_ids, trained_pieces
 from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig
-from flexbert.typed_config import load_yaml_config
+from flexbert.train.sweep import run_sweep
+from flexbert.yaml_config import load_yaml_config
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trainings never share the 2 cores (see test_finetune.py)
 

@@ -12,12 +12,13 @@ from conftest import TOKENIZER
 from test_convert_to_mds import make_input
 from test_export_st import MAX_SEQ_LEN, finetune_run, flexbert_vectors, mlm_sources, pooled
 
-import flexbert.encode
+import flexbert.core.encode
 from flexbert.cli import main as cli_main
+from flexbert.core.embedders import load_embedder
+from flexbert.core.embedding import length_sorted_batches
+from flexbert.core.encode import encode_corpus, open_corpus
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.convert import convert_to_mds
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.embedders import load_embedder
-from flexbert.encode import encode_corpus, length_sorted_batches, open_corpus
 
 pytestmark = pytest.mark.xdist_group("streaming")  # converts to MDS: see test_remote_streaming.py
 
@@ -107,7 +108,7 @@ def test_a_rerun_skips_finished_shards_and_completes_an_interrupted_one(tmp_path
             raise KeyboardInterrupt
         os.rename(source, target)
 
-    monkeypatch.setattr(flexbert.encode.os, "replace", interrupted_at_the_seventh_rename)
+    monkeypatch.setattr(flexbert.core.encode.os, "replace", interrupted_at_the_seventh_rename)
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.undo()

@@ -10,13 +10,13 @@ import torch
 from conftest import TOKENIZER, tiny_config
 
 from flexbert.cli import main as cli_main
+from flexbert.core.checkpoint import MODEL_CONFIG_KEY, write_weights
+from flexbert.core.embedders import POOLINGS, load_embedder
+from flexbert.core.hf import export_hf
+from flexbert.core.model import FlexBertForMaskedLM, FlexBertForSentenceEmbedding
+from flexbert.core.model.classification import Pooling
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.labeled import fit
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.embedders import POOLINGS, load_embedder
-from flexbert.hf import export_hf
-from flexbert.model import FlexBertForMaskedLM, FlexBertForSentenceEmbedding
-from flexbert.model.classification import Pooling
-from flexbert.train.checkpoint import MODEL_CONFIG_KEY, write_weights
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 

@@ -9,10 +9,10 @@ import torch
 import torchmetrics
 from conftest import ROOT, STSB, TOKENIZER, needs_stsb, tiny_stsb_overrides
 
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.labeled import LabeledDataError, SplitConfig, batches, load_split
-from flexbert.data.tokenizer import load_tokenizer
 from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
-from flexbert.typed_config import load_yaml_config
+from flexbert.yaml_config import load_yaml_config
 
 pytestmark = [
     # Training runs share one xdist group (see test_remote_streaming.py): two at once on 2 cores
@@ -88,8 +88,8 @@ def test_fine_tuning_starts_from_our_checkpoint_or_an_hf_directory(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import tiny_config
 
-    from flexbert.hf import export_hf
-    from flexbert.model import FlexBertForMaskedLM, FlexBertForSequenceClassification
+    from flexbert.core.hf import export_hf
+    from flexbert.core.model import FlexBertForMaskedLM, FlexBertForSequenceClassification
     from flexbert.train.finetune import load_pretrained
     from flexbert.typed_config import ConfigError
 
@@ -329,7 +329,7 @@ def test_the_nan_guard_stops_or_skips_a_fine_tuning_step(tmp_path, action):
 def test_early_stopping_keeps_the_best_evaluation_and_a_next_task_starts_from_it(tmp_path):
     from composer.core import Callback
 
-    from flexbert.train.checkpoint import read_weights
+    from flexbert.core.checkpoint import read_weights
     from flexbert.train.loggers import read_metrics
     from flexbert.train.step import flexbert_module
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from flexbert.model import FlexBertConfig
+from flexbert.core.model import FlexBertConfig
 from flexbert.train.flops import TrainingFlops, batch_training_flops, training_flops_per_token
 
 

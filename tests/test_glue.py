@@ -17,13 +17,13 @@ import yaml
 from conftest import ROOT, STSB, STSB_COLUMNS, TOKENIZER, needs_stsb
 
 from flexbert.cli import main
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.glue import Choice, choose, load_protocol
-from flexbert.hf import export_hf
-from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
-from flexbert.sweep import Run
-from flexbert.train.checkpoint import MODEL_CONFIG_KEY, write_weights
+from flexbert.core.checkpoint import MODEL_CONFIG_KEY, write_weights
+from flexbert.core.hf import export_hf
+from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.core.tokenizer import load_tokenizer
+from flexbert.train.glue import Choice, choose, load_protocol
 from flexbert.train.loggers import read_metrics
+from flexbert.train.sweep import Run
 from flexbert.typed_config import ConfigError
 
 pytestmark = pytest.mark.xdist_group("streaming")  # the real protocol trains
@@ -168,7 +168,7 @@ def glue(tmp_path_factory) -> Path:
 FAKE_TRAINING = """
 import json, os, sys
 from pathlib import Path
-from flexbert.typed_config import load_yaml_config
+from flexbert.yaml_config import load_yaml_config
 raw = load_yaml_config(sys.argv[1], sys.argv[2:])
 score_key = "metrics/" + next(iter(raw["eval_splits"])) + "/best_" + raw["task"]["metrics"][0]
 run_dir = Path(raw["run_root"], raw["run_name"])

@@ -10,8 +10,8 @@ from conftest import tiny_config
 from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
-from flexbert.hf import TOKENIZER_FILES, export_hf, export_notes, from_hf, hf_config_from_flexbert
-from flexbert.model import FlexBertForMaskedLM
+from flexbert.core.hf import TOKENIZER_FILES, export_hf, export_notes, from_hf, hf_config_from_flexbert
+from flexbert.core.model import FlexBertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -354,8 +354,8 @@ def test_classifiers_export_to_their_transformers_class(tmp_path, task, pooling,
     import transformers
     from conftest import tiny_config
 
-    from flexbert.hf import export_hf
-    from flexbert.model import FlexBertForSequenceClassification, FlexBertForTokenClassification
+    from flexbert.core.hf import export_hf
+    from flexbert.core.model import FlexBertForSequenceClassification, FlexBertForTokenClassification
 
     config = tiny_config(local_attention=16)
     if task == "sequence":

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from flexbert.hf import from_hf, hf_config_from_flexbert
-from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.core.hf import from_hf, hf_config_from_flexbert
+from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flexbert.model import FlexBertForMaskedLM, backends
+from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.model.backends import sdpa
 from flexbert.train.optimizers import OPTIMIZERS
 from flexbert.train.step import ComposerMLM
 
@@ -52,7 +53,7 @@ def test_training_step_never_waits_for_the_device(monkeypatch):
     """Forward, loss, backward, metrics and the optimizer step on a packed batch issue no op that
     would stall a GPU (checked on the CPU by watching every dispatched op). The sdpa backend groups
     documents by length only where reading lengths is free, so here the CPU is treated as a GPU."""
-    monkeypatch.setattr(backends, "GROUPING_DEVICES", ())
+    monkeypatch.setattr(sdpa, "GROUPING_DEVICES", ())
     config = tiny_config(num_hidden_layers=3, local_attention=16, attn_backend="sdpa", loss_chunk_tokens=16)
     model = ComposerMLM(FlexBertForMaskedLM(config))
     optimizer = OPTIMIZERS.get("stable_adamw")(model.parameters(), lr=1e-3)
@@ -73,9 +74,9 @@ def test_flex_block_masks_are_built_without_waiting_for_the_device():
     """FlexAttention itself is a higher-order op that no dispatch mode can watch; what it adds per
     batch is its block masks, built here under the watch. The masks so built are the right ones:
     attention through them equals the eager definition."""
-    from flexbert.model import DocumentLayout
-    from flexbert.model.backends.eager import prepare_eager
-    from flexbert.model.backends.flex import prepare_flex
+    from flexbert.core.model import DocumentLayout
+    from flexbert.core.model.backends.eager import prepare_eager
+    from flexbert.core.model.backends.flex import prepare_flex
 
     batch = packed_batch([70, 9, 40, 1, 30], 256)
     layout = DocumentLayout.from_cu_seqlens(batch["cu_seqlens"], batch["max_seqlen"], 150)

@@ -9,15 +9,21 @@ import torch
 from conftest import ROOT, TOKENIZER, needs_stsb, tiny_config, tiny_stsb_overrides
 
 from flexbert.cli import main
-from flexbert.colbert import LateInteractionScorer, load_late_interaction
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.model.backends import DocumentLayout
-from flexbert.model.late_interaction import FlexBertForLateInteraction, document_tokens, maxsim, padded, query_tokens
-from flexbert.train.checkpoint import RunDir, write_weights
-from flexbert.train.config import model_config_for
+from flexbert.core.checkpoint import RunDir, model_config_for, write_weights
+from flexbert.core.colbert import LateInteractionScorer, load_late_interaction
+from flexbert.core.model.late_interaction import (
+    FlexBertForLateInteraction,
+    document_tokens,
+    maxsim,
+    padded,
+    query_tokens,
+)
+from flexbert.core.model.layout import DocumentLayout
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.train.finetune import FinetuneConfig, TaskConfig, build_finetune_trainer, marker_ids, with_marker_ids
 from flexbert.train.metrics import Retrieval
-from flexbert.typed_config import ConfigError, load_yaml_config
+from flexbert.typed_config import ConfigError
+from flexbert.yaml_config import load_yaml_config
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trains
 
@@ -232,7 +238,7 @@ def write_triples(path, count: int) -> None:
 def test_hard_negatives_join_each_querys_candidates(kind, tmp_path):
     """Trained on (query, positive, negative) triples, a batch holds B queries, B positives and B
     negatives, and its loss is cross-entropy over each query's scores against all 2B documents."""
-    from flexbert.model import FlexBertForSentenceEmbedding
+    from flexbert.core.model import FlexBertForSentenceEmbedding
 
     write_triples(tmp_path / "triples.jsonl", 12)
     split = {"path": str(tmp_path / "triples.jsonl"), "text_columns": ["query", "positive", "negative"]}

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from flexbert.core.model import FlexBertForMaskedLM
 from flexbert.data.packing import IGNORE_INDEX, GreedyPacker, Masker, MaskingConfig, collate_rows, split_document
-from flexbert.model import FlexBertForMaskedLM
 from flexbert.typed_config import ConfigError
 
 VOCAB, MASK, CLS, SEP = 1000, 4, 1, 2

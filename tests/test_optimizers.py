@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from flexbert.model import FlexBertForMaskedLM
+from flexbert.core.model import FlexBertForMaskedLM
 from flexbert.train.optimizers import OPTIMIZERS, OptimizerConfig, StableAdamW, build_optimizer
 from flexbert.typed_config import ConfigError, from_dict
 

@@ -18,7 +18,7 @@ from data_helpers import random_lengths, write_stream
 from train_helpers import environment
 
 from flexbert.cli import main as cli_main
-from flexbert.train.checkpoint import model_from_checkpoint
+from flexbert.core.checkpoint import model_from_checkpoint
 from flexbert.train.loggers import read_metrics
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trains, and builds streaming datasets

@@ -15,15 +15,15 @@ from conftest import tiny_config
 
 import flexbert.registry as registry_module
 from flexbert.cli import main as cli_main
-from flexbert.model import FlexBertConfig, FlexBertForMaskedLM
-from flexbert.model.init import ResidualProjection
-from flexbert.model.registries import BLOCK_REGISTRIES, MLP, NORM
+from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.core.model.init import ResidualProjection
+from flexbert.core.model.registries import BLOCK_REGISTRIES, MLP, NORM
 from flexbert.registry import CATALOGUE, Registry, RegistryError
 from flexbert.typed_config import ConfigError
 
 USER_BLOCK = """
 import torch.nn as nn
-from flexbert.model.registries import MLP
+from flexbert.core.model.registries import MLP
 
 @MLP.register("{name}")
 class ScaledMLP(nn.Module):

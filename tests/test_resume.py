@@ -16,9 +16,10 @@ from composer.core import Callback
 from train_helpers import command, environment, run_recipe, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
-from flexbert.train.checkpoint import LATEST_LINK, choose_resume_checkpoint
+from flexbert.core.checkpoint import LATEST_LINK
 from flexbert.train.loggers import read_metrics
 from flexbert.train.pretrain import TrainConfig
+from flexbert.train.resume import choose_resume_checkpoint
 from flexbert.train.sample_ids import read_sample_ids, trained_pieces
 from flexbert.typed_config import ConfigError
 

@@ -17,7 +17,13 @@ import torch
 from conftest import STSB, STSB_COLUMNS, TOKENIZER, needs_stsb, tiny_config
 
 from flexbert.cli import main
-from flexbert.data.atomic_output import OutputExistsError
+from flexbert.core.atomic_output import OutputExistsError
+from flexbert.core.beir import RetrievalSplit, RetrievalTaskError, read_split, write_split
+from flexbert.core.checkpoint import MODEL_CONFIG_KEY, write_weights
+from flexbert.core.embedders import load_embedder
+from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.retrieval import CUTOFFS, evaluate, ranking_metrics
+from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.retrieval_tasks import (
     DEFAULT_PACKAGES,
     MAX_DOCUMENT_CHARS,
@@ -25,22 +31,13 @@ from flexbert.data.retrieval_tasks import (
     MIN_DOCUMENT_LINES,
     MIN_QUERY_WORDS,
     Package,
-    RetrievalSplit,
-    RetrievalTaskError,
     build_code_search,
     build_stsb,
     deduplicated,
     package_pairs,
-    read_split,
     site_packages_holding,
     stsb_rows,
-    write_split,
 )
-from flexbert.data.tokenizer import load_tokenizer
-from flexbert.embedders import load_embedder
-from flexbert.model import FlexBertForMaskedLM
-from flexbert.retrieval import CUTOFFS, evaluate, ranking_metrics
-from flexbert.train.checkpoint import MODEL_CONFIG_KEY, write_weights
 from flexbert.train.metrics import Retrieval
 
 # Small dependencies of flexbert, so that a build takes a second; the cap cuts the train split.

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT
 from train_helpers import run_recipe, tiny_recipe, write_corpus, write_recipe
 
-from flexbert.train.checkpoint import LATEST_LINK, is_sharded, read_weights
+from flexbert.core.checkpoint import LATEST_LINK, is_sharded, read_weights
 from flexbert.train.loggers import read_metrics
 from flexbert.train.sample_ids import read_sample_ids
 

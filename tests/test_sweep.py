@@ -12,9 +12,10 @@ import yaml
 from conftest import ROOT, STSB_COLUMNS, TOKENIZER
 
 from flexbert.cli import main
-from flexbert.sweep import DONE, Run, expand, final_metrics, load_sweep, run_sweep, summary_table
 from flexbert.train.loggers import read_metrics
-from flexbert.typed_config import ConfigError, load_yaml_config
+from flexbert.train.sweep import DONE, Run, expand, final_metrics, load_sweep, run_sweep, summary_table
+from flexbert.typed_config import ConfigError
+from flexbert.yaml_config import load_yaml_config
 
 RECIPE = ROOT / "yamls" / "finetune" / "stsb.yaml"
 METRICS = ["metrics/eval/spearman", "metrics/eval/pearson"]

@@ -1,12 +1,12 @@
-"""Centre tiling with wraparound (flexbert.model.tiling): the rule cell by cell, per fused part and
+"""Centre tiling with wraparound (flexbert.core.model.tiling): the rule cell by cell, per fused part and
 per layer, where it preserves weights, that training starts from its result, and what it refuses."""
 
 import pytest
 import torch
 from conftest import tiny_config
 
-from flexbert.model import FlexBertForMaskedLM
-from flexbert.model.tiling import source_layer, tile_into, tile_state_dict, tile_tensor
+from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.model.tiling import source_layer, tile_into, tile_state_dict, tile_tensor
 
 SMALL = dict(vocab_size=64, hidden_size=16, num_attention_heads=2, intermediate_size=24, num_hidden_layers=2)
 # Width grows by an even amount (8: offset 4) and the MLP by an odd one (13: offset 6, one more cell after).

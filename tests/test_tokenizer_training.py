@@ -13,10 +13,10 @@ import pytest
 import zstandard
 from conftest import TOKENIZER
 
+from flexbert.core.atomic_output import OutputExistsError
+from flexbert.core.sources import SourceError
+from flexbert.core.tokenizer import TokenizerError, load_tokenizer
 from flexbert.data import tokenizer_training
-from flexbert.data.atomic_output import OutputExistsError
-from flexbert.data.sources import SourceError
-from flexbert.data.tokenizer import TokenizerError, load_tokenizer
 from flexbert.data.tokenizer_training import SPECIAL_TOKENS, TokenizerTrainingError, padded_vocab_size, train_tokenizer
 from tokenizers import Tokenizer, models
 

@@ -11,7 +11,8 @@ import torch
 from train_helpers import TOKENIZER, run_recipe, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.train.pretrain import TrainConfig
-from flexbert.typed_config import ConfigError, load_yaml_config
+from flexbert.typed_config import ConfigError
+from flexbert.yaml_config import load_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
@@ -174,8 +175,8 @@ def test_tiny_run_learns_and_writes_its_run_folder(phase1):
 
 def test_a_larger_model_starts_from_a_smaller_one_tiled_and_trains(corpus, phase1, tmp_path, capsys):
     from flexbert.cli import main as cli_main
-    from flexbert.model.tiling import tile_state_dict
-    from flexbert.train.checkpoint import read_weights
+    from flexbert.core.checkpoint import read_weights
+    from flexbert.core.model.tiling import tile_state_dict
     from flexbert.train.loggers import read_metrics
     from flexbert.train.pretrain import build_trainer
 
@@ -242,7 +243,7 @@ def test_the_architecture_check_reads_only_the_weights_shapes(phase1, tmp_path):
     """A checkpoint whose optimizer state is large: checking it against the model must not load it
     (a large model's checkpoint is several GB, read on every rank before this change)."""
     script = (
-        "import resource, sys, torch; from flexbert.train.checkpoint import weight_shapes; "
+        "import resource, sys, torch; from flexbert.core.checkpoint import weight_shapes; "
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; shapes = weight_shapes(sys.argv[1]); "
         "print(len(shapes), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)"
     )

@@ -149,6 +149,9 @@ class Catalogue:
     def __iter__(self) -> Iterator[Registry]:
         return iter(self._registries.values())
 
+    def __getitem__(self, family: str) -> Registry:
+        return self._registries[family]
+
 
 CATALOGUE = Catalogue()
 _entry_points_loaded = False

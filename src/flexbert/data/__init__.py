@@ -1,4 +1,5 @@
-"""The data path: tokenizers, MDS shards, stream mixtures, MLM masking and sequence packing.
+"""The data path (the training extra): tokenizer training, MDS shards, stream mixtures, MLM masking
+and sequence packing.
 
-Depends on torch, numpy, tokenizers and mosaicml-streaming; never on the training layer.
+Depends on the core, numpy, tokenizers and mosaicml-streaming; never on the training layer.
 """

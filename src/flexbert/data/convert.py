@@ -44,8 +44,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flexbert.data.sources import BadRecords, Slice, SourceError, find_inputs, plan_slices, read_slice
-from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
+from flexbert.core.sources import BadRecords, Slice, SourceError, find_inputs, plan_slices, read_slice
+from flexbert.core.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.errors import FlexBertError
 
 COLUMN = "input_ids"

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from flexbert.data.atomic_output import atomic_output_dir
+from flexbert.core.atomic_output import atomic_output_dir
 from flexbert.errors import FlexBertError
 
 SCIENCE_PACKAGES = ("numpy", "scipy", "sympy", "mpmath", "networkx", "pandas", "torch")

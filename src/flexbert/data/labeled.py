@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexbert.data.tokenizer import MLMTokenizer
+from flexbert.core.model.losses import IGNORE_INDEX
+from flexbert.core.tokenizer import MLMTokenizer
 from flexbert.errors import FlexBertError
-from flexbert.model.losses import IGNORE_INDEX
 
 
 class LabeledDataError(FlexBertError, ValueError):

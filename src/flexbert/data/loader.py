@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from flexbert.core.tokenizer import MLMTokenizer
 from flexbert.data.packing import (
     DEFAULT_MASK_SEED,
     GreedyPacker,
@@ -36,7 +37,6 @@ from flexbert.data.packing import (
 )
 from flexbert.data.shm import clean_stale_streaming_memory
 from flexbert.data.streams import DEFAULT_SHUFFLE_SEED, DataError, DocumentDataset, LoaderConfig, build_dataset
-from flexbert.data.tokenizer import MLMTokenizer
 from flexbert.typed_config import ConfigError
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flexbert.model.losses import IGNORE_INDEX
+from flexbert.core.model.losses import IGNORE_INDEX
 from flexbert.typed_config import ConfigError
 
 DEFAULT_MASK_SEED = 0

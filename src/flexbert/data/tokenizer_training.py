@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexbert.data.atomic_output import atomic_output_dir
-from flexbert.data.sources import BadRecords, iter_documents
-from flexbert.data.tokenizer import DEFAULT_SPECIAL_TOKENS
+from flexbert.core.atomic_output import atomic_output_dir
+from flexbert.core.sources import BadRecords, iter_documents
+from flexbert.core.tokenizer import DEFAULT_SPECIAL_TOKENS
 from flexbert.errors import FlexBertError
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 

@@ -1,1 +1,1 @@
-"""The training layer: the only part of flexbert that knows Composer."""
+"""The training layer (the training extra): the only part of flexbert that knows Composer."""

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from flexbert.core.checkpoint import RunDir, read_weights, saved_checkpoints
 from flexbert.errors import CheckpointError
-from flexbert.train.checkpoint import RunDir, read_weights, saved_checkpoints
 from flexbert.train.loggers import read_metrics
 
 EVAL_LOSS = "metrics/eval/LanguageCrossEntropy"

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from composer.utils import dist
 
-from flexbert.data.tokenizer import MLMTokenizer
-from flexbert.model import FlexBertConfig
-from flexbert.train.checkpoint import RunDir
+from flexbert.core.checkpoint import RunDir
+from flexbert.core.model import FlexBertConfig
 from flexbert.train.loggers import LoggingConfig, build_loggers
 from flexbert.train.optimizers import OptimizerConfig, build_optimizer
 from flexbert.train.schedulers import SchedulerConfig, build_scheduler, parse_time
@@ -33,33 +33,6 @@ def resolve_precision(requested: Precision) -> str:
     if requested != "fp32" and not torch.cuda.is_available():
         raise ConfigError("precision", f"{requested} needs a GPU, and this machine has none; use fp32 or auto")
     return requested
-
-
-def with_tokenizer_ids(model: dict[str, Any], tokenizer: MLMTokenizer) -> dict[str, Any]:
-    """A recipe's model section with its special-token ids taken from the tokenizer unless given;
-    given ids must agree with it (a silently wrong pad id is a classic pretraining bug)."""
-    tokenizer_ids = {
-        "pad_token_id": tokenizer.pad_id,
-        "cls_token_id": tokenizer.cls_id,
-        "sep_token_id": tokenizer.sep_id,
-    }
-    for key, token_id in tokenizer_ids.items():
-        if key in model and model[key] != token_id:
-            raise ConfigError(
-                f"model.{key}", f"{model[key]} disagrees with the tokenizer {tokenizer.path}, whose id is {token_id}"
-            )
-    return {**model, **tokenizer_ids}
-
-
-def model_config_for(model: dict[str, Any], tokenizer: MLMTokenizer) -> FlexBertConfig:
-    """A recipe's model section, checked against the tokenizer that feeds it: the vocabulary holds
-    every token it can produce, and the special-token ids are its own."""
-    vocab_size = model.get("vocab_size", FlexBertConfig.__dataclass_fields__["vocab_size"].default)
-    if isinstance(vocab_size, int) and tokenizer.vocab_size > vocab_size:
-        raise ConfigError(
-            "model.vocab_size", f"{vocab_size} is smaller than the {tokenizer.vocab_size} tokens of {tokenizer.path}"
-        )
-    return FlexBertConfig.from_dict(with_tokenizer_ids(model, tokenizer), path="model")
 
 
 def check_fits_positions(key_path: str, seq_len: int, model_config: FlexBertConfig) -> None:
@@ -103,7 +76,8 @@ def shared_trainer_arguments(
     """The Trainer arguments that every run sets alike: its name, optimizer and schedule, loggers,
     ``precision`` (from :func:`resolve_precision`, which a builder calls first, before any work) and
     seed. Writes the resolved recipe into the run folder, as the run starts."""
-    config.run_dir.write_config(resolved)
+    if dist.get_global_rank() == 0:
+        config.run_dir.write_config(resolved)
     return dict(
         run_name=config.run_name,
         optimizers=build_optimizer(model, config.optimizer),

@@ -3,12 +3,11 @@ regression), from one of this project's checkpoints or a Hugging Face ModernBERT
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torchmetrics
@@ -19,6 +18,17 @@ from composer.loggers import Logger
 from composer.models import ComposerModel
 from composer.utils import dist, reproducibility
 
+from flexbert.core.checkpoint import is_sharded, model_config_for, read_weights, write_weights
+from flexbert.core.hf import from_hf
+from flexbert.core.model import (
+    FlexBertForSentenceEmbedding,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+)
+from flexbert.core.model.late_interaction import FlexBertForLateInteraction, document_tokens, query_tokens
+from flexbert.core.model.losses import IGNORE_INDEX
+from flexbert.core.tasks import DEFAULT_MAX_SEQ_LEN, MetricName, TaskConfig, marker_ids, token_widths, with_marker_ids
+from flexbert.core.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.data.labeled import (
     DistillationSplit,
     LabeledDataError,
@@ -34,36 +44,13 @@ from flexbert.data.labeled import (
     load_split,
     pair_batches,
 )
-from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
-from flexbert.model import (
-    FlexBertConfig,
-    FlexBertForSentenceEmbedding,
-    FlexBertForSequenceClassification,
-    FlexBertForTokenClassification,
-)
-from flexbert.model.classification import Pooling
-from flexbert.model.late_interaction import FlexBertForLateInteraction, document_tokens, query_tokens
-from flexbert.model.losses import IGNORE_INDEX
-from flexbert.train.checkpoint import is_sharded, read_weights, write_weights
-from flexbert.train.config import (
-    RunConfig,
-    check_fits_positions,
-    model_config_for,
-    resolve_precision,
-    shared_trainer_arguments,
-)
+from flexbert.train.config import RunConfig, check_fits_positions, resolve_precision, shared_trainer_arguments
 from flexbert.train.metrics import EntityF1, Retrieval
 from flexbert.train.nan_guard import NanGuard, NanGuardConfig, labelled_examples
 from flexbert.train.optimizers import OptimizerConfig
 from flexbert.train.schedulers import SchedulerConfig
 from flexbert.train.step import full_weights
 from flexbert.typed_config import ConfigError, from_dict
-
-
-def token_widths(task: TaskConfig) -> tuple[int, int] | None:
-    """Late interaction ranks token vectors of queries and documents at most this long."""
-    return (task.query_length, task.document_length) if task.kind == "late_interaction" else None
-
 
 # Each task's official metric (GLUE's, and entity F1 for NER), built from the task config.
 METRICS = {
@@ -77,50 +64,7 @@ METRICS = {
     "recall_at_10": lambda task: Retrieval("recall", 10, token_widths(task)),
     "ndcg_at_10": lambda task: Retrieval("ndcg", 10, token_widths(task)),
 }
-MetricName = Literal[
-    "accuracy", "f1", "mcc", "pearson", "spearman", "entity_f1", "recall_at_1", "recall_at_10", "ndcg_at_10"
-]
 assert set(typing.get_args(MetricName)) == METRICS.keys()
-
-
-@dataclass
-class TaskConfig:
-    metrics: list[MetricName]
-    num_labels: int = 2  # 1 = regression; unused by embeddings
-    # One label per text; per word (token classification, CoNLL files); or, trained on (query,
-    # positive) pairs with in-batch negatives, sentence embeddings or ColBERT token vectors.
-    kind: Literal["sequence", "token", "embedding", "late_interaction"] = "sequence"
-    # The scale of the contrastive loss's scores: cosine similarities / 0.05 for embeddings, raw
-    # MaxSim scores (up to query_length) for late interaction.
-    temperature: float | None = None
-    pooling: Pooling = "cls"
-    # Late interaction (PyLate's defaults): token vectors of `dim`, queries of exactly
-    # `query_length` tokens ([MASK]-expanded), documents of at most `document_length`.
-    dim: int = 128
-    query_length: int = 32
-    document_length: int = 180
-    # Late interaction's training signal: in-batch contrastive on (query, positive[, negative]) rows,
-    # or distillation of a teacher's scores of each query's candidates (query, documents, scores).
-    loss: Literal["contrastive", "distillation"] = "contrastive"
-    classifier_dropout: float = 0.0
-    label_names: list[str] | None = None  # class names in label order, if the files hold names
-
-    def validate(self, path: str) -> None:
-        if self.kind == "token" and (self.label_names is None or len(self.label_names) != self.num_labels):
-            raise ConfigError(f"{path}.label_names", "token classification needs its num_labels tag names, in order")
-        if self.num_labels < 1:
-            raise ConfigError(f"{path}.num_labels", f"must be at least 1, got {self.num_labels}")
-        if self.loss == "distillation" and self.kind != "late_interaction":
-            raise ConfigError(f"{path}.loss", "distillation trains late-interaction models (kind: late_interaction)")
-        if self.temperature is None:
-            self.temperature = 1.0 if self.kind == "late_interaction" else 0.05
-        if self.temperature <= 0:
-            raise ConfigError(f"{path}.temperature", f"must be positive, got {self.temperature}")
-        if self.dim < 1:
-            raise ConfigError(f"{path}.dim", f"must be at least 1, got {self.dim}")
-        for key in ("query_length", "document_length"):
-            if getattr(self, key) < 4:  # [CLS], the marker, a token of text, [SEP]
-                raise ConfigError(f"{path}.{key}", f"must be at least 4 tokens, got {getattr(self, key)}")
 
 
 @dataclass(kw_only=True)
@@ -132,7 +76,7 @@ class FinetuneConfig(RunConfig):
     train_split: SplitConfig
     eval_splits: dict[str, SplitConfig]  # evaluator name -> split, e.g. {matched: ..., mismatched: ...}
     load_path: str | None = None  # a Composer checkpoint of this project or an HF ModernBERT dir
-    max_seq_len: int = 512
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     batch_size: int = 32  # examples per optimizer step, over all processes together
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     early_stopping: EarlyStoppingConfig | None = None
@@ -169,21 +113,6 @@ class FinetuneConfig(RunConfig):
             self.model_config = with_marker_ids(self.model_config, self.mlm_tokenizer)
             for key in ("query_length", "document_length"):
                 check_fits_positions(f"task.{key}", getattr(self.task, key), self.model_config)
-
-
-def marker_ids(tokenizer: MLMTokenizer) -> tuple[int, int]:
-    """Late interaction's [Q] and [D] markers: the two ids after the tokenizer's last one, the ids
-    PyLate gives them when it adds them to the tokenizer."""
-    return tokenizer.vocab_size, tokenizer.vocab_size + 1
-
-
-def with_marker_ids(model_config: FlexBertConfig, tokenizer: MLMTokenizer) -> FlexBertConfig:
-    """The model config of a late-interaction model: a vocabulary grown, where it must, to hold the
-    markers (their embeddings start at the mean of the others, see :func:`with_vocabulary_of`)."""
-    markers_end = marker_ids(tokenizer)[1] + 1
-    if model_config.vocab_size >= markers_end:
-        return model_config
-    return dataclasses.replace(model_config, vocab_size=markers_end)
 
 
 @dataclass
@@ -308,8 +237,6 @@ def _data_spec(epochs: Epochs) -> DataSpec:
 def load_pretrained(model: FlexBertForSequenceClassification | FlexBertForTokenClassification, path: str) -> None:
     """Encoder and head weights from an MLM checkpoint (ours or Hugging Face); the classifier stays new."""
     if os.path.isdir(path) and not is_sharded(path):
-        from flexbert.hf import from_hf
-
         weights = from_hf(path).state_dict()
     else:
         weights, _ = read_weights(path)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from flexbert.model.config import FlexBertConfig
-from flexbert.model.losses import IGNORE_INDEX
-from flexbert.model.registries import MLP
+from flexbert.core.model.config import FlexBertConfig
+from flexbert.core.model.losses import IGNORE_INDEX
+from flexbert.core.model.registries import MLP
 
 # Dense bf16 tensor-core peaks per device, TFLOP/s, from NVIDIA's datasheets (the sparse figures
 # there are twice these). A device matches the first entry whose words all occur in its name.

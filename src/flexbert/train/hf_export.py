@@ -11,8 +11,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from flexbert.hf import export_hf, export_notes, hf_config_from_flexbert
-from flexbert.model import FlexBertConfig
+from flexbert.core.hf import export_hf, export_notes, hf_config_from_flexbert
+from flexbert.core.model import FlexBertConfig
 from flexbert.train.schedulers import parse_time
 from flexbert.train.step import flexbert_module, full_weights
 

@@ -17,8 +17,8 @@ from composer.core import State, Time, TimeUnit
 from composer.loggers import Logger, LoggerDestination, WandBLogger
 from composer.utils import dist
 
+from flexbert.core.checkpoint import RunDir
 from flexbert.errors import MissingFileError, RunFolderError
-from flexbert.train.checkpoint import RunDir
 from flexbert.typed_config import ConfigError, from_dict
 
 WandbMode = Literal["online", "offline", "disabled"]

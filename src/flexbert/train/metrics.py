@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torchmetrics.utilities import dim_zero_cat
 
-from flexbert.model.late_interaction import maxsim
+from flexbert.core.model.late_interaction import maxsim
+from flexbert.core.ranking import ndcg_at_k, recall_at_k
 
 
 class MaskedTokenAccuracy(torchmetrics.Metric):
@@ -103,32 +104,6 @@ class EntityF1(torchmetrics.Metric):
         precision = self.true_positives / self.predicted.clamp(min=1)
         recall = self.true_positives / self.gold.clamp(min=1)
         return 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-
-
-def dcg_at_k(gains: torch.Tensor, k: int) -> torch.Tensor:
-    """[queries] discounted cumulative gain of the first k of each row of ``gains`` [queries, ranks]:
-    the relevance grade of the document ranked at each position, discounted by log2(position + 1)."""
-    top = gains[:, :k]
-    positions = torch.arange(top.shape[1], dtype=top.dtype, device=top.device)
-    return (top / torch.log2(positions + 2)).sum(dim=1)
-
-
-def ndcg_at_k(gains: torch.Tensor, ideal_gains: torch.Tensor, k: int) -> torch.Tensor:
-    """[queries] DCG@k of the ranking over DCG@k of the best one: ``ideal_gains`` holds each query's
-    relevance grades sorted from the highest (zero-padded), the ranking that puts them first."""
-    return dcg_at_k(gains, k) / dcg_at_k(ideal_gains, k)
-
-
-def recall_at_k(gains: torch.Tensor, relevant: torch.Tensor, k: int) -> torch.Tensor:
-    """[queries] share of each query's ``relevant`` documents ranked in its first k."""
-    return (gains[:, :k] > 0).sum(dim=1) / relevant
-
-
-def reciprocal_rank_at_k(gains: torch.Tensor, k: int) -> torch.Tensor:
-    """[queries] 1 / the position of the first relevant document, 0 when none is in the first k."""
-    hits = gains[:, :k] > 0
-    first = hits.int().argmax(dim=1)  # the first True; 0 when there is none, masked below
-    return torch.where(hits.any(dim=1), 1 / (first + 1).to(gains.dtype), 0.0)
 
 
 class Retrieval(torchmetrics.Metric):

@@ -22,7 +22,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
-from flexbert.model.config import FlexBertConfig
+from flexbert.core.model.config import FlexBertConfig
 from flexbert.train.flops import TrainingFlops, gpu_peak_flops
 from flexbert.train.loggers import LoggingConfig
 

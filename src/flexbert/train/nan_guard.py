@@ -22,8 +22,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
+from flexbert.core.checkpoint import RunDir
 from flexbert.errors import FlexBertError
-from flexbert.train.checkpoint import RunDir
 
 SAMPLES_NAMED = 24  # in the message; the file holds them all
 

@@ -15,8 +15,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
+from flexbert.core.checkpoint import RunDir
 from flexbert.errors import RunFolderError
-from flexbert.train.checkpoint import RunDir
 from flexbert.train.loggers import read_metrics
 
 # Evaluation losses as Composer names them: metrics/<evaluator label>/<metric name>.

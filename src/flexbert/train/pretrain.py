@@ -15,31 +15,23 @@ import torch
 from composer import Evaluator, Trainer
 from composer.utils import dist, get_device, reproducibility
 
-from flexbert.data.loader import PackedMLMLoader
-from flexbert.data.streams import LoaderConfig, derived_seed
-from flexbert.data.tokenizer import MLMTokenizer, load_tokenizer
-from flexbert.model import FlexBertForMaskedLM
-from flexbert.model.tiling import tile_into
-from flexbert.train.checkpoint import (
-    LoaderCheckpoint,
-    SigtermCheckpoint,
+from flexbert.core.checkpoint import (
     check_checkpoint_matches,
-    check_on_rank_zero,
     is_remote,
     load_weights,
-    model_from_checkpoint,
-    prepare_autoresume,
-)
-from flexbert.train.config import (
-    RunConfig,
-    check_fits_positions,
     model_config_for,
-    resolve_precision,
-    shared_trainer_arguments,
+    model_from_checkpoint,
 )
+from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.model.tiling import tile_into
+from flexbert.core.tokenizer import MLMTokenizer, load_tokenizer
+from flexbert.data.loader import PackedMLMLoader
+from flexbert.data.streams import LoaderConfig, derived_seed
+from flexbert.train.config import RunConfig, check_fits_positions, resolve_precision, shared_trainer_arguments
 from flexbert.train.hf_export import HFExport, HFExportConfig
 from flexbert.train.monitors import build_monitors
 from flexbert.train.nan_guard import NanGuard, NanGuardConfig, packed_pieces
+from flexbert.train.resume import LoaderCheckpoint, SigtermCheckpoint, check_on_rank_zero, prepare_autoresume
 from flexbert.train.sample_ids import DebugConfig, SampleIdLog
 from flexbert.train.schedulers import parse_time
 from flexbert.train.sharding import FSDPConfig, average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units

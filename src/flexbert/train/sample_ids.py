@@ -20,8 +20,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from flexbert.core.checkpoint import RunDir
 from flexbert.errors import MissingFileError
-from flexbert.train.checkpoint import RunDir
 from flexbert.train.loggers import ends_mid_line, read_step_lines
 
 

@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 from composer.utils.parallelism import FSDP2Config
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 
 from flexbert.typed_config import ConfigError
 
@@ -56,8 +58,6 @@ def composer_fsdp2_config(config: FSDPConfig, backend: str) -> FSDP2Config:
                 "needs NCCL: gloo, the CPU backend, cannot average gradients over a replica group "
                 "(ReduceOp.AVG); use replicate_degree 1 here",
             )
-        from torch.distributed.device_mesh import init_device_mesh
-
         world = torch.distributed.get_world_size()
         mesh = init_device_mesh(
             "cuda", (config.replicate_degree, world // config.replicate_degree), mesh_dim_names=("replicate", "shard")
@@ -95,8 +95,6 @@ def average_gradients_over_gloo(model: torch.nn.Module) -> None:
     size, so that sharded training on the CPU matches DDP. NCCL, on GPUs, averages as asked."""
     if gloo_averages_when_reduce_scattering():
         return
-    from torch.distributed.fsdp import FSDPModule
-
     world = torch.distributed.get_world_size()
     for module in model.modules():
         if isinstance(module, FSDPModule):

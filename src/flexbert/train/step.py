@@ -20,7 +20,7 @@ A step of ``Trainer.fit`` (composer/trainer/trainer.py, ``_train_loop`` and ``_t
  6. **BATCH_END**: the monitors (``train/monitors.py``: throughput and MFU, packing, gradient norm),
     ``SampleIdLog``, ``SigtermCheckpoint`` (ranks agree to stop), ``HFExport``, the loggers; then the
     evaluators, and **BATCH_CHECKPOINT**, where Composer saves a checkpoint that holds the loader's
-    state (``LoaderCheckpoint`` in ``train/checkpoint.py``).
+    state (``LoaderCheckpoint`` in ``train/resume.py``).
 
 Also here: batch-size warmup (:class:`BatchSizeSchedule`, which the loader asks for each batch's
 rows) and the helpers that reach the FlexBERT model inside training's wrappers.
@@ -36,13 +36,14 @@ import torch
 import torch.nn.functional as F
 from composer.core import DataSpec
 from composer.models import ComposerModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from flexbert.core.model import FlexBertForMaskedLM, MaskedLMOutput
+from flexbert.core.model.losses import IGNORE_INDEX
 from flexbert.data.loader import PackedMLMLoader, RankState
 from flexbert.data.packing import PackedBatch
-from flexbert.model import FlexBertForMaskedLM, MaskedLMOutput
-from flexbert.model.losses import IGNORE_INDEX
 from flexbert.train.metrics import MaskedCrossEntropy, MaskedPerplexity, MaskedTokenAccuracy
 from flexbert.train.schedulers import parse_time
 
@@ -151,8 +152,6 @@ def flexbert_module(model: torch.nn.Module) -> torch.nn.Module:
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The unwrapped model's whole state dict, on the CPU. Under FSDP the shards are gathered, a
     collective that every rank must join, and only rank 0 gets them (the others an empty dict)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     module = flexbert_module(model)
     if not any(isinstance(p, DTensor) for p in module.parameters()):
         return {name: tensor.detach().cpu() for name, tensor in module.state_dict().items()}

@@ -1,0 +1,321 @@
+"""Interop with transformers' ModernBERT: config translation, export to a Hugging Face directory,
+and import into a checkpoint that a training recipe's ``load_path`` accepts.
+
+FlexBERT's default blocks use ModernBERT's parameter names, so weights move across unchanged: the
+whole translation is in the config, and every way it can go wrong (a theta, an activation, a window
+that transformers reads differently) shows up as different logits, which the tests check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+from flexbert.core.atomic_output import atomic_output_dir
+from flexbert.core.checkpoint import MODEL_CONFIG_KEY, write_weights
+from flexbert.core.model import (
+    FlexBertConfig,
+    FlexBertForMaskedLM,
+    FlexBertForSequenceClassification,
+    FlexBertForTokenClassification,
+)
+from flexbert.core.tokenizer import load_tokenizer
+from flexbert.errors import InteropError, MissingFileError
+from flexbert.registry import split_choice
+
+# Blocks that transformers' ModernBERT implements; anything else cannot be represented there.
+_MODERNBERT_BLOCKS = {
+    "embeddings": "token",
+    "attention": "rope",
+    "mlp": "glu",
+    "norm": "layernorm",
+    "layer": "prenorm",
+    "head": "mlm",
+}
+# The decoder shares the token embeddings; like save_pretrained, an export stores the matrix once.
+_TIED_DECODER_KEY = "decoder.weight"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+# --- configs --------------------------------------------------------------------------------------
+
+
+# FlexBERT field -> transformers' ModernBertConfig field, for every field that means the same in both
+# (the dropouts, the attention pattern and the special tokens beyond these are mapped by hand).
+_SAME_FIELDS = {
+    **{
+        name: name
+        for name in (
+            "attention_bias",
+            "cls_token_id",
+            "decoder_bias",
+            "embedding_dropout",
+            "global_attn_every_n_layers",
+            "hidden_activation",
+            "hidden_size",
+            "initializer_cutoff_factor",
+            "initializer_range",
+            "intermediate_size",
+            "local_attention",
+            "max_position_embeddings",
+            "mlp_bias",
+            "mlp_dropout",
+            "norm_bias",
+            "norm_eps",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "pad_token_id",
+            "sep_token_id",
+            "sparse_prediction",
+            "vocab_size",
+        )
+    },
+    "head_activation": "classifier_activation",
+    "head_bias": "classifier_bias",
+}
+
+
+def flexbert_config_from_hf(hf_config: Any, attn_backend: str = "auto") -> FlexBertConfig:
+    """Translate a ``transformers.ModernBertConfig``."""
+    local_theta = hf_config.local_rope_theta
+    return FlexBertConfig.from_dict(
+        {
+            **{ours: getattr(hf_config, theirs) for ours, theirs in _SAME_FIELDS.items()},
+            "attention_probs_dropout": hf_config.attention_dropout,
+            "attention_output_dropout": hf_config.attention_dropout,
+            "global_rope_theta": hf_config.global_rope_theta,
+            "local_rope_theta": local_theta if local_theta is not None else hf_config.global_rope_theta,
+            "attn_backend": attn_backend,
+        },
+        path="hf_config",
+    )
+
+
+def _refuse_unrepresentable(config: FlexBertConfig) -> None:
+    """Raise naming the first feature transformers' ModernBERT has no equivalent for: an export
+    would load without error there and silently compute something else."""
+    for slot, supported in _MODERNBERT_BLOCKS.items():
+        chosen = split_choice(getattr(config.blocks, slot), f"model.blocks.{slot}")[0]
+        if chosen != supported:
+            raise InteropError(
+                f"model.blocks.{slot}={chosen!r} has no equivalent in transformers' ModernBERT "
+                f"(which uses {supported!r})"
+            )
+    if not config.final_norm:
+        raise InteropError("model.final_norm=false has no equivalent in transformers' ModernBERT")
+
+
+def export_notes(config: FlexBertConfig) -> list[str]:
+    """What an export writes differently from the model's own config. Only training-time settings
+    differ (dropout acts in training alone), so the exported model computes what ours does."""
+    if config.attention_output_dropout == config.attention_probs_dropout:
+        return []
+    return [
+        f"transformers' ModernBERT has one attention_dropout for probabilities and output, so config.json "
+        f"has attention_dropout={config.attention_probs_dropout} (model.attention_probs_dropout) and "
+        f"model.attention_output_dropout={config.attention_output_dropout} is left out; dropout acts only "
+        "in training, so inference is unchanged"
+    ]
+
+
+def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
+    """Alternating attention under both vocabularies transformers has used. 4.x reads only the first
+    four names and 5.x only the last two, so a config.json with one set silently gets default
+    thetas in the other version."""
+    for key in ("global_rope_theta", "local_rope_theta"):
+        theta = getattr(config, key)
+        # A None or -1 theta loads without complaint and gives NaN logits (ModernBERT issue #209).
+        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise InteropError(f"model.{key}={theta!r} is not a positive RoPE theta")
+    layer_types = [
+        "full_attention" if config.is_global_layer(i) else "sliding_attention" for i in range(config.num_hidden_layers)
+    ]
+    return dict(
+        global_rope_theta=float(config.global_rope_theta),
+        local_rope_theta=float(config.local_rope_theta),
+        layer_types=layer_types,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": float(config.global_rope_theta)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(config.local_rope_theta)},
+        },
+    )
+
+
+def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
+    """Translate to a ``transformers.ModernBertConfig``; refuse what ModernBERT cannot represent."""
+    _refuse_unrepresentable(config)
+    kwargs = {
+        **{theirs: getattr(config, ours) for ours, theirs in _SAME_FIELDS.items()},
+        "attention_dropout": config.attention_probs_dropout,  # see export_notes
+        "bos_token_id": config.cls_token_id,
+        "eos_token_id": config.sep_token_id,
+        "tie_word_embeddings": True,
+        "reference_compile": False,
+        **_attention_pattern(config),
+    }
+    kwargs.update(overrides)
+    return ModernBertConfig(**kwargs)
+
+
+def _task(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """transformers' class for ``model`` and the config fields of its task head."""
+    if isinstance(model, FlexBertForSequenceClassification):
+        problem = "regression" if model.num_labels == 1 else "single_label_classification"
+        return "ModernBertForSequenceClassification", dict(
+            num_labels=model.num_labels,
+            classifier_pooling=model.pooling,
+            classifier_dropout=model.classifier_dropout,
+            problem_type=problem,
+        )
+    if isinstance(model, FlexBertForTokenClassification):
+        return "ModernBertForTokenClassification", dict(
+            num_labels=model.num_labels, classifier_dropout=model.classifier_dropout
+        )
+    return "ModernBertForMaskedLM", {}
+
+
+def _config_json(model: nn.Module) -> dict[str, Any]:
+    """The config.json of an export: every ModernBertConfig field, and the attention pattern under
+    both versions' names whichever transformers is installed here."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    architecture, task_fields = _task(model)
+    return {
+        **hf_config_from_flexbert(model.config, **task_fields).to_dict(),
+        **_attention_pattern(model.config),
+        "architectures": [architecture],
+        "model_type": "modernbert",
+        # transformers renamed torch_dtype to dtype in 4.56; each version reads one of them.
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def _tokenizer_files(tokenizer_dir: str | os.PathLike, config: FlexBertConfig) -> list[Path]:
+    """The files to ship with the model, once the tokenizer is known to fit it."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise InteropError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the "
+            f"model's vocab_size={config.vocab_size}"
+        )
+    for key, token_id in (
+        ("pad_token_id", tokenizer.pad_id),
+        ("cls_token_id", tokenizer.cls_id),
+        ("sep_token_id", tokenizer.sep_id),
+    ):
+        if getattr(config, key) != token_id:
+            raise InteropError(
+                f"model.{key}={getattr(config, key)} disagrees with tokenizer {tokenizer.path}, whose id is {token_id}"
+            )
+    return [tokenizer.path / name for name in TOKENIZER_FILES if (tokenizer.path / name).is_file()]
+
+
+def export_hf(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model`` (masked LM, sequence or token classifier) as the matching transformers
+    ModernBERT directory: config.json, model.safetensors and, given ``tokenizer_dir``, the
+    tokenizer files. ``weights`` replaces ``model.state_dict()`` where the model holds only a shard
+    of them (FSDP); :func:`export_notes` says what the config maps.
+
+    Everything is checked before anything is written, and the directory appears all at once.
+    """
+    config_json = _config_json(model)
+    tokenizer_files = _tokenizer_files(tokenizer_dir, model.config) if tokenizer_dir is not None else []
+    weights = {
+        name: tensor.detach().cpu().contiguous()
+        for name, tensor in (model.state_dict() if weights is None else weights).items()
+        if name != _TIED_DECODER_KEY
+    }
+    with atomic_output_dir(out_dir, overwrite) as staging:
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
+        # safetensors creates the file 0600 whatever the umask; give it the directory's permissions.
+        (staging / "model.safetensors").chmod(staging.stat().st_mode & 0o666)
+        for file in tokenizer_files:
+            shutil.copyfile(file, staging / file.name)
+    return Path(out_dir)
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+
+def _check_modernbert_dir(path: Path) -> None:
+    """Refuse, in one line, a path that is not a local directory of a ModernBERT model."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):  # not JSON, or not a JSON object
+        raise InteropError(f"{config_file} is not a Hugging Face config (a JSON object)") from None
+    if model_type != "modernbert":
+        raise InteropError(f"{path} holds a {model_type!r} model, not ModernBERT (model_type 'modernbert')")
+
+
+def hf_dir_config(path: str | os.PathLike, attn_backend: str = "auto") -> FlexBertConfig:
+    """The FlexBERT config of a local ModernBERT directory, read without loading its weights."""
+    _check_modernbert_dir(Path(path))
+    return flexbert_config_from_hf(ModernBertConfig.from_pretrained(path), attn_backend)
+
+
+def _load_hf_dir(path: Path):
+    """A ModernBertForMaskedLM from a local directory, refusing anything that would load with
+    freshly initialised weights in place of missing ones."""
+    _check_modernbert_dir(path)
+    try:
+        hf_model, info = ModernBertForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except OSError as err:  # no weights file, or an unreadable one
+        raise InteropError(f"{path}: {err}") from None
+    if info["missing_keys"]:
+        raise InteropError(
+            f"{path} is not a ModernBertForMaskedLM checkpoint; it lacks " + ", ".join(sorted(info["missing_keys"]))
+        )
+    return hf_model
+
+
+def from_hf(model_or_dir: Any, attn_backend: str = "auto") -> FlexBertForMaskedLM:
+    """A ``ModernBertForMaskedLM`` (instance or local directory) as a :class:`FlexBertForMaskedLM`
+    with the same weights."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        hf_model = _load_hf_dir(Path(model_or_dir))
+    else:
+        hf_model = model_or_dir
+    if not isinstance(hf_model, ModernBertForMaskedLM):
+        raise TypeError(f"expected a ModernBertForMaskedLM, got {type(hf_model).__name__}")
+    model = FlexBertForMaskedLM(flexbert_config_from_hf(hf_model.config, attn_backend))
+    # FlexBERT's default blocks carry ModernBERT's parameter names, so the keys match one to one.
+    model.load_state_dict(hf_model.state_dict(), strict=True)
+    return model.to(next(hf_model.parameters()).dtype)
+
+
+def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Turn a ModernBERT directory into a checkpoint file that a recipe loads with ``load_path`` and
+    ``load_weights_only: true``; its model config rides along so that :func:`export_hf` can
+    re-export it."""
+    out = Path(out_checkpoint)
+    if out.is_dir():
+        raise InteropError(f"output {out} is a directory; name the checkpoint file to write")
+    if out.exists() and not overwrite:
+        raise InteropError(f"output {out} already exists; use --overwrite to replace it")
+    model = from_hf(hf_dir)
+    write_weights(out, model.state_dict(), **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
+    return out
