@@ -1,5 +1,5 @@
 """The bad-input catalogue: each way a user can hand flexbert something wrong, the one error they then
-see, and that nothing half-written is left behind. README.md's "Bad inputs" section lists the same
+see, and that nothing half-written is left behind. docs/bad-inputs.md lists the same
 cases; keep the two in step."""
 
 import errno

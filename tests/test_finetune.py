@@ -41,7 +41,7 @@ def test_stsb_fine_tuning_beats_the_constant_baseline(tmp_path):
     spearman, pearson = final["metrics/eval/spearman"], final["metrics/eval/pearson"]
     print(f"STS-B dev (400 pairs), tiny model from scratch: Spearman {spearman:.3f}, Pearson {pearson:.3f}")
     # A constant prediction has no correlation with the gold scores at all.
-    assert spearman >= 0.2 and pearson >= 0.2  # README quotes this run: Spearman 0.235
+    assert spearman >= 0.2 and pearson >= 0.2  # docs/finetuning.md quotes this run: Spearman 0.235
 
 
 @needs_stsb
@@ -286,7 +286,7 @@ def test_embedding_training_retrieves_paraphrases(tmp_path):
         f"STS-B paraphrase retrieval among {pairs} dev pairs, tiny model from scratch: "
         f"recall@10 {recall:.3f} (chance {10 / pairs:.3f}), nDCG@10 {ndcg:.3f}"
     )
-    assert recall >= 0.9 and ndcg >= 0.8  # README quotes this run: recall@10 0.94 (chance 0.04)
+    assert recall >= 0.9 and ndcg >= 0.8  # docs/finetuning.md quotes this run: recall@10 0.94 (chance 0.04)
 
 
 def test_labelled_split_from_a_saved_hf_dataset(tmp_path):

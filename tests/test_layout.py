@@ -54,6 +54,7 @@ def imports(module: str) -> list[tuple[str, str]]:
         if isinstance(statement, ast.Try):
             where |= {id(node): "optional" for node in statement.body}
             where |= {id(node): "optional" for handler in statement.handlers for node in handler.body}
+            where |= {id(node): "optional" for node in statement.orelse}
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

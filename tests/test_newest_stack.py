@@ -122,9 +122,9 @@ def test_eval_retrieval_gives_the_training_metrics(fixtures, tmp_path):
     assert_close(list(ours.values()), list(theirs["metrics"].values()), "retrieval metrics")
 
 
-def core_install(argv: list[str]) -> subprocess.CompletedProcess:
-    """``flexbert ARGV`` in a process where the training extra's packages cannot be imported, as on a
-    core install (where they are absent anyway)."""
+def core_install(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``flexbert ARGV``, run in ``cwd``, in a process where the training extra's packages cannot be
+    imported, as on a core install (where they are absent anyway)."""
     code = (
         f"import sys\nfor name in {TRAINING_ONLY!r}:\n    sys.modules[name] = None\n"
         "from flexbert.cli import main\nsys.exit(main(sys.argv[1:]))"
@@ -133,19 +133,21 @@ def core_install(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_model_side_commands_need_no_training_package(fixtures, tmp_path):
-    exported = core_install(["export-hf", str(checkpoint(fixtures, "sharded")), str(tmp_path / "hf")])
+    exported = core_install(["export-hf", str(checkpoint(fixtures, "sharded")), str(tmp_path / "hf")], tmp_path)
     assert exported.returncode == 0, exported.stderr
     encoded = core_install(
         ["encode", str(checkpoint(fixtures, "whole")), str(fixtures / "texts.jsonl"), str(tmp_path / "e")]
-        + ["--pooling", "cls"]
+        + ["--pooling", "cls"],
+        tmp_path,
     )
     assert encoded.returncode == 0, encoded.stderr
 
 
 @pytest.mark.parametrize("command", [["train", "recipe.yaml"], ["prepare", "corpus", "out"], ["sweep", "s.yaml"]])
-def test_a_training_command_without_the_extra_names_it(command):
-    done = core_install(command)
+def test_a_training_command_without_the_extra_names_it(command, tmp_path):
+    done = core_install(command, tmp_path)
     assert done.returncode == 2
+    assert not any(tmp_path.iterdir())  # nothing written
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"flexbert: error: flexbert {command[0]} needs the training extra, and "), line
     assert line.endswith(f"is not installed: {TRAIN_EXTRA}"), line
@@ -154,7 +156,7 @@ def test_a_training_command_without_the_extra_names_it(command):
 def test_mds_input_without_the_extra_names_it(fixtures, tmp_path):
     mds = fixtures / "corpus" / "web"
     done = core_install(
-        ["encode", str(checkpoint(fixtures, "whole")), str(mds), str(tmp_path / "e"), "--pooling", "cls"]
+        ["encode", str(checkpoint(fixtures, "whole")), str(mds), str(tmp_path / "e"), "--pooling", "cls"], tmp_path
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

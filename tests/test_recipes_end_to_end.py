@@ -1,4 +1,4 @@
-"""The shipped recipes, end to end on a CPU, as README's "Smoke-test a recipe" runs them.
+"""The shipped recipes, end to end on a CPU, as docs/pretraining.md's "Smoke-test a recipe" runs them.
 
 Each base and large phase runs from its YAML file as it stands (pretraining, context extension,
 decay), changed only on the command line: model size, data location, durations, batch rows and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from flexbert.errors import FlexBertError
 
 TRAIN_EXTRA = "pip install 'flexbert[train]'"
+TRAINING_PACKAGES = ("composer", "streaming", "omegaconf", "wandb")  # what the training extra brings
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ COMMANDS: dict[str, Command] = {
         True,
     ),
     "plot": Command("training", "draw loss, throughput and learning-rate curves of runs", True),
-    "registry": Command("training", "list every block registry and its entries", True),
     "describe": Command("training", "validate a config's model section and summarise the encoder it builds", True),
     # The model side: pip install flexbert
+    "registry": Command("registry", "list every block registry and its entries", False),
     "export-hf": Command("interop", "write a checkpoint as a transformers ModernBERT directory", False),
     "import-hf": Command("interop", "turn a transformers ModernBERT directory into a checkpoint to train from", False),
     "export-st": Command("interop", "write an embedding model as a sentence-transformers directory", False),
@@ -64,17 +66,25 @@ class MissingExtraError(FlexBertError, ImportError):
     """A command needs a package that this install lacks."""
 
 
+def _missing_extra(name: str, package: str) -> MissingExtraError:
+    return MissingExtraError(f"flexbert {name} needs the training extra, and {package} is not installed: {TRAIN_EXTRA}")
+
+
 def _load(name: str):
-    """The module of command ``name``, or one line naming the extra that it needs."""
+    """The module of command ``name``, or one line naming the extra that it needs. The training
+    extra's packages are looked for before anything loads: some steps import one only when they get
+    to it, and would otherwise fail half-way."""
     command = COMMANDS[name]
+    if command.needs_train:
+        missing = next((package for package in TRAINING_PACKAGES if importlib.util.find_spec(package) is None), None)
+        if missing is not None:
+            raise _missing_extra(name, missing)
     try:
         return importlib.import_module(f"flexbert.cli.{command.module}")
     except ModuleNotFoundError as err:
         if not command.needs_train or (err.name or "").startswith("flexbert"):
             raise
-        raise MissingExtraError(
-            f"flexbert {name} needs the training extra, and {err.name} is not installed: {TRAIN_EXTRA}"
-        ) from None
+        raise _missing_extra(name, err.name) from None
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:

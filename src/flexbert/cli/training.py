@@ -1,6 +1,6 @@
 """The training commands (``pip install 'flexbert[train]'``): ``train`` (what ``main.py`` runs),
-``average`` and ``plot`` over a run's checkpoints and metrics, and ``registry`` and ``describe``, which
-show what a recipe can name and what its model section builds."""
+``average`` and ``plot`` over a run's checkpoints and metrics, and ``describe``, which shows what a
+recipe's model section builds."""
 
 from __future__ import annotations
 
@@ -13,42 +13,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-import flexbert.train.optimizers  # noqa: F401  (registers the optimizers)
-import flexbert.train.schedulers  # noqa: F401  (and the schedules)
 from flexbert.core.checkpoint import MODEL_CONFIG_KEY, RunDir, model_from_checkpoint, write_weights
 from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
 from flexbert.errors import CheckpointError
-from flexbert.registry import CATALOGUE, import_plugins
 from flexbert.train.averaging import average_weights, pick_checkpoints
 from flexbert.train.nan_guard import NonFiniteTrainingError
 from flexbert.train.plotting import plot_run
 from flexbert.train.recipes import parse_recipe
 from flexbert.yaml_config import load_yaml_config
-
-
-def _cmd_registry(args: argparse.Namespace) -> int:
-    import_plugins(args.plugins, key_path="--plugins")
-    for registry in CATALOGUE:
-        if args.family and registry.family not in args.family:
-            continue
-        print(f"{registry.family}: {registry.description}")
-        print(f"  factory: {registry.signature}")
-        for entry in registry.entries():
-            print(f"  - {entry.name:<20} {entry.description}")
-    return 0
-
-
-def _configure_registry(parser: argparse.ArgumentParser) -> None:
-    parser.description = "List the registered blocks that a config's model.blocks section can name."
-    parser.add_argument("family", nargs="*", help="only these registries (default: all)")
-    parser.add_argument(
-        "--plugins",
-        nargs="+",
-        default=[],
-        metavar="MODULE",
-        help="import these modules first, so their blocks are listed too",
-    )
-    parser.set_defaults(run=_cmd_registry)
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
@@ -167,6 +139,5 @@ PARSERS = {
     "train": _configure_train,
     "average": _configure_average,
     "plot": _configure_plot,
-    "registry": _configure_registry,
     "describe": _configure_describe,
 }

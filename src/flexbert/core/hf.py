@@ -53,6 +53,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # FlexBERT field -> transformers' ModernBertConfig field, for every field that means the same in both
 # (the dropouts, the attention pattern and the special tokens beyond these are mapped by hand).
+# 5.x keeps no global_attn_every_n_layers or thetas as fields: see _attention_pattern.
 _SAME_FIELDS = {
     **{
         name: name
@@ -61,7 +62,6 @@ _SAME_FIELDS = {
             "cls_token_id",
             "decoder_bias",
             "embedding_dropout",
-            "global_attn_every_n_layers",
             "hidden_activation",
             "hidden_size",
             "initializer_cutoff_factor",
@@ -86,16 +86,44 @@ _SAME_FIELDS = {
 }
 
 
+def _hf_attention_pattern(hf_config: Any) -> dict[str, Any]:
+    """The attention pattern of a ``ModernBertConfig`` under either vocabulary (see
+    :func:`_attention_pattern`): ``layer_types`` and per-type ``rope_parameters`` where the config has
+    them (transformers 5.x, which keeps no other), else 4.x's ``global_attn_every_n_layers`` and
+    thetas."""
+    layers = hf_config.num_hidden_layers
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        global_layers = [index for index, kind in enumerate(layer_types) if kind == "full_attention"]
+        every = global_layers[1] - global_layers[0] if len(global_layers) > 1 else layers
+        if list(layer_types) != ["full_attention" if i % every == 0 else "sliding_attention" for i in range(layers)]:
+            raise InteropError(
+                f"layer_types {list(layer_types)} is not one global layer every N starting with the first, "
+                "the only pattern FlexBERT's global_attn_every_n_layers expresses"
+            )
+    else:
+        every = hf_config.global_attn_every_n_layers
+    rope = getattr(hf_config, "rope_parameters", None)
+    if isinstance(rope, Mapping) and "full_attention" in rope:
+        global_theta = rope["full_attention"]["rope_theta"]
+        local_theta = (rope.get("sliding_attention") or {}).get("rope_theta", global_theta)
+    else:
+        global_theta, local_theta = hf_config.global_rope_theta, hf_config.local_rope_theta
+    return {
+        "global_attn_every_n_layers": every,
+        "global_rope_theta": global_theta,
+        "local_rope_theta": local_theta if local_theta is not None else global_theta,
+    }
+
+
 def flexbert_config_from_hf(hf_config: Any, attn_backend: str = "auto") -> FlexBertConfig:
-    """Translate a ``transformers.ModernBertConfig``."""
-    local_theta = hf_config.local_rope_theta
+    """Translate a ``transformers.ModernBertConfig`` (4.x or 5.x)."""
     return FlexBertConfig.from_dict(
         {
             **{ours: getattr(hf_config, theirs) for ours, theirs in _SAME_FIELDS.items()},
+            **_hf_attention_pattern(hf_config),
             "attention_probs_dropout": hf_config.attention_dropout,
             "attention_output_dropout": hf_config.attention_dropout,
-            "global_rope_theta": hf_config.global_rope_theta,
-            "local_rope_theta": local_theta if local_theta is not None else hf_config.global_rope_theta,
             "attn_backend": attn_backend,
         },
         path="hf_config",
@@ -131,8 +159,8 @@ def export_notes(config: FlexBertConfig) -> list[str]:
 
 def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
     """Alternating attention under both vocabularies transformers has used. 4.x reads only the first
-    four names and 5.x only the last two, so a config.json with one set silently gets default
-    thetas in the other version."""
+    three names and 5.x only the last two, so a config.json with one set silently gets the default
+    pattern and thetas in the other version."""
     for key in ("global_rope_theta", "local_rope_theta"):
         theta = getattr(config, key)
         # A None or -1 theta loads without complaint and gives NaN logits (ModernBERT issue #209).
@@ -142,6 +170,7 @@ def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
         "full_attention" if config.is_global_layer(i) else "sliding_attention" for i in range(config.num_hidden_layers)
     ]
     return dict(
+        global_attn_every_n_layers=config.global_attn_every_n_layers,
         global_rope_theta=float(config.global_rope_theta),
         local_rope_theta=float(config.local_rope_theta),
         layer_types=layer_types,
