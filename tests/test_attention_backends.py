@@ -1,10 +1,14 @@
 """All attention backends agree with the package's eager backend, the plain softmax attention
 that defines the semantics, on values and gradients."""
 
+import sys
+
+import flash_stand_in
 import pytest
 import torch
+from conftest import tiny_config
 
-from flexbert.core.model import DocumentLayout
+from flexbert.core.model import DocumentLayout, FlexBertForMaskedLM
 from flexbert.core.model.backends import resolve_backend
 from flexbert.core.model.backends.flex import _FLEX_BLOCK, backward_runs_on_cpu, document_block_mask, prepare_flex
 from flexbert.core.model.backends.sdpa import _length_groups
@@ -260,25 +264,99 @@ def test_flex_mask_preparation_never_builds_a_tokens_by_tokens_tensor(rows, row_
     assert max(largest) <= 64 * total, f"{max(largest):,} values for {total:,} tokens"
 
 
-@pytest.mark.parametrize("window", WINDOWS.values(), ids=WINDOWS.keys())
-def test_flash_kernels_are_called_as_their_varlen_interface_expects(window):
-    # The CPU twin of flash and flash3: a stand-in kernel with flash-attn's varlen signature checks the
-    # arguments it is given and computes with the eager definition, so the result must equal eager's.
-    from flexbert.core.model.backends.flash import call_varlen
+# --- flash and flash3 on a CPU, through stand-ins of their libraries (tests/flash_stand_in.py) -------
 
-    lengths = LAYOUTS["long_docs_beyond_window"]
-    total = sum(lengths)
-    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
-    q, k, v = (torch.randn(total, HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(i)) for i in range(3))
 
-    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, softmax_scale, causal, window_size, **options):
-        assert q.dtype == k.dtype == v.dtype == torch.bfloat16  # fp32 is computed in bf16
-        assert cu_q is cu_k is layout.cu_seqlens and max_q == max_k == max(lengths) and not causal
-        assert window_size == ((-1, -1) if window is None else (window, window)) and options == {"dropout_p": 0.0}
-        eager = ATTENTION_BACKENDS.get("eager")(layout, None if window_size[0] < 0 else window_size[0], softmax_scale)
-        return eager(q.float(), k.float(), v.float(), 0.0).to(q.dtype)
+@pytest.fixture
+def flash_stand_ins(monkeypatch) -> list[dict]:
+    """``flash_attn`` and ``flash_attn_interface`` importable as their stand-ins; the calls made to them."""
+    for name, module in flash_stand_in.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    flash_stand_in.CALLS.clear()
+    return flash_stand_in.CALLS
 
-    out = call_varlen(kernel, layout, window, SCALE, q, k, v, dropout_p=0.0)
-    expected = ATTENTION_BACKENDS.get("eager")(layout, window, SCALE)(q, k, v, 0.0)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)  # bf16 inputs
+
+def bf16_exact(lengths, seed):
+    """q, k, v and an output gradient that bf16 holds exactly, so that the kernels' cast loses nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(sum(lengths), HEADS, HEAD_DIM, generator=gen).bfloat16().float() for _ in range(4)]
+
+
+# Not head_dim ** -0.5, the kernels' default: a scale that is not passed on would go unnoticed.
+UNUSUAL_SCALE = 0.4
+
+
+def attention_with_grads(backend, lengths, half_window, inputs):
+    q, k, v, grad_out = (x.clone().requires_grad_(x is not inputs[3]) for x in inputs)
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), sum(lengths))
+    out = ATTENTION_BACKENDS.get(backend)(layout, half_window, UNUSUAL_SCALE)(q, k, v, 0.0)
+    out.backward(grad_out)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", ["flash", "flash3"])
+def test_flash_kernels_match_eager_through_their_stand_ins(flash_stand_ins, backend, layout, window):
+    """Our calls of each varlen kernel, forward and backward, over packed documents and windows: the
+    stand-in computes what the library documents for the arguments we pass, so a wrong argument
+    order, scale, window or layout shows up as a difference from the eager definition."""
+    lengths, half_window = LAYOUTS[layout], WINDOWS[window]
+    inputs = bf16_exact(lengths, seed=len(lengths))
+    actual = attention_with_grads(backend, lengths, half_window, inputs)
+    expected = attention_with_grads("eager", lengths, half_window, inputs)
+    for name, a, e in zip(("output", "dq", "dk", "dv"), actual, expected):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2, msg=f"{backend} {name}")  # bf16 output
+    library = {"flash": "flash_attn", "flash3": "flash_attn_interface"}[backend]
+    window_size = (-1, -1) if half_window is None else (half_window, half_window)
+    assert {call["library"] for call in flash_stand_ins} == {library}
+    assert all(call["window_size"] == window_size for call in flash_stand_ins)
+    if backend == "flash":
+        assert all(call["dropout_p"] == 0.0 for call in flash_stand_ins)
+
+
+@pytest.mark.parametrize("backend", ["flash", "flash3"])
+def test_a_model_trains_on_the_flash_kernels_as_on_eager(flash_stand_ins, backend):
+    """The whole encoder on flash or flash3 (chosen by name, as a recipe would): loss and every
+    gradient as with the eager backend, within bf16 attention's precision."""
+    lengths = [70, 3, 1, 33, 90]
+    stream = torch.randint(3, 256, (sum(lengths),), generator=torch.Generator().manual_seed(3))
+    labels = torch.where(torch.rand(stream.shape) < 0.3, stream, torch.full_like(stream, -100))
+    results = {}
+    for name in ("eager", backend):
+        torch.manual_seed(1)
+        model = FlexBertForMaskedLM(tiny_config(attn_backend=name, num_hidden_layers=3, local_attention=16))
+        out = model(stream, labels=labels, cu_seqlens=cu_seqlens_from_lengths(lengths), max_seqlen=max(lengths))
+        out.loss.backward()
+        results[name] = out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (loss, grads), (expected_loss, expected_grads) = results[backend], results["eager"]
+    assert flash_stand_ins, "the model never called the kernel"
+    torch.testing.assert_close(loss, expected_loss, atol=1e-2, rtol=0)
+    for name, grad in expected_grads.items():
+        relative = (grads[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert relative < 3e-2, f"{name}: relative gradient difference {relative:.3f}"
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        ({"dtype": torch.float32}, "fp16 and bf16"),
+        ({"cu_dtype": torch.int64}, "int32"),
+        ({"max_seqlen": torch.tensor(5)}, "Python int"),
+        ({"window_size": 4}, "pair"),
+        ({"dropout_p": 0.1, "library": "flash_attn_interface"}, "dropout_p"),
+    ],
+)
+def test_the_stand_ins_refuse_what_the_kernels_refuse(change, error):
+    """The stand-ins have teeth: each wrong call a real kernel refuses fails here too."""
+    lengths = [3, 5]
+    q = torch.randn(8, HEADS, HEAD_DIM).to(change.get("dtype", torch.bfloat16))
+    cu = cu_seqlens_from_lengths(lengths).to(change.get("cu_dtype", torch.int32))
+    longest = change.get("max_seqlen", 5)
+    function = flash_stand_in.modules()[change.get("library", "flash_attn")].flash_attn_varlen_func
+    options = {"window_size": change.get("window_size", (-1, -1))}
+    if "dropout_p" in change:
+        options["dropout_p"] = change["dropout_p"]
+    with pytest.raises((RuntimeError, TypeError), match=error):
+        function(q, q, q, cu, cu, longest, longest, softmax_scale=SCALE, causal=False, **options)
