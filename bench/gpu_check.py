@@ -9,7 +9,10 @@ So this script runs from a copy of the source tree alone (it puts ``src/`` on th
 tokenizer file and no data, and trains without Composer: the torch-only model package, our
 StableAdamW and a plain loop, on synthetic documents packed by the project's own packer.
 
-Sections, each skipped (and said so) once the time budget is spent:
+Each section is written to ``gpu_check.json`` and ``gpu_check.md`` as soon as it ends (each training
+row as soon as it is measured), so a command cut off by its time limit keeps what it measured. A
+section that raises is recorded as a row with its error, and the next one runs. Sections that would
+not fit in what is left of ``--budget SECONDS`` are skipped, and their rows say so:
 
 (a) agreement: every attention kernel that imports here (sdpa, flex, flash, flash3) in bf16 against
     an fp32 reference, forward and backward, on packed documents longer and shorter than the window;
@@ -17,11 +20,14 @@ Sections, each skipped (and said so) once the time budget is spent:
     regions off and on: tokens/s, MFU by our FLOP formula, peak memory;
 (c) context extension: a few 8192-token steps (12 rows of 8192);
 (d) FSDP2: the (b) steps under ``fully_shard`` on one GPU;
-(e) inference (run before (d)): ``flexbert encode``'s batching (length-sorted, unpadded, bf16) against transformers'
-    ``ModernBertModel`` (sdpa, padded batches) where transformers imports, on the paper's four
-    inference workloads (512 and 8192 tokens, fixed and variable): tokens/s and their ratio.
+(e) inference (run before (d)): what ``flexbert encode`` runs (attention ``auto``, length-sorted
+    unpadded batches, bf16) against transformers' ``ModernBertModel`` (sdpa, padded batches) where
+    transformers imports, on the paper's four inference workloads (512 and 8192 tokens, fixed and
+    variable): tokens/s and their ratio.
 
-It writes ``gpu_check.json`` and ``gpu_check.md`` (a table for BENCHMARKS.md) to ``--out``.
+Training steps each take a batch of their own (fresh synthetic documents, packed on the host while
+the previous step's time is already taken), as a real run would: no batch is seen twice.
+``gpu_check.md`` is the table for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -55,7 +63,7 @@ KERNEL_MODULES = {"flash": "flash_attn", "flash3": "flash_attn_interface"}
 
 
 class Budget:
-    """Seconds left of ``--budget-s``; a section starts only if its estimate fits."""
+    """Seconds left of ``--budget``; a section starts only if its estimate fits."""
 
     def __init__(self, seconds: float):
         self.deadline = time.monotonic() + seconds
@@ -65,6 +73,40 @@ class Budget:
 
     def allows(self, estimate_s: float) -> bool:
         return self.left() >= estimate_s
+
+
+class Report:
+    """The report, written whole to ``gpu_check.json`` and ``gpu_check.md`` after every row, each file
+    replaced atomically: a command killed at any moment leaves every row measured before it."""
+
+    def __init__(self, out: Path, environment: dict):
+        self.out = out
+        self.data = {"environment": environment, "agreement": [], "training": [], "inference": []}
+        out.mkdir(parents=True, exist_ok=True)
+        print(json.dumps(environment), flush=True)
+        self.save()
+
+    def add(self, part: str, row: dict) -> None:
+        self.data[part].append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def section(self, part: str, name: str, run: Callable[[], None]) -> None:
+        """Run one section; an exception becomes its row, and the check goes on."""
+        try:
+            run()
+        except Exception as err:
+            traceback.print_exc()
+            self.add(part, {"section": name, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"})
+
+    def save(self) -> None:
+        for name, text in (
+            ("gpu_check.json", json.dumps(self.data, indent=2) + "\n"),
+            ("gpu_check.md", markdown(self.data)),
+        ):
+            partial = self.out / f".{name}.partial"
+            partial.write_text(text)
+            os.replace(partial, self.out / name)
 
 
 def kernels() -> list[str]:
@@ -84,16 +126,16 @@ def synchronize(device: torch.device) -> None:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def packed_batches(count: int, rows: int, row_tokens: int, seed: int = 0) -> list[dict]:
-    """``count`` packed MLM batches of ``rows`` rows, from synthetic documents whose lengths spread
+def packed_batches(rows: int, row_tokens: int, seed: int = 0) -> Iterator[dict]:
+    """Packed MLM batches of ``rows`` rows, without end, from synthetic documents whose lengths spread
     like web text (log-normal around 400 tokens, some much longer than a row), masked at 30%."""
     rng = np.random.default_rng(seed)
     special = np.zeros(VOCAB, dtype=bool)
     special[FIRST_SPECIAL:] = True
     masker = Masker(MaskingConfig(mlm_probability=0.3), MASK, special)
     packer = GreedyPacker(row_tokens, lookahead=256)
-    batches, sample = [], 0
-    while len(batches) < count:
+    sample = 0
+    while True:
         row_batch = []
         while len(row_batch) < rows:
             while not packer.has_full_lookahead():
@@ -102,8 +144,7 @@ def packed_batches(count: int, rows: int, row_tokens: int, seed: int = 0) -> lis
                 packer.add(split_document(0, sample, tokens, row_tokens))
                 sample += 1
             row_batch.append(packer.pop_row())
-        batches.append(collate_rows(row_batch, row_tokens, CLS, SEP, masker).as_dict())
-    return batches
+        yield collate_rows(row_batch, row_tokens, CLS, SEP, masker).as_dict()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -115,7 +156,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # --- (a) agreement ----------------------------------------------------------------------------
 
 
-def check_agreement(device: torch.device, smoke: bool) -> list[dict]:
+def check_agreement(report: Report, device: torch.device, smoke: bool) -> None:
     heads, head_dim = (2, 16) if smoke else (12, 64)
     lengths = [300, 17, 5, 190, 1, 64] if smoke else [3000, 129, 5, 1024, 1, 700, 64, 2200, 977]
     half_window = 8 if smoke else 64
@@ -126,7 +167,6 @@ def check_agreement(device: torch.device, smoke: bool) -> list[dict]:
     cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
     layout = DocumentLayout.from_cu_seqlens(cu.to(device), max(lengths), total)
     scale = head_dim**-0.5
-    results = []
 
     def leaves(dtype_: torch.dtype) -> list[torch.Tensor]:  # fresh copies, so that no two runs share grads
         return [x.to(device, dtype_).detach().clone().requires_grad_() for x in (q, k, v)]
@@ -148,8 +188,7 @@ def check_agreement(device: torch.device, smoke: bool) -> list[dict]:
                 row["ok"] = max(errors) <= (1e-4 if dtype == torch.float32 else 3e-2)
             except Exception as err:  # a kernel that cannot run here is a finding, not a crash
                 row.update(ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            results.append(row)
-    return results
+            report.add("agreement", row)
 
 
 # --- (b, c, d) training -------------------------------------------------------------------------
@@ -178,10 +217,10 @@ def model_config(kernel: str, seq_len: int, compiled: bool, smoke: bool) -> Flex
 
 
 def train_steps(
-    config: FlexBertConfig, batches: list[dict], device: torch.device, steps: int, warmup: int, fsdp: bool = False
+    config: FlexBertConfig, batches: Iterator[dict], device: torch.device, steps: int, warmup: int, fsdp: bool = False
 ) -> dict:
-    """Forward, backward and StableAdamW on each batch (one microbatch per step), timed after
-    ``warmup`` steps; bf16 autocast on a GPU as amp_bf16 would, fp32 on a CPU."""
+    """Forward, backward and StableAdamW on a new batch each step (one microbatch per step), timed
+    after ``warmup`` steps; bf16 autocast on a GPU as amp_bf16 would, fp32 on a CPU."""
     torch.manual_seed(0)
     model = FlexBertForMaskedLM(config).to(device)
     if fsdp:
@@ -197,7 +236,7 @@ def train_steps(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
-        batch = batches[step % len(batches)]
+        batch = to_device(next(batches), device)
         synchronize(device)
         start = time.perf_counter()
         with autocast:
@@ -235,6 +274,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def training_section(
+    report: Report,
     name: str,
     device: torch.device,
     budget: Budget,
@@ -245,24 +285,22 @@ def training_section(
     estimate_s: float,
     compiled_options=(False, True),
     fsdp: bool = False,
-) -> list[dict]:
+) -> None:
     if smoke:
         seq_len, rows, steps = min(seq_len, 128), 2, 2
-    batches = [to_device(b, device) for b in packed_batches(3, rows, seq_len, seed=len(name))]
     peak = peak_flops(device)
-    results = []
     for kernel in kernels():
         for compiled in compiled_options:
             row = {"section": name, "kernel": kernel, "compiled": compiled, "seq_len": seq_len, "rows": rows}
             if not budget.allows(estimate_s):
                 row["skipped"] = f"time budget ({budget.left():.0f} s left)"
-                results.append(row)
+                report.add("training", row)
                 continue
             try:
                 row.update(
                     train_steps(
                         model_config(kernel, seq_len, compiled, smoke),
-                        batches,
+                        packed_batches(rows, seq_len, seed=len(name)),
                         device,
                         steps,
                         warmup=1 if smoke else 3,
@@ -274,39 +312,38 @@ def training_section(
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 traceback.print_exc()
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            report.add("training", row)
             torch.cuda.empty_cache() if device.type == "cuda" else None
-    return results
 
 
-def fsdp_section(device: torch.device, budget: Budget, smoke: bool) -> list[dict]:
+def fsdp_section(report: Report, device: torch.device, budget: Budget, smoke: bool) -> None:
     """One process, one GPU, so that sharding's own costs (gathering each layer's weights before it
     runs, scattering its gradients after) show against the unsharded (b)."""
     import torch.distributed as dist
 
     if not budget.allows(60):
-        return [{"section": "fsdp2", "skipped": f"time budget ({budget.left():.0f} s left)"}]
+        report.add("training", {"section": "fsdp2", "skipped": f"time budget ({budget.left():.0f} s left)"})
+        return
     store = dist.HashStore()
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
     try:
-        return training_section("fsdp2", device, budget, smoke, 1024, 96, 20, 45, compiled_options=(False,), fsdp=True)
+        training_section(report, "fsdp2", device, budget, smoke, 1024, 96, 20, 45, compiled_options=(False,), fsdp=True)
     finally:
         dist.destroy_process_group()
 
 
-def inference_section(device: torch.device, budget: Budget, smoke: bool) -> list[dict]:
-    """(e): each workload embedded by ours and, where transformers imports, by ModernBertModel on
+def inference_section(report: Report, device: torch.device, budget: Budget, smoke: bool) -> None:
+    """(e): each workload embedded as ``flexbert encode`` embeds it (attention ``auto``, which a
+    checkpoint's model is given when loaded) and, where transformers imports, by ModernBertModel on
     padded batches of as many documents as the longest fits in the same token budget; the same
     random weights, the median of three passes after a warm-up."""
     from inference_workloads import padded, workloads
 
     from flexbert.core.embedding import Embedder, embed_documents
     from flexbert.core.model import FlexBertForSentenceEmbedding
+    from flexbert.core.model.backends import resolve_backend
 
-    if not budget.allows(120):
-        return [{"section": "inference", "skipped": f"time budget ({budget.left():.0f} s left)"}]
-    config = model_config("sdpa", 8192, compiled=False, smoke=smoke)
+    config = model_config("auto", 8192, compiled=False, smoke=smoke)
     short, long, budget_tokens = (4, 2, 512) if smoke else (512, 32, 65536)
     lengths = (64, 256) if smoke else (512, 8192)
     torch.manual_seed(0)
@@ -324,29 +361,35 @@ def inference_section(device: torch.device, budget: Budget, smoke: bool) -> list
     except ImportError:
         pass  # ours alone: its tokens/s still says what encoding costs here
     rng = np.random.default_rng(0)
-    rows = []
     for workload in workloads(short, long, *lengths):
-        documents = [rng.integers(5, FIRST_SPECIAL, length).astype(np.int64) for length in workload.lengths]
-        contenders = {"ours": lambda d=documents: embed_documents(ours_embedder, d, budget_tokens, device)}
-        if theirs is not None:
-            per_batch = max(1, budget_tokens // int(workload.lengths.max()))
-            contenders["transformers"] = padded(theirs, documents, per_batch, device)
-        row = {"section": "inference", "workload": workload.name, "documents": len(documents)}
-        for name, run in contenders.items():
-            run()  # warm-up: first calls allocate and compile kernels
-            passes = []
-            for _ in range(3):
-                synchronize(device)
-                started = time.perf_counter()
-                run()
-                synchronize(device)
-                passes.append(time.perf_counter() - started)
-            row[f"{name}_tokens_per_s"] = workload.tokens / sorted(passes)[1]
-        if theirs is not None:
-            row["ratio"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+        row = {"section": "inference", "workload": workload.name, "kernel": resolve_backend("auto", device)}
+        if not budget.allows(30):
+            report.add("inference", {**row, "skipped": f"time budget ({budget.left():.0f} s left)"})
+            continue
+        try:
+            documents = [rng.integers(5, FIRST_SPECIAL, length).astype(np.int64) for length in workload.lengths]
+            row["documents"] = len(documents)
+            contenders = {"ours": lambda d=documents: embed_documents(ours_embedder, d, budget_tokens, device)}
+            if theirs is not None:
+                per_batch = max(1, budget_tokens // int(workload.lengths.max()))
+                contenders["transformers"] = padded(theirs, documents, per_batch, device)
+            for name, run in contenders.items():
+                run()  # warm-up: first calls allocate and compile kernels
+                passes = []
+                for _ in range(3):
+                    synchronize(device)
+                    started = time.perf_counter()
+                    run()
+                    synchronize(device)
+                    passes.append(time.perf_counter() - started)
+                row[f"{name}_tokens_per_s"] = workload.tokens / sorted(passes)[1]
+            if theirs is not None:
+                row["ratio"] = row["ours_tokens_per_s"] / row["transformers_tokens_per_s"]
+        except Exception as err:
+            traceback.print_exc()
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        report.add("inference", row)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -362,8 +405,6 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in report["training"]:
-        if "section" not in row:
-            continue
         speed = f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "—"
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "—"
         memory = f"{row['peak_memory_gib']:.1f}" if row.get("peak_memory_gib") is not None else "—"
@@ -375,18 +416,22 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "| inference workload | documents | ours tokens/s | transformers tokens/s | ratio |",
-        "|---|---|---|---|---|",
+        "| inference workload | kernel | documents | ours tokens/s | transformers tokens/s | ratio | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report.get("inference", []):
-        if "skipped" in row:
-            lines.append(f"| {row['skipped']} | | | | |")
-            continue
+        ours = f"{row['ours_tokens_per_s']:,.0f}" if "ours_tokens_per_s" in row else "—"
         theirs = row.get("transformers_tokens_per_s")
-        theirs = f"{theirs:,.0f}" if theirs else "— (no transformers)"
+        theirs = f"{theirs:,.0f}" if theirs else "—"
         ratio = f"{row['ratio']:.2f}×" if "ratio" in row else "—"
+        note = (
+            row.get("error")
+            or row.get("skipped")
+            or ("" if "ours_tokens_per_s" not in row or "ratio" in row else "no transformers")
+        )
         lines.append(
-            f"| {row['workload']} | {row['documents']} | {row['ours_tokens_per_s']:,.0f} | {theirs} | {ratio} |"
+            f"| {row.get('workload', row.get('section', ''))} | {row.get('kernel', '')} | "
+            f"{row.get('documents', '')} | {ours} | {theirs} | {ratio} | {note} |"
         )
     lines += [
         "",
@@ -397,7 +442,8 @@ def markdown(report: dict) -> str:
         errors = (
             " / ".join(f"{row[k]:.1e}" for k in ("out", "dq", "dk", "dv")) if "out" in row else row.get("error", "")
         )
-        lines.append(f"| {row['kernel']} | {row['window']} | {errors} | {'yes' if row['ok'] else 'NO'} |")
+        ok = "yes" if row.get("ok") else "NO"
+        lines.append(f"| {row.get('kernel', row.get('section', ''))} | {row.get('window', '')} | {errors} | {ok} |")
     return "\n".join(lines) + "\n"
 
 
@@ -405,10 +451,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--budget-s",
+        "--budget",
         type=float,
         default=480.0,
-        help="stop starting sections after this many seconds (default 480: one 10-minute command)",
+        metavar="SECONDS",
+        help="start no section that would not end within SECONDS of the start, and say so in its row "
+        "(default 480: one 10-minute command with room to spare)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny model, few tokens: checks that the script runs")
     parser.add_argument("--out", type=Path, default=Path("."), help="folder for gpu_check.json and gpu_check.md")
@@ -417,10 +465,11 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --device cpu --smoke", file=sys.stderr)
         return 2
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget)
     found = kernels()
-    report = {
-        "environment": {
+    report = Report(
+        args.out,
+        {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -429,30 +478,34 @@ def main() -> int:
             "triton": importlib.util.find_spec("triton") is not None,
             "smoke": args.smoke,
             "date": time.strftime("%Y-%m-%d"),
-            "budget_s": args.budget_s,
+            "budget_s": args.budget,
             "peak_tflops": (peak_flops(device) or 0) / 1e12 or None,
-        }
-    }
-    print(json.dumps(report["environment"]), flush=True)
-    report["agreement"] = check_agreement(device, args.smoke)
-    for row in report["agreement"]:
-        print(json.dumps(row), flush=True)
-    report["training"] = training_section("pretraining", device, budget, args.smoke, 1024, 96, 30, 60)
-    report["training"] += training_section(
-        "context extension", device, budget, args.smoke, 8192, 12, 5, 60, compiled_options=(True,)
+        },
+    )
+    report.section("agreement", "agreement", lambda: check_agreement(report, device, args.smoke))
+    report.section(
+        "training",
+        "pretraining",
+        lambda: training_section(report, "pretraining", device, budget, args.smoke, 1024, 96, 30, 60),
+    )
+    report.section(
+        "training",
+        "context extension",
+        lambda: training_section(
+            report, "context extension", device, budget, args.smoke, 8192, 12, 5, 60, compiled_options=(True,)
+        ),
     )
     # Inference before FSDP: its ratios are a goal of their own, FSDP's rows a check of (b).
-    report["inference"] = inference_section(device, budget, args.smoke)
-    report["training"] += fsdp_section(device, budget, args.smoke)
-    report["seconds"] = args.budget_s - budget.left()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (args.out / "gpu_check.md").write_text(table)
-    print(table)
-    failed = [row for row in report["agreement"] if not row["ok"]] + [
-        row for row in report["training"] if "error" in row or row.get("losses_finite") is False
+    report.section("inference", "inference", lambda: inference_section(report, device, budget, args.smoke))
+    report.section("training", "fsdp2", lambda: fsdp_section(report, device, budget, args.smoke))
+    report.data["seconds"] = args.budget - budget.left()
+    report.save()
+    print(markdown(report.data))
+    data = report.data
+    failed = [row for row in data["agreement"] if not row.get("ok")] + [
+        row for part in ("training", "inference") for row in data[part] if "error" in row
     ]
+    failed += [row for row in data["training"] if row.get("losses_finite") is False]
     return 1 if failed else 0
 
 
