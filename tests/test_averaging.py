@@ -2,6 +2,7 @@
 and a result that loads, trains further and exports."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,39 @@ def test_the_best_by_eval_loss_and_the_last_are_picked_from_a_run(run, tmp_path,
     for name in averaged:
         mean = sum(part[name].double() for part in parts) / len(parts)
         torch.testing.assert_close(averaged[name], mean.float())
+
+
+def test_best_passes_over_and_names_a_checkpoint_saved_without_an_evaluation(run, tmp_path, capsys):
+    """A save on SIGTERM has no eval loss at its step: --best leaves it out and says so, --last keeps it."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    sigterm = copy / "checkpoints" / "ep0-ba9-rank0.pt"
+    shutil.copy(copy / "checkpoints" / "ep0-ba4-rank0.pt", sigterm)
+    losses = {row["step"]: row[EVAL_LOSS] for row in read_metrics(copy) if EVAL_LOSS in row}
+    out = average(tmp_path, "--run", str(copy), "--best", "2", "--last")
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "flexbert: note: --best passed over ep0-ba9-rank0.pt: no eval loss was logged at its step "
+        "(a save on SIGTERM, or one between evaluations)"
+    ]
+    best_two = sorted(losses, key=losses.get)[:2]
+    picked = [copy / "checkpoints" / f"ep0-ba{step}-rank0.pt" for step in best_two] + [sigterm]
+    assert captured.out.splitlines()[0] == f"{out}: the mean of " + ", ".join(map(str, picked))
+
+
+def test_best_without_any_evaluation_stops_with_one_line(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    without_eval = [{key: value for key, value in row.items() if key != EVAL_LOSS} for row in rows]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in without_eval))
+    assert cli_main(["average", "--out", str(tmp_path / "never.pt"), "--run", str(copy), "--best", "1"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("flexbert: error: no eval loss was logged at the step of any checkpoint in ")
+    assert line.endswith(
+        "--best needs an evaluation at every save: an eval_loader, and eval_interval equal to save_interval"
+    )
+    assert not (tmp_path / "never.pt").exists()
 
 
 def test_the_average_trains_further_and_exports(run, tmp_path):

@@ -23,8 +23,8 @@ from flexbert.train.loggers import read_metrics
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trains, and builds streaming datasets
 
-# The mixture's streams (yamls/data/modernbert-mixture.yaml), under vars.data_remote.
-STREAMS = ["web/dclm", "web/fineweb-edu", "code/starcoder", "code/stack-v2", "science/arxiv", "science/pes2o"]
+# The mixture's streams (yamls/data/modernbert-mixture.yaml), under vars.data_remote, and its held-out one.
+STREAMS = ["web/dclm", "web/fineweb-edu", "code/starcoder", "code/stack-v2", "science/arxiv", "science/pes2o", "eval"]
 HF5 = ROOT / ".venv-hf5"
 SIZES = {  # tiny stand-ins for base and large, each its own shape
     "base": [
@@ -49,7 +49,9 @@ PHASES = {  # recipe -> the overrides of its durations and batch rows
         "batch_warmup.duration=4_096tok",
     ],
     "context-extension": ["max_duration=2ba", "global_batch_rows=2", "device_microbatch_rows=1"],
-    "decay": ["max_duration=2ba", "global_batch_rows=2", "device_microbatch_rows=1"],
+    # Saves and evaluations at every batch, as the recipe's come together at every 1000th.
+    "decay": ["max_duration=2ba", "global_batch_rows=2", "device_microbatch_rows=1", "save_interval=1ba"]
+    + ["eval_interval=1ba"],
 }
 
 
@@ -97,6 +99,7 @@ def test_the_three_phases_then_export(size, mixture, tmp_path, capfd, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the recipes log to W&B
     runs = tmp_path / "runs"
     data = [f"vars.data_remote={mixture}", f"vars.data_cache={tmp_path / 'cache'}", f"run_root={runs}"]
+    data.append("eval_subset_num_batches=2")
     previous = None
     for phase, overrides in PHASES.items():
         load = [f"load_path={runs / previous / 'checkpoints' / 'latest-rank0.pt'}"] if previous else []
@@ -104,7 +107,11 @@ def test_the_three_phases_then_export(size, mixture, tmp_path, capfd, monkeypatc
         previous = f"modernbert-{size}-{phase}"
         steps = [row["step"] for row in read_metrics(runs / previous) if "loss/train/total" in row]
         assert steps == list(range(int(overrides[0].removeprefix("max_duration=").removesuffix("ba"))))
-    checkpoint = runs / previous / "checkpoints" / "latest-rank0.pt"
+    # The release model: the decay's 3 best checkpoints by eval loss and its last, as documented.
+    evaluated = [row["step"] for row in read_metrics(runs / previous) if "metrics/eval/LanguageCrossEntropy" in row]
+    assert evaluated == [1, 2]
+    checkpoint = tmp_path / "averaged.pt"
+    flexbert(capfd, "average", "--run", str(runs / previous), "--best", "3", "--last", "--out", str(checkpoint))
     exported = flexbert(capfd, "export-hf", str(checkpoint), str(tmp_path / "hf"))
     assert "attention_dropout=0.0 (model.attention_probs_dropout)" in exported  # the recipes' 0.1 output dropout
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

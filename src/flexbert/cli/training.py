@@ -104,9 +104,16 @@ def _cmd_average(args: argparse.Namespace) -> int:
         raise CheckpointError("name the checkpoints to average, or a run folder with --run (not both)")
     if args.run_dir and not (args.best > 0 or args.last):
         raise CheckpointError("--run picks checkpoints by --best K and/or --last; give at least one")
-    paths = [Path(path) for path in args.checkpoints] or pick_checkpoints(
-        RunDir(Path(args.run_dir)), args.best, args.last
-    )
+    if args.checkpoints:
+        paths = [Path(path) for path in args.checkpoints]
+    else:
+        paths, unscored = pick_checkpoints(RunDir(Path(args.run_dir)), args.best, args.last)
+        for path in unscored:
+            print(
+                f"flexbert: note: --best passed over {path.name}: no eval loss was logged at its step "
+                "(a save on SIGTERM, or one between evaluations)",
+                file=sys.stderr,
+            )
     model, tokenizer = model_from_checkpoint(paths[0])  # the config the average keeps, so it exports alone
     averaged = average_weights(paths)
     model.load_state_dict(averaged)

@@ -56,22 +56,25 @@ def _first_difference(reference: dict[str, torch.Tensor], other: dict[str, torch
     return None
 
 
-def pick_checkpoints(run_dir: RunDir, best: int, last: bool) -> list[Path]:
-    """The ``best`` checkpoints of a run by the eval loss logged at the step each was saved, then (if
-    ``last``) its last checkpoint, once."""
+def pick_checkpoints(run_dir: RunDir, best: int, last: bool) -> tuple[list[Path], list[Path]]:
+    """(picked, unscored): the ``best`` checkpoints of a run by the eval loss logged at the step each
+    was saved, then (if ``last``) its last checkpoint, once; and the checkpoints ``best`` passed over
+    because no eval loss was logged at their step (a save on SIGTERM, or one between evaluations)."""
     saved = saved_checkpoints(run_dir.checkpoints)
     if not saved:
         raise CheckpointError(f"{run_dir.checkpoints} holds no checkpoints")
-    picked = []
+    picked, unscored = [], []
     if best > 0:
         losses = {row["step"]: row[EVAL_LOSS] for row in read_metrics(run_dir.path) if EVAL_LOSS in row}
-        unscored = [path.name for step, path in saved.items() if step not in losses]
-        if unscored:
+        unscored = [path for step, path in saved.items() if step not in losses]
+        scored = [step for step in saved if step in losses]
+        if not scored:
             raise CheckpointError(
-                f"no eval loss was logged at the step of {', '.join(unscored)} in {run_dir.metrics_file}; "
-                "choosing the best needs an evaluation at every save (eval_interval equal to save_interval)"
+                f"no eval loss was logged at the step of any checkpoint in {run_dir.checkpoints} "
+                f"({run_dir.metrics_file}); --best needs an evaluation at every save: an eval_loader, and "
+                "eval_interval equal to save_interval"
             )
-        picked = [saved[step] for step in sorted(saved, key=lambda step: losses[step])[:best]]
+        picked = [saved[step] for step in sorted(scored, key=lambda step: losses[step])[:best]]
     if last and saved[max(saved)] not in picked:
         picked.append(saved[max(saved)])
-    return picked
+    return picked, unscored
