@@ -11,7 +11,8 @@ from conftest import ROOT, STSB, TOKENIZER, needs_stsb, tiny_stsb_overrides
 
 from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.labeled import LabeledDataError, SplitConfig, batches, load_split
-from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer
+from flexbert.train.finetune import FinetuneConfig, build_finetune_trainer, epoch_fraction, eval_interval_in_batches
+from flexbert.typed_config import ConfigError
 from flexbert.yaml_config import load_yaml_config
 
 pytestmark = [
@@ -364,3 +365,34 @@ def test_early_stopping_keeps_the_best_evaluation_and_a_next_task_starts_from_it
     started = flexbert_module(build_finetune_trainer(FinetuneConfig.from_dict(raw), raw).state.model).state_dict()
     assert all(torch.equal(started[name], saved[name]) for name in saved if not name.startswith("classifier."))
     assert not torch.equal(started["classifier.weight"], saved["classifier.weight"])
+
+
+def test_a_part_of_an_epoch_as_eval_interval_evaluates_within_each_epoch(tmp_path):
+    """``eval_interval: 0.25ep`` evaluates four times an epoch (at every quarter's last batch), so that
+    early stopping can act within a run of one to three epochs, as GLUE's protocol needs."""
+    from flexbert.train.loggers import read_metrics
+
+    train = write_conll(tmp_path / "train.txt", 128, seed=0)  # 8 batches of 16 per epoch
+    valid = write_conll(tmp_path / "valid.txt", 16, seed=1)
+    raw = ner_recipe(tmp_path, train, valid, "max_duration=2ep", "eval_interval=0.25ep")
+    trainer = build_finetune_trainer(FinetuneConfig.from_dict(raw), raw)
+    trainer.fit()
+    trainer.close()
+    rows = read_metrics(tmp_path / "finetune-ner")
+    assert [row["step"] for row in rows if "metrics/eval/entity_f1" in row] == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_eval_intervals_in_epochs_become_batches():
+    assert eval_interval_in_batches("0.25ep", 8) == "2ba"
+    assert eval_interval_in_batches("0.1ep", 4) == "1ba"  # at least one batch
+    assert eval_interval_in_batches("2ep", 8) == "2ep"  # whole epochs: Composer counts them itself
+    assert eval_interval_in_batches("1_000ba", 8) == "1000ba"
+    assert [epoch_fraction(text) for text in ("0.25ep", ".5ep", "3ep", "100ba", "ep")] == [0.25, 0.5, 3.0, None, None]
+
+
+@pytest.mark.parametrize("interval", ["0ep", "0.0ep", "0.25 epochs", "-1ep"])
+def test_a_bad_eval_interval_stops_with_one_line(tmp_path, interval):
+    train = write_conll(tmp_path / "train.txt", 16, seed=0)
+    raw = ner_recipe(tmp_path, train, train, f"eval_interval={interval}")
+    with pytest.raises(ConfigError, match=r"^eval_interval: "):
+        FinetuneConfig.from_dict(raw)

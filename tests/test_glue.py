@@ -291,6 +291,7 @@ def test_a_dry_run_plans_what_can_start_and_plans_the_dependents_once_their_sour
     assert len(lines) == 10 and not any("rte" in line for line in lines) and not (out / "mnli").exists()
     config = yaml.safe_load((out / "configs" / "mnli-lr1e-05-weight_decay1e-06-max_duration1ep-seed1.yaml").read_text())
     assert config["batch_size"] == 8 and config["load_path"] == str(hf_model) and config["early_stopping"]["save_best"]
+    assert config["eval_interval"] == "0.25ep"  # several evaluations an epoch, so that patience can act
     assert config["vars"]["glue"] == str(glue) and config["model"]["hidden_size"] == 32
     # The cluster runs the lines (here: the MNLI ones, training faked), each marking its run done.
     for line in lines:

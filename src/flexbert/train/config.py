@@ -66,8 +66,12 @@ class RunConfig:
         return RunDir.of(self.run_root, self.run_name)
 
     def validate(self, path: str = "") -> None:
-        for key in ("max_duration", "eval_interval"):
-            parse_time(getattr(self, key), key)
+        parse_time(self.max_duration, "max_duration")
+        self.validate_eval_interval()
+
+    def validate_eval_interval(self) -> None:
+        if parse_time(self.eval_interval, "eval_interval").value <= 0:
+            raise ConfigError("eval_interval", f"must be positive, got {self.eval_interval!r}")
 
 
 def shared_trainer_arguments(

@@ -4,6 +4,7 @@ regression), from one of this project's checkpoints or a Hugging Face ModernBERT
 from __future__ import annotations
 
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,7 @@ class FinetuneConfig(RunConfig):
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
     early_stopping: EarlyStoppingConfig | None = None
     max_duration: str = "3ep"
-    eval_interval: str = "1ep"
+    eval_interval: str = "1ep"  # also a fraction of an epoch, "0.25ep": four evaluations per epoch
     optimizer: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
             name="decoupled_adamw", lr=5e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=1e-5
@@ -99,6 +100,13 @@ class FinetuneConfig(RunConfig):
     def from_dict(cls, data: dict[str, Any]) -> FinetuneConfig:
         return from_dict(cls, data, "")
 
+    def validate_eval_interval(self) -> None:
+        fraction = epoch_fraction(self.eval_interval)
+        if fraction is None:
+            super().validate_eval_interval()
+        elif fraction <= 0:
+            raise ConfigError("eval_interval", f"must be a positive part of an epoch, got {self.eval_interval!r}")
+
     def validate(self, path: str = "") -> None:
         """Called by the typed-config builder once every section has validated itself."""
         super().validate(path)
@@ -113,6 +121,21 @@ class FinetuneConfig(RunConfig):
             self.model_config = with_marker_ids(self.model_config, self.mlm_tokenizer)
             for key in ("query_length", "document_length"):
                 check_fits_positions(f"task.{key}", getattr(self.task, key), self.model_config)
+
+
+def epoch_fraction(interval: str) -> float | None:
+    """How many epochs ``interval`` names when it is written in epochs ("0.25ep", "2ep"), else None."""
+    match = re.fullmatch(r"(\d+|\d*\.\d+)ep", interval.replace("_", ""))
+    return float(match[1]) if match else None
+
+
+def eval_interval_in_batches(interval: str, batches_per_epoch: int) -> str:
+    """``interval`` as Composer takes it: a part of an epoch ("0.25ep", which Composer cannot count)
+    becomes that many of the epoch's batches, at least one; anything else is kept."""
+    epochs = epoch_fraction(interval)
+    if epochs is None or epochs.is_integer():
+        return interval.replace("_", "")
+    return f"{max(1, round(epochs * batches_per_epoch))}ba"
 
 
 @dataclass
@@ -326,7 +349,10 @@ def build_finetune_trainer(config: FinetuneConfig, resolved: dict) -> Trainer:
         best_path = config.run_dir.checkpoints / "best.pt"
         early_stopping.append(BestEvaluation(config.early_stopping, first_split, first_metric, best_path))
     return Trainer(
-        **shared_trainer_arguments(config, model, resolved, precision),
+        **{
+            **shared_trainer_arguments(config, model, resolved, precision),
+            "eval_interval": eval_interval_in_batches(config.eval_interval, len(train_epochs)),
+        },
         model=ComposerClassifier(model, task),
         train_dataloader=_data_spec(train_epochs),
         eval_dataloader=[

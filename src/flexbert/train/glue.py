@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from flexbert.core.checkpoint import is_sharded, model_from_checkpoint
 from flexbert.core.hf import hf_dir_config
 from flexbert.errors import MissingFileError
+from flexbert.train.finetune import epoch_fraction
 from flexbert.train.sweep import (
     DONE,
     Run,
@@ -70,6 +71,8 @@ class GlueProtocol:
     weight_decays: list[float]
     seeds: list[int]
     patience: int = 2  # early stopping: evaluations without a new best before a run stops
+    # Several evaluations per epoch, so that patience can stop a run of 1 to 3 epochs.
+    eval_interval: str = "0.25ep"
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, in every run
     nproc: int = 1  # processes per run (composer -n nproc)
 
@@ -79,6 +82,10 @@ class GlueProtocol:
                 raise ConfigError(f"{path}.{key}", "no values")
         if self.patience < 1 or self.nproc < 1:
             raise ConfigError(path, "patience and nproc must be at least 1")
+        if not (epoch_fraction(self.eval_interval) or 0) > 0:
+            raise ConfigError(
+                f"{path}.eval_interval", f"must be a part of an epoch such as 0.25ep, got {self.eval_interval!r}"
+            )
         for name, task in self.tasks.items():
             source = task.start_from
             if source is None:
@@ -153,7 +160,12 @@ def score_metric(raw: dict[str, Any]) -> str:
 def plan_task(protocol: GlueProtocol, protocol_file: Path, name: str, overrides: dict[str, Any], out: Path) -> TaskPlan:
     task = protocol.tasks[name]
     early_stopping = {"patience": protocol.patience, "save_best": name in protocol.sources}
-    fixed = {**protocol.overrides, **overrides, "early_stopping": early_stopping}
+    fixed = {
+        "eval_interval": protocol.eval_interval,
+        **protocol.overrides,
+        **overrides,
+        "early_stopping": early_stopping,
+    }
     raw = load_yaml_config(protocol_file.parent / task.recipe, [f"{key}={json.dumps(v)}" for key, v in fixed.items()])
     if "task" not in raw or raw["task"].get("kind", "sequence") != "sequence":
         raise ConfigError(f"glue.tasks.{name}.recipe", f"{task.recipe} is not a sequence-classification recipe")
