@@ -80,10 +80,16 @@ def test_code_search_holds_out_whole_packages_and_its_manifest_counts_them(code_
     for name, packages in SMALL_PACKAGES.items():
         assert manifest["packages"][name] == {p.distribution: metadata.version(p.distribution) for p in packages}
         split = read_split(code_search, name)
-        folders = {query_id.split("/")[0] for query_id in split.queries}
+        folders = {query_id.removeprefix("q:").split("/")[0] for query_id in split.queries}
         assert folders == {package.module for package in packages}  # every package gives pairs, no other does
         assert manifest["splits"][name] == split.counts()
-        assert split.qrels == {query_id: {query_id: 1} for query_id in split.queries}
+        # Each query's one relevant document, under an id that no query has (BEIR's evaluator would
+        # drop a pair of equal ids).
+        assert split.qrels == {query_id: {"d:" + query_id.removeprefix("q:"): 1} for query_id in split.queries}
+        assert (
+            all(query_id.startswith("q:") for query_id in split.queries)
+            and not split.queries.keys() & split.corpus.keys()
+        )
     assert manifest["splits"]["train"]["queries"] == SMALL_CAPS["train"]
     assert manifest["dropped"]["over the cap"] > 0
 
@@ -128,7 +134,8 @@ def installed_function(pair_id: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
 def test_a_document_is_its_function_without_the_docstring_and_the_query_opens_that_docstring(code_search):
     for name in SMALL_PACKAGES:
         split = read_split(code_search, name)
-        for pair_id, document in split.corpus.items():
+        for document_id, document in split.corpus.items():
+            pair_id = document_id.removeprefix("d:")
             stripped = ast.parse(document).body[0]
             assert isinstance(stripped, (ast.FunctionDef, ast.AsyncFunctionDef))
             assert ast.get_docstring(stripped) is None
@@ -136,7 +143,7 @@ def test_a_document_is_its_function_without_the_docstring_and_the_query_opens_th
             docstring = ast.get_docstring(original)
             original.body, original.decorator_list = original.body[1:], []
             assert ast.dump(stripped) == ast.dump(original)
-            query = split.queries[pair_id]
+            query = split.queries["q:" + pair_id]
             assert " ".join(docstring.split()).startswith(" ".join(query.split()))
             assert MIN_QUERY_WORDS <= len(query.split()) and len(query) <= MAX_QUERY_CHARS
             assert MIN_DOCUMENT_LINES <= len(document.split("\n")) and len(document) <= MAX_DOCUMENT_CHARS

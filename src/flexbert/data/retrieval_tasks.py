@@ -252,11 +252,14 @@ def capped(pairs: list[Pair], cap: int, seed: int, split: str, dropped: Counter)
 
 
 def code_search_split(pairs: list[Pair]) -> RetrievalSplit:
+    """Each pair's query and document under ids of their own kind (``q:``, ``d:``): evaluators such as
+    BEIR's drop every query-document pair with equal ids, so a shared id would score nothing there."""
     split = RetrievalSplit()
     for pair in pairs:
-        split.queries[pair.id] = pair.query
-        split.corpus[pair.id] = pair.document
-        split.qrels[pair.id] = {pair.id: 1}
+        query_id, document_id = f"q:{pair.id}", f"d:{pair.id}"
+        split.queries[query_id] = pair.query
+        split.corpus[document_id] = pair.document
+        split.qrels[query_id] = {document_id: 1}
     return split
 
 
