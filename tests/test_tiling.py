@@ -119,12 +119,21 @@ def test_layers_copy_the_rounded_source_layer():
     assert torch.equal(large["model.layers.1.attn_norm.weight"], torch.ones(24))
 
 
-def test_same_size_is_the_identity_and_the_decoder_stays_tied():
+def test_same_size_is_the_identity_but_for_a_fresh_final_norm_and_the_decoder_stays_tied():
+    # As the reference: every weight tiled (here copied), the encoder's final norm left as
+    # initialisation makes it.
     config = tiny_config(**SMALL, norm_bias=True, attention_bias=True, mlp_bias=True, head_bias=True)
     small = random_weights(config)
     large = tile_state_dict(small, config, config)
     assert large.keys() == small.keys()
-    assert all(torch.equal(large[key], small[key]) for key in small)
+    final_norm = {"model.final_norm.weight", "model.final_norm.bias"}
+    assert final_norm < large.keys()
+    assert all(torch.equal(large[key], small[key]) for key in small.keys() - final_norm)
+    assert (
+        torch.equal(large["model.final_norm.weight"], torch.ones(16))
+        and not small["model.final_norm.weight"].eq(1).all()
+    )
+    assert torch.equal(large["model.final_norm.bias"], torch.zeros(16))
     assert large["decoder.weight"] is large["model.embeddings.tok_embeddings.weight"]
 
 
@@ -133,7 +142,7 @@ def test_more_layers_at_the_same_width_copies_each_layer_unchanged():
     small = random_weights(small_config)
     large = tile_state_dict(small, small_config, large_config)
     for key, value in small.items():
-        if not key.startswith("model.layers."):
+        if not key.startswith(("model.layers.", "model.final_norm.")):
             assert torch.equal(large[key], value), key
     for layer in range(4):
         prefix = f"model.layers.{source_layer(layer, 2, 4)}."

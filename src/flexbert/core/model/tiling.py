@@ -22,6 +22,9 @@ faster than a random start (ModernBERT, appendix A.2). The rule, on the masked-L
 * **A norm the source layer lacks** (a pre-norm model's layer 0 has no attention norm: the
   embedding norm precedes it) is made fresh in the large layer that copies it: weight 1, bias 0, as
   initialisation sets it.
+* **The encoder's final norm** is the large model's own, fresh (weight 1, bias 0), not the small
+  one's tiled: the reference implementation tiles the embeddings, the layers, the head and the
+  decoder bias, and leaves ``final_norm`` as initialisation made it.
 
 The two configs must choose the same blocks and bias flags, so that the state dicts have the same
 keys, and the large one may be no smaller in any dimension.
@@ -98,6 +101,16 @@ def source_layer(layer: int, small_layers: int, large_layers: int) -> int:
     return min(round(layer * small_layers / large_layers), small_layers - 1)
 
 
+# The encoder's final norm, which the large model keeps fresh (see the module docstring).
+FINAL_NORM = "model.final_norm."
+
+
+def _fresh_norm(key: str, shape: torch.Size, small: Mapping[str, Tensor]) -> Tensor:
+    """A norm's weight (ones) or bias (zeros) as initialisation sets them, like the small weights."""
+    like = next(iter(small.values()))
+    return torch.full(shape, 1.0 if key.endswith(".weight") else 0.0, dtype=like.dtype, device=like.device)
+
+
 def tile_state_dict(
     small: Mapping[str, Tensor], small_config: FlexBertConfig, large_config: FlexBertConfig
 ) -> dict[str, Tensor]:
@@ -119,17 +132,17 @@ def tile_state_dict(
         source = _source_key(key, layers)
         if id(target) in by_target:  # tied (the decoder to the embeddings): the same tensor again
             tiled[key] = by_target[id(target)]
+        elif key.startswith(FINAL_NORM):
+            tiled[key] = _fresh_norm(key, target.shape, small)
         elif source in small:
             tiled[key] = tile_parts(small[source], target.shape, fused.get(key, 1))
         elif _is_missing_layer_norm(large, key, source, small):
-            fill = 1.0 if key.endswith(".weight") else 0.0
-            like = next(iter(small.values()))
-            tiled[key] = torch.full(target.shape, fill, dtype=like.dtype, device=like.device)
+            tiled[key] = _fresh_norm(key, target.shape, small)
         else:
             raise TilingError(f"the small weights have no {source} for the large model's {key}")
         by_target[id(target)] = tiled[key]
         used.add(source)
-    unused = sorted(small.keys() - used)
+    unused = sorted(key for key in small.keys() - used if not key.startswith(FINAL_NORM))
     if unused:
         raise TilingError(f"the large model has no place for the small weights' {', '.join(unused)}")
     return tiled
