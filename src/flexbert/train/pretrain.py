@@ -42,7 +42,7 @@ from flexbert.typed_config import ConfigError, from_dict
 @dataclass
 class InitFromConfig:
     """``init_from:`` start a larger model from a smaller trained one, as ModernBERT-large started
-    from base (see flexbert/model/tiling.py for the rule)."""
+    from base (see flexbert/core/model/tiling.py for the rule)."""
 
     checkpoint: str  # a checkpoint of this project (file or shard folder) whose model config is known
     method: Literal["tile"] = "tile"
