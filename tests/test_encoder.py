@@ -305,3 +305,24 @@ def test_classifier_losses_and_init():
     wide = FlexBertForSequenceClassification(tiny_config(hidden_size=256, intermediate_size=384), num_labels=2000)
     weight = wide.classifier.weight
     assert weight.abs().max() <= 2 * 256**-0.5 and weight.std().item() == pytest.approx(0.88 * 256**-0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rotary_turns_each_pair_of_halves_by_its_angle(grad):
+    """RoPE (rotate-half layout): dimension i and i + d/2 of a head form a complex number turned by
+    position × theta^(-2i/d). Both ways apply_rotary computes it (in place when no gradient is
+    needed, as when encoding; out of place for training) equal that rotation."""
+    from flexbert.core.model.attention import RotaryTables, apply_rotary
+
+    tokens, heads, head_dim, theta = 37, 3, 16, 10_000.0
+    positions = torch.tensor([*range(20), *range(17)])  # two documents
+    x = torch.randn(tokens, heads, head_dim, requires_grad=grad)
+    cos, sin = RotaryTables(head_dim).lookup(positions, 64, theta)
+    with torch.set_grad_enabled(grad):
+        rotated = apply_rotary(x, cos, sin)
+    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    turn = torch.polar(torch.ones(tokens, head_dim // 2, dtype=torch.float64), positions[:, None] * frequencies)
+    pairs = torch.complex(x[..., : head_dim // 2].double(), x[..., head_dim // 2 :].double()) * turn[:, None]
+    expected = torch.cat((pairs.real, pairs.imag), dim=-1).float()
+    torch.testing.assert_close(rotated, expected, atol=1e-5, rtol=1e-5)
+    assert rotated.requires_grad == grad

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flexbert.core.model.layout import Attend, DocumentLayout, scatter_rows
+from flexbert.core.model.layout import Attend, DocumentLayout
 from flexbert.core.model.registries import ATTENTION_BACKENDS
 
 # Devices whose tensors the host reads without stalling anything: documents are grouped by length
@@ -18,26 +18,35 @@ GROUPING_DEVICES = ("cpu",)
 
 
 class DocumentGrid:
-    """The unpadded stream laid out one document per row: ``[docs, row_length, ...]``, with each
-    document's tokens starting ``offset`` cells into its row and zeros in the cells no token fills.
+    """The documents of ``layout`` laid out one per row: ``[docs, row_length, ...]``, each document's
+    tokens starting ``offset`` cells into its row. The grid is filled straight from the stream, where
+    ``tokens`` says the layout's tokens sit (all of the stream, in order, by default): one gather.
 
-    When the cells are exactly the tokens (every document full-length, no offset), moving in and
-    out of the grid is a free reshape.
+    A cell no token fills holds a copy of its document's first token rather than zeros. What it holds
+    never reaches a real token: as a key it is masked, and its query's output is dropped, so in the
+    backward pass it passes on a gradient of exactly zero. When the cells are exactly the stream's
+    tokens (every document full-length, no offset), moving in and out of the grid is a free reshape.
     """
 
-    def __init__(self, layout: DocumentLayout, row_length: int, offset: int = 0):
+    def __init__(self, layout: DocumentLayout, row_length: int, offset: int = 0, tokens: torch.Tensor | None = None):
         self.num_docs, self.row_length = layout.num_docs, row_length
         self.index = layout.doc_ids * row_length + offset + layout.positions  # [T] token -> cell
-        self.dense = offset == 0 and self.num_docs * row_length == layout.num_tokens
+        self.dense = tokens is None and offset == 0 and self.num_docs * row_length == layout.num_tokens
+        if not self.dense:
+            in_stream = torch.arange(layout.num_tokens, device=layout.doc_ids.device) if tokens is None else tokens
+            # (an empty document, which has no token, takes the layout's last one)
+            first_tokens = in_stream[layout.cu_seqlens[:-1].long().clamp(max=layout.num_tokens - 1)]
+            self.source = first_tokens.repeat_interleave(row_length)  # [docs * row_length] cell -> token
+            self.source[self.index] = in_stream
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, ...] -> [docs, row_length, ...]"""
+        """the stream [T_stream, ...] -> [docs, row_length, ...]"""
         if not self.dense:
-            x = scatter_rows(x, self.index, self.num_docs * self.row_length)
+            x = x.index_select(0, self.source)
         return x.view(self.num_docs, self.row_length, *x.shape[1:])
 
     def gather(self, grid: torch.Tensor) -> torch.Tensor:
-        """[docs, row_length, ...] -> [T, ...]"""
+        """[docs, row_length, ...] -> [T, ...], the layout's tokens in its order"""
         flat = grid.flatten(0, 1)
         return flat if self.dense else flat[self.index]
 
@@ -64,15 +73,16 @@ def prepare_sdpa(layout: DocumentLayout, half_window: int | None, scale: float) 
     banded: the cost then grows with length times window rather than with length squared (an
     8192-token document at ModernBERT's window: 43x fewer scores).
     """
-    groups = _length_groups(layout)
-    if len(groups) == 1:
+    # A group of empty documents (the all-padding rows of a padded batch) has no token to attend.
+    groups = [(tokens, group) for tokens, group in _length_groups(layout) if group.num_tokens > 0]
+    if not groups or (len(groups) == 1 and groups[0][0] is None):
         return _grid_sdpa(layout, half_window, scale)
-    parts = [(tokens, _grid_sdpa(group, half_window, scale)) for tokens, group in groups]
-    back_to_stream = torch.argsort(torch.cat([tokens for tokens, _ in parts]))
+    # Each group's grids are filled from the whole stream; their outputs come back in group order.
+    parts = [_grid_sdpa(group, half_window, scale, tokens) for tokens, group in groups]
+    back_to_stream = torch.argsort(torch.cat([tokens for tokens, _ in groups]))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        outs = [group_attend(q[tokens], k[tokens], v[tokens], dropout_p) for tokens, group_attend in parts]
-        return torch.cat(outs)[back_to_stream]
+        return torch.cat([group_attend(q, k, v, dropout_p) for group_attend in parts])[back_to_stream]
 
     return attend
 
@@ -100,17 +110,21 @@ def _length_groups(layout: DocumentLayout) -> list[tuple[torch.Tensor | None, Do
     return groups
 
 
-def _grid_sdpa(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
+def _grid_sdpa(
+    layout: DocumentLayout, half_window: int | None, scale: float, tokens: torch.Tensor | None = None
+) -> Attend:
+    """Attention over ``layout``'s documents, reading q, k and v from the stream where ``tokens``
+    says they sit (the whole stream by default) and returning the layout's tokens in its order."""
     if half_window is not None and layout.max_seqlen >= BANDED_MIN_HALF_WINDOWS * half_window:
-        return _banded_sdpa(layout, half_window, scale)
-    return _full_sdpa(layout, half_window, scale)
+        return _banded_sdpa(layout, half_window, scale, tokens)
+    return _full_sdpa(layout, half_window, scale, tokens)
 
 
-def _full_sdpa(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
+def _full_sdpa(layout: DocumentLayout, half_window: int | None, scale: float, tokens: torch.Tensor | None) -> Attend:
     """Every query of a document scored against every key of it, with a mask where needed."""
     max_len = layout.max_seqlen
     device = layout.doc_ids.device
-    grid = DocumentGrid(layout, max_len)
+    grid = DocumentGrid(layout, max_len, tokens=tokens)
     mask = None
     if half_window is not None or not grid.dense:
         key_pos = torch.arange(max_len, device=device)
@@ -135,7 +149,7 @@ def _full_sdpa(layout: DocumentLayout, half_window: int | None, scale: float) ->
     return attend
 
 
-def _banded_sdpa(layout: DocumentLayout, half_window: int, scale: float) -> Attend:
+def _banded_sdpa(layout: DocumentLayout, half_window: int, scale: float, tokens: torch.Tensor | None) -> Attend:
     """Sliding-window attention in blocks of ``half_window`` queries. A block's queries can only
     reach the keys from ``half_window`` before its first query to ``half_window`` after its last,
     so each block is scored against that span of 3·half_window keys alone.
@@ -145,9 +159,9 @@ def _banded_sdpa(layout: DocumentLayout, half_window: int, scale: float) -> Atte
     span = block + 2 * half_window
     num_blocks = -(-layout.max_seqlen // block)
     num_docs = layout.num_docs
-    queries = DocumentGrid(layout, num_blocks * block)
+    queries = DocumentGrid(layout, num_blocks * block, tokens=tokens)
     # Keys sit half_window cells in, so that block b's span is cells [b·block, b·block + span).
-    keys = DocumentGrid(layout, num_blocks * block + 2 * half_window, offset=half_window)
+    keys = DocumentGrid(layout, num_blocks * block + 2 * half_window, offset=half_window, tokens=tokens)
 
     query_pos = torch.arange(num_blocks * block, device=device).view(num_blocks, 1, block, 1)
     key_pos = (torch.arange(num_blocks, device=device) * block - half_window).view(num_blocks, 1, 1, 1) + torch.arange(
