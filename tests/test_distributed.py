@@ -99,7 +99,20 @@ def test_pretraining_with_eval_export_warmup_and_an_epoch_boundary(small_corpus,
     assert all(torch.equal(tensor, final[f"model.{name}"]) for name, tensor in hf_model.state_dict().items())
 
 
-def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resumes(small_corpus, tmp_path):
+def _rank_process(launcher: int, rank: int) -> int:
+    """The pid of the launcher's child that runs ``rank``, read from its environment."""
+    for process in Path("/proc").iterdir():
+        try:
+            children_of_launcher = f"\nPPid:\t{launcher}\n" in (process / "status").read_text()
+            if children_of_launcher and f"RANK={rank}".encode() in (process / "environ").read_bytes().split(b"\0"):
+                return int(process.name)
+        except (OSError, ValueError):
+            continue  # not a process, or one that has just ended
+    raise AssertionError(f"no process of rank {rank} under the launcher")
+
+
+@pytest.mark.parametrize("signalled", ["every process", "rank 1 alone"])
+def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resumes(small_corpus, tmp_path, signalled):
     recipe = tiny_recipe(
         small_corpus,
         tmp_path,
@@ -123,8 +136,12 @@ def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resume
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         assert process.poll() is None and time.monotonic() < deadline, "the run never got going"
         time.sleep(0.5)
-    # A scheduler's preemption signals every process of the job; the launcher itself just dies.
-    os.killpg(process.pid, signal.SIGTERM)
+    if signalled == "every process":
+        # A scheduler's preemption signals every process of the job; the launcher itself just dies.
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        # One rank's node is preempted first; the other rank learns of it through the stop vote.
+        os.kill(_rank_process(process.pid, 1), signal.SIGTERM)
     while time.monotonic() < deadline:
         process.poll()  # reap the launcher, or it stays in the group as a zombie
         try:
@@ -144,6 +161,46 @@ def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resume
     resumed = {**recipe, "max_duration": f"{stopped + 2}ba"}
     run_recipe(write_recipe(path, resumed), nproc=2)
     assert sorted(logged(tmp_path / "tiny", "loss/train/total")) == list(range(stopped + 2))
+
+
+def _vote_on_rank(rank: int, store_path: str, signalled_at: dict[int, int], stopped_at) -> None:
+    """One rank of a gloo world: SigtermCheckpoint's batch_end, with SIGTERM seen after batch
+    ``signalled_at[rank]`` (if any); records the batch whose end stopped training."""
+    import torch.distributed as torch_dist
+
+    from flexbert.train.resume import SigtermCheckpoint
+
+    os.environ["WORLD_SIZE"] = "2"
+    torch_dist.init_process_group("gloo", store=torch_dist.FileStore(store_path, 2), rank=rank, world_size=2)
+
+    class State:
+        stopped = False
+
+        def stop_training(self):
+            self.stopped = True
+
+    callback, state = SigtermCheckpoint("1000ba"), State()
+    for batch in range(1, 20):
+        callback.requested = callback.requested or batch >= signalled_at.get(rank, 10**9)
+        callback.batch_end(state, None)
+        if state.stopped:
+            stopped_at[rank] = batch
+            break
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("signalled_at", [{1: 3}, {0: 4, 1: 2}])
+def test_ranks_that_see_sigterm_at_different_batches_stop_at_one_batch(tmp_path, signalled_at):
+    """The stop vote read at a batch is the one launched VOTE_LAG batches earlier, on every rank:
+    the first rank to see the signal decides the batch, and no rank waits on a vote it just sent."""
+    import torch.multiprocessing as multiprocessing
+
+    from flexbert.train.resume import SigtermCheckpoint
+
+    stopped_at = multiprocessing.Manager().dict()
+    multiprocessing.spawn(_vote_on_rank, args=(str(tmp_path / "store"), signalled_at, stopped_at), nprocs=2)
+    first = min(signalled_at.values())
+    assert dict(stopped_at) == {0: first + SigtermCheckpoint.VOTE_LAG, 1: first + SigtermCheckpoint.VOTE_LAG}
 
 
 @pytest.mark.parametrize("action", ["stop", "skip"])

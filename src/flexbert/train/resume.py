@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import warnings
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,11 +128,50 @@ class LoaderCheckpoint(Callback):
         self.loader.load_state_dict(state["loader"])
 
 
+class _StopVote:
+    """One rank agreement on whether to stop, launched without waiting: an all-reduce (MAX) of each
+    rank's flag whose result is read a few batches later, when it has long finished.
+
+    On a GPU the result goes to pinned host memory behind a CUDA event, so reading it waits for that
+    event only, never for the batches queued since; on gloo the collective itself runs apart."""
+
+    def __init__(self, requested: bool):
+        on_gpu = torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        # torch.full launches a kernel; building the flag on the host and copying it would block.
+        self._flag = torch.full((1,), int(requested), dtype=torch.int32, device=device)
+        self._work = torch.distributed.all_reduce(self._flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        self._done: torch.cuda.Event | None = None
+        if on_gpu:
+            self._work.wait()  # orders the current stream after the collective; the host goes on
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(self._flag, non_blocking=True)
+            self._flag = host
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def result(self) -> bool:
+        if self._done is not None:
+            self._done.synchronize()
+        else:
+            self._work.wait()
+        return bool(self._flag.item())
+
+
 class SigtermCheckpoint(Callback):
-    """On SIGTERM (preemption, ``scancel``), finish the current batch, save a checkpoint, exit 0."""
+    """On SIGTERM (preemption, ``scancel``), finish the current batch, save a checkpoint, exit 0.
+
+    Under several processes, ranks may see the signal at different batches, and all must stop at the
+    same one. Each batch launches a vote without waiting for it, and each rank reads the vote launched
+    ``VOTE_LAG`` batches earlier: so all ranks stop at one batch, at most ``VOTE_LAG`` batches after
+    the signal, and no step waits on the device or the network for the vote."""
+
+    VOTE_LAG = 2
 
     def __init__(self, save_interval: str):
         self.requested = False
+        self._stopping = False
+        self._votes: deque[_StopVote] = deque()
         self._periodic = create_interval_scheduler(save_interval.replace("_", ""))
         self._previous_handler = None
 
@@ -139,7 +179,7 @@ class SigtermCheckpoint(Callback):
         """The trainer's checkpoint schedule: periodic, at the end, and right after a SIGTERM."""
 
         def should_save(state: State, event: Event) -> bool:
-            return self.requested or self._periodic(state, event)
+            return self._stopping or self._periodic(state, event)
 
         return should_save
 
@@ -150,12 +190,14 @@ class SigtermCheckpoint(Callback):
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        if dist.get_world_size() > 1:
-            # Ranks may see the signal at different batches; all must stop at the same one.
-            flag = state.device.tensor_to_device(torch.tensor([int(self.requested)]))
-            dist.all_reduce(flag, reduce_operation="MAX")
-            self.requested = bool(flag.item())
-        if self.requested:
+        if dist.get_world_size() == 1:
+            self._stopping = self.requested
+        else:
+            # Every rank launches and reads the same votes in the same order, whatever it has seen.
+            self._votes.append(_StopVote(self.requested))
+            if len(self._votes) > self.VOTE_LAG:
+                self._stopping = self._votes.popleft().result()
+        if self._stopping:
             # Ends the loop after this batch; the checkpoint saver then sees should_save() true.
             state.stop_training()
 
