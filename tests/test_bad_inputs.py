@@ -152,6 +152,14 @@ def test_an_unknown_key_names_its_path_and_the_close_valid_key(corpus, tmp_path,
     assert error.startswith(f"flexbert: error: {section}.{typo}: unknown key; did you mean '{close}'? valid keys are:")
 
 
+def test_a_key_of_an_earlier_version_says_what_replaced_it(corpus, tmp_path, capsys):
+    recipe = tiny_recipe(corpus, tmp_path / "runs", debug={"log_sample_ids": True})
+    error = train_error(recipe, tmp_path, capsys)
+    assert error.startswith(
+        "flexbert: error: debug: retired: its one key, log_sample_ids, became data_order.record, which is on by default"
+    )
+
+
 @pytest.mark.parametrize("in_yaml", [True, False], ids=["yaml", "override"])
 def test_a_wrong_type_names_the_key_and_the_value(corpus, tmp_path, capsys, in_yaml):
     recipe = tiny_recipe(corpus, tmp_path / "runs")

@@ -195,15 +195,17 @@ def test_the_whole_microbatch_step_runs_on_the_device(cpu_batches, monkeypatch):
 
 def test_the_step_end_callbacks_read_no_device_value(cpu_batches, tmp_path):
     """What runs at the end of every step on the device batch: the packing and throughput monitors
-    and the sample-id log (whose keys are host arrays)."""
+    and the data-order record (whose keys are host arrays)."""
     from test_callbacks_loggers import Harness
 
+    from flexbert.train.data_order import DataOrderRecord, read_data_order
     from flexbert.train.monitors import PackingMonitor, ThroughputMonitor
-    from flexbert.train.sample_ids import SampleIdLog, read_sample_ids
 
     _, batches, model_config = cpu_batches
     harness = Harness(
-        PackingMonitor(), ThroughputMonitor(model_config, peak_tflops=1.0, window=2), SampleIdLog(tmp_path)
+        PackingMonitor(),
+        ThroughputMonitor(model_config, peak_tflops=1.0, window=2),
+        DataOrderRecord(tmp_path, mask_seed=0),
     )
     harness.event(Event.FIT_START)
     for batch in batches:
@@ -211,7 +213,7 @@ def test_the_step_end_callbacks_read_no_device_value(cpu_batches, tmp_path):
             harness.train_batch(MetaDevice().batch_to_device(batch))
     assert [rows for _, rows in harness.logged("batch/rows")] == [batch["num_rows"] for batch in batches]
     assert len(harness.logged("throughput/tokens_per_sec")) == len(batches) - 1
-    logged = read_sample_ids(tmp_path)[0]
+    logged = read_data_order(tmp_path)[0]
     assert [row["pieces"] for row in logged] == [batch["piece_keys"].tolist() for batch in batches]
 
 

@@ -21,8 +21,8 @@ from conftest import ROOT, TOKENIZER
 from train_helpers import command, environment, run_recipe, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.core.checkpoint import LATEST_LINK
+from flexbert.train.data_order import read_data_order, trained_pieces
 from flexbert.train.loggers import read_metrics
-from flexbert.train.sample_ids import read_sample_ids, trained_pieces
 from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig
 from flexbert.train.sweep import run_sweep
 from flexbert.yaml_config import load_yaml_config
@@ -68,7 +68,7 @@ def test_pretraining_with_eval_export_warmup_and_an_epoch_boundary(small_corpus,
             "epochs": 1,
             "streams": {"web": {"local": str(small_corpus / "web")}},
         },
-        **{"debug.log_sample_ids": True, "logging.peak_tflops": 1.0, "train_loader.sample_batch_size": 4},
+        **{"logging.peak_tflops": 1.0, "train_loader.sample_batch_size": 4},
     )
     run_recipe(write_recipe(tmp_path / "recipe.yaml", recipe), nproc=2)
     run_dir = tmp_path / "tiny"
@@ -83,7 +83,7 @@ def test_pretraining_with_eval_export_warmup_and_an_epoch_boundary(small_corpus,
     assert rows[1] == 4 and rows[10] == 8
     pieces = trained_pieces(run_dir)
     assert max(pieces.values()) >= 2  # a second epoch began
-    per_rank = read_sample_ids(run_dir)
+    per_rank = read_data_order(run_dir)
     assert [row["step"] for row in per_rank[0]] == [row["step"] for row in per_rank[1]] == list(range(10))
 
     # Evaluation ran to the end of its finite loader on both ranks without either waiting forever.
@@ -120,7 +120,7 @@ def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resume
         save_interval="100000ba",
         autoresume=True,
         global_batch_rows=8,
-        **{"debug.log_sample_ids": True, "logging.peak_tflops": 1.0},
+        **{"logging.peak_tflops": 1.0},
     )
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     process = subprocess.Popen(
@@ -155,7 +155,7 @@ def test_sigterm_stops_both_ranks_at_the_same_step_with_a_checkpoint_then_resume
     saved = list((tmp_path / "tiny" / "checkpoints").glob("ep0-ba*-rank0.pt"))
     assert len(saved) == 1
     stopped = int(saved[0].name.split("-ba")[1].split("-")[0])
-    steps = {rank: [row["step"] for row in rows] for rank, rows in read_sample_ids(tmp_path / "tiny").items()}
+    steps = {rank: [row["step"] for row in rows] for rank, rows in read_data_order(tmp_path / "tiny").items()}
     assert steps[0] == steps[1] == list(range(stopped))  # both ranks stopped after the same step
 
     resumed = {**recipe, "max_duration": f"{stopped + 2}ba"}

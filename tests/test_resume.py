@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,10 +18,10 @@ from train_helpers import command, environment, run_recipe, tiny_recipe, write_c
 
 from flexbert.cli import main as cli_main
 from flexbert.core.checkpoint import LATEST_LINK
+from flexbert.train.data_order import encode_record, pack_pieces, read_data_order, recorded_steps, trained_pieces
 from flexbert.train.loggers import read_metrics
 from flexbert.train.pretrain import TrainConfig
 from flexbert.train.resume import choose_resume_checkpoint
-from flexbert.train.sample_ids import read_sample_ids, trained_pieces
 from flexbert.typed_config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +29,9 @@ pytestmark = [
     pytest.mark.xdist_group("streaming")  # see test_remote_streaming.py
 ]
 STEPS = 12
-# Checkpoints at steps 3, 6, 9 and 12; every run logs the pieces of each step's batch. (A given peak
-# spares every process measuring the CPU's.)
-RESUMABLE = {
-    "max_duration": f"{STEPS}ba",
-    "save_interval": "3ba",
-    "autoresume": True,
-    "debug.log_sample_ids": True,
-    "logging.peak_tflops": 1.0,
-}
+# Checkpoints at steps 3, 6, 9 and 12; every run records the pieces of each step's batch, as runs do
+# by default. (A given peak spares every process measuring the CPU's.)
+RESUMABLE = {"max_duration": f"{STEPS}ba", "save_interval": "3ba", "autoresume": True, "logging.peak_tflops": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +82,7 @@ def assert_same_training(run_dir: Path, reference: Path) -> None:
     weights, expected_weights = final_weights(run_dir), final_weights(reference)
     assert weights.keys() == expected_weights.keys()
     assert max((weights[k] - expected_weights[k]).abs().max().item() for k in weights) <= 1e-6
-    assert read_sample_ids(run_dir) == read_sample_ids(reference)
+    assert read_data_order(run_dir) == read_data_order(reference)
     pieces = trained_pieces(run_dir)
     assert pieces == trained_pieces(reference)
     assert max(pieces.values()) == 1  # one epoch is far from over: nothing seen twice
@@ -118,10 +113,6 @@ def sigkill_mid_step(recipe: Path, step: int, markers: Path, nproc: int = 1) -> 
         process.wait(timeout=60)
 
 
-def raw_steps(path: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()]
-
-
 # --- SIGKILL, then autoresume --------------------------------------------------------------------------
 
 
@@ -131,11 +122,14 @@ def test_sigkill_mid_epoch_then_autoresume_trains_exactly_as_an_uninterrupted_ru
     sigkill_mid_step(recipe, 7, tmp_path / "paused")
     # Killed inside step 7: the latest checkpoint, ba6, holds steps 0-5; step 6 was trained and logged after it.
     assert os.readlink(run_dir / "checkpoints" / LATEST_LINK) == "ep0-ba6-rank0.pt"
-    assert raw_steps(run_dir / "sample_ids" / "rank0.jsonl") == list(range(7))
+    assert recorded_steps(run_dir)[0] == list(range(7))
+    # As if the kill had come while step 7's record was being written: its first bytes are there.
+    with (run_dir / "data_order" / "rank0.bin").open("ab") as record:
+        record.write(encode_record(7, 1, pack_pieces(np.ones((5, 4), dtype=np.int64)))[:50])
 
     run_recipe(recipe)  # the same command, resuming
-    # Step 6 is in the log twice; it counts once.
-    assert raw_steps(run_dir / "sample_ids" / "rank0.jsonl") == list(range(7)) + list(range(6, STEPS))
+    # The torn record is gone; step 6 is recorded twice, and counts once.
+    assert recorded_steps(run_dir)[0] == list(range(7)) + list(range(6, STEPS))
     assert_same_training(run_dir, uninterrupted)
 
 
@@ -156,7 +150,7 @@ def test_two_processes_resume_exactly_after_sigkill_and_agree_on_a_damaged_check
     assert f"checkpoint {checkpoints / 'ep0-ba6-rank0.pt'} is damaged" in output
     assert "resuming from ep0-ba3-rank0.pt" in output
     for rank in (0, 1):
-        assert raw_steps(tmp_path / "killed" / "tiny" / "sample_ids" / f"rank{rank}.jsonl")[7:9] == [3, 4]
+        assert recorded_steps(tmp_path / "killed" / "tiny")[rank][7:9] == [3, 4]
     assert_same_training(tmp_path / "killed" / "tiny", tmp_path / "reference" / "tiny")
 
 
@@ -288,7 +282,7 @@ def poisoned_run(corpus, run_root: Path, step: int, target: str, **overrides):
 
 
 def expected_samples(uninterrupted: Path, step: int) -> list[str]:
-    pieces = read_sample_ids(uninterrupted)[0][step]["pieces"]
+    pieces = read_data_order(uninterrupted)[0][step]["pieces"]
     names = list(json.loads((uninterrupted / "config.json").read_text())["train_loader"]["streams"])
     return [f"{sample} ({names[stream]})" for stream, sample, _, _ in pieces]
 
@@ -312,7 +306,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_its_samples(corpus, uninterr
     assert all(sample in err for sample in expected_samples(uninterrupted, 4)), err
     assert "stopped before the optimizer step" in err
     record = json.loads((tmp_path / "tiny" / "nan_guard.jsonl").read_text())
-    assert record["pieces_per_rank"] == [read_sample_ids(uninterrupted)[0][4]["pieces"]]
+    assert record["pieces_per_rank"] == [read_data_order(uninterrupted)[0][4]["pieces"]]
     assert [row["step"] for row in read_metrics(tmp_path / "tiny") if "loss/train/total" in row] == [0, 1, 2, 3]
 
 
@@ -348,7 +342,10 @@ def test_skip_leaves_the_weights_and_optimizer_untouched_and_trains_on(
 def test_reliability_sections_are_typed_and_strict(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"nan_guard.action: must be one of \['stop', 'skip'\], got 'ignore'"):
         TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"nan_guard.action": "ignore"}))
-    with pytest.raises(ConfigError, match="debug.log_sample_id: unknown key; did you mean 'log_sample_ids'"):
-        TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"debug.log_sample_id": True}))
-    with pytest.raises(ConfigError, match="debug.log_sample_ids: expected a boolean"):
-        TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"debug.log_sample_ids": "yes"}))
+    with pytest.raises(ConfigError, match="data_order.recrd: unknown key; did you mean 'record'"):
+        TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"data_order.recrd": True}))
+    with pytest.raises(ConfigError, match="data_order.record: expected a boolean"):
+        TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"data_order.record": "yes"}))
+    # The switch of earlier versions says what replaced it.
+    with pytest.raises(ConfigError, match=r"^debug: retired: its one key, log_sample_ids, became data_order.record"):
+        TrainConfig.from_dict(tiny_recipe(corpus, tmp_path, **{"debug.log_sample_ids": True}))

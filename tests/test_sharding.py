@@ -15,8 +15,8 @@ from conftest import ROOT
 from train_helpers import run_recipe, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.core.checkpoint import LATEST_LINK, is_sharded, read_weights
+from flexbert.train.data_order import read_data_order
 from flexbert.train.loggers import read_metrics
-from flexbert.train.sample_ids import read_sample_ids
 
 pytestmark = pytest.mark.xdist_group("streaming")  # trainings never share the 2 cores
 
@@ -26,7 +26,6 @@ SHARED_SETTINGS = {
     "save_interval": "3ba",
     "global_batch_rows": 8,
     "autoresume": True,
-    "debug.log_sample_ids": True,
     "logging.peak_tflops": 1.0,
 }
 
@@ -65,7 +64,7 @@ def test_fsdp2_trains_as_ddp_does(runs):
     ddp, fsdp = losses(runs["ddp"]), losses(runs["fsdp"])
     assert len(ddp) == len(fsdp) == STEPS
     assert max(abs(a - b) for a, b in zip(ddp, fsdp)) <= 1e-4, (ddp, fsdp)
-    assert read_sample_ids(runs["fsdp"]) == read_sample_ids(runs["ddp"])
+    assert read_data_order(runs["fsdp"]) == read_data_order(runs["ddp"])
     # The same final weights, read from DDP's file and put back together from FSDP's shards.
     whole, _ = read_weights(runs["ddp"] / "checkpoints" / LATEST_LINK)
     sharded, _ = read_weights(runs["fsdp"] / "checkpoints" / LATEST_LINK)
@@ -84,7 +83,7 @@ def test_sharded_checkpoints_and_exact_autoresume(runs):
     assert is_sharded(checkpoints / LATEST_LINK)
     resumed, uninterrupted = losses(runs["resumed"]), losses(runs["fsdp"])
     assert len(resumed) == STEPS and max(abs(a - b) for a, b in zip(resumed, uninterrupted)) <= 1e-6
-    assert read_sample_ids(runs["resumed"]) == read_sample_ids(runs["fsdp"])
+    assert read_data_order(runs["resumed"]) == read_data_order(runs["fsdp"])
     final, _ = read_weights(checkpoints / LATEST_LINK)
     expected, _ = read_weights(runs["fsdp"] / "checkpoints" / LATEST_LINK)
     assert max((final[k] - expected[k]).abs().max().item() for k in final) <= 1e-6

@@ -122,15 +122,15 @@ def masked_pieces(config: TrainConfig, batches: int) -> set[tuple]:
     return seen
 
 
-def test_the_sample_id_logs_of_two_phases_name_different_mask_seeds(corpus, phase1, tmp_path):
-    from flexbert.train.sample_ids import read_sample_ids
+def test_the_data_order_records_of_two_phases_name_different_mask_seeds(corpus, phase1, tmp_path):
+    from flexbert.train.data_order import read_data_order
 
-    logged = {"debug.log_sample_ids": True, "max_duration": "2ba"}
+    logged = {"max_duration": "2ba"}  # recorded by default
     for name, load in (("one", {}), ("two", {"load_path": str(phase1 / "checkpoints" / "latest-rank0.pt")})):
         train(tiny_recipe(corpus, tmp_path, run_name=name, **load, **logged))
     seeds = {}
     for name in ("one", "two"):
-        lines = read_sample_ids(tmp_path / name)[0]
+        lines = read_data_order(tmp_path / name)[0]
         recorded = json.loads((tmp_path / name / "config.json").read_text())["train_loader"]["masking"]["seed"]
         assert [line["step"] for line in lines] == [0, 1] and {line["mask_seed"] for line in lines} == {recorded}
         seeds[name] = recorded

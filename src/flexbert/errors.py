@@ -22,7 +22,7 @@ class InteropError(FlexBertError, ValueError):
 
 
 class RunFolderError(FlexBertError, ValueError):
-    """A run folder lacks what a command reads from it (metrics to plot, sample-id logs ...)."""
+    """A run folder lacks what a command reads from it (metrics to plot, a recorded step ...)."""
 
 
 class CheckpointError(FlexBertError, ValueError):

@@ -6,6 +6,9 @@ is found at start-up, not hours into a run.
 Validation happens by construction: a dataclass that defines ``validate(self, path)`` has it called
 by :func:`from_dict` as soon as it is built, with the key path where it sits, children before their
 parent. A parent never validates a child by hand, so no section can be forgotten.
+
+A dataclass may list keys it no longer takes in a ``RETIRED_KEYS: ClassVar[dict[str, str]]``, each
+with the message that says what replaced it.
 """
 
 from __future__ import annotations
@@ -110,6 +113,12 @@ def from_dict(cls: type[T], data: Any, path: str) -> T:
         raise ConfigError(path, f"expected a mapping, got {type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # A key a recipe may still carry from an earlier version: one line saying what replaced it,
+    # where "unknown key" would leave the reader guessing.
+    retired = getattr(cls, "RETIRED_KEYS", {})
+    for key in data:
+        if key in retired and key not in fields:
+            raise ConfigError(child_path(path, key), retired[key])
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         close = difflib.get_close_matches(unknown[0], fields, n=1)

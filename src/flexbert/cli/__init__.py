@@ -47,6 +47,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "plot": Command("training", "draw loss, throughput and learning-rate curves of runs", True),
     "describe": Command("training", "validate a config's model section and summarise the encoder it builds", True),
+    "data-order": Command(
+        "data_order", "print the documents, shards and mask seed of one step of a pretraining run", True
+    ),
     # The model side: pip install flexbert
     "registry": Command("registry", "list every block registry and its entries", False),
     "export-hf": Command("interop", "write a checkpoint as a transformers ModernBERT directory", False),

@@ -2,6 +2,7 @@
 
     flexbert prepare corpus OUT                       # the embedded demo corpus, from this Python install
     flexbert prepare tokenizer --input ... --output DIR
+    flexbert prepare tokenizer --extend SOURCE_DIR --input ... --add N --output DIR   # grow a tokenizer
     flexbert prepare mds --input ... --output DIR_OR_URL --tokenizer DIR [--part I/N]
     flexbert prepare merge DIR_OR_URL --parts N        # the parts of N jobs, as one dataset
     flexbert prepare retrieval --task code-search|stsb --output DIR   # a retrieval benchmark, offline
@@ -39,6 +40,7 @@ from flexbert.data.retrieval_tasks import (
     build_code_search,
     build_stsb,
 )
+from flexbert.data.tokenizer_extension import TokenizerExtensionError, extend_tokenizer
 from flexbert.data.tokenizer_training import (
     DEFAULT_MODEL_MAX_LENGTH,
     DEFAULT_VOCAB_SIZE,
@@ -96,22 +98,55 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tokenizer(args: argparse.Namespace) -> int:
-    summary = train_tokenizer(
+def _skipped(bad_records: dict[str, int]) -> str:
+    return "".join(f", {number} skipped ({reason})" for reason, number in bad_records.items())
+
+
+def _extend(args: argparse.Namespace) -> int:
+    if args.add is None:
+        raise TokenizerExtensionError("--extend needs --add N, the number of tokens to learn")
+    if args.vocab_size is not None:
+        raise TokenizerExtensionError("--vocab-size does not go with --extend: the size follows from --add")
+    summary = extend_tokenizer(
+        args.extend,
         args.input,
         args.output,
-        vocab_size=args.vocab_size,
+        add=args.add,
         text_field=args.text_field,
         min_frequency=args.min_frequency,
         model_max_length=args.model_max_length,
         overwrite=args.overwrite,
         show_progress=not args.no_progress,
     )
-    skipped = "".join(f", {number} skipped ({reason})" for reason, number in summary.bad_records.items())
+    print(
+        f"flexbert prepare tokenizer: extended {summary.source_dir} to vocab {summary.vocab_size} "
+        f"({summary.source_vocab_size} + {summary.new_tokens} new of {args.add} asked + {summary.unused_tokens} "
+        f"unused); corpus tokens {summary.source_tokens:,} -> {summary.tokens:,} "
+        f"({-100 * summary.reduction:+.1f}%), {summary.documents} documents{_skipped(summary.bad_records)} "
+        f"-> {summary.output_dir}"
+    )
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    if args.extend is not None:
+        return _extend(args)
+    if args.add is not None:
+        raise TokenizerExtensionError("--add needs --extend SOURCE_DIR, the tokenizer to add tokens to")
+    summary = train_tokenizer(
+        args.input,
+        args.output,
+        vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
+        text_field=args.text_field,
+        min_frequency=args.min_frequency,
+        model_max_length=DEFAULT_MODEL_MAX_LENGTH if args.model_max_length is None else args.model_max_length,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+    )
     print(
         f"flexbert prepare tokenizer: vocab {summary.vocab_size} ({summary.bpe_vocab_size} BPE + "
         f"{len(SPECIAL_TOKENS)} special + {summary.unused_tokens} unused), {summary.documents} documents"
-        f"{skipped} -> {summary.output_dir}"
+        f"{_skipped(summary.bad_records)} -> {summary.output_dir}"
     )
     return 0
 
@@ -198,14 +233,19 @@ def _configure_prepare(prepare: argparse.ArgumentParser) -> None:
 
     tokenizer = steps.add_parser(
         "tokenizer",
-        help="train a byte-level BPE tokenizer with ModernBERT's special tokens on local text",
+        help="train a byte-level BPE tokenizer with ModernBERT's special tokens on local text, or extend one",
         description=(
             "Train a byte-level BPE tokenizer and save it as a Hugging Face tokenizer directory "
             "(tokenizer.json, tokenizer_config.json, special_tokens_map.json) that "
             "transformers.AutoTokenizer and flexbert's load_tokenizer both read. The vocabulary is "
             f"the BPE tokens, then {' '.join(SPECIAL_TOKENS)} on consecutive ids, then [unusedN] "
             f"tokens up to a multiple of {VOCAB_MULTIPLE}; sequences are framed as [CLS] A [SEP] "
-            "and pairs as [CLS] A [SEP] B [SEP]."
+            "and pairs as [CLS] A [SEP] B [SEP]. "
+            "With --extend SOURCE_DIR --add N, extend an existing byte-level BPE tokenizer instead: BPE "
+            "training continues from how the source splits the corpus, and up to N new tokens (the most "
+            "frequent merges the source lacks) take the ids after the source's, then [unusedN] tokens pad "
+            f"the ids to a multiple of {VOCAB_MULTIPLE}. Every existing id and special token stays; the "
+            "summary gives how many tokens fewer the corpus takes."
         ),
     )
     tokenizer.add_argument(
@@ -226,10 +266,23 @@ def _configure_prepare(prepare: argparse.ArgumentParser) -> None:
     tokenizer.add_argument(
         "--vocab-size",
         type=int,
-        default=DEFAULT_VOCAB_SIZE,
+        default=None,
         metavar="N",
         help=f"total vocabulary size including special and unused tokens, rounded up to a multiple "
-        f"of {VOCAB_MULTIPLE} (default: {DEFAULT_VOCAB_SIZE}, ModernBERT's)",
+        f"of {VOCAB_MULTIPLE} (default: {DEFAULT_VOCAB_SIZE}, ModernBERT's); not with --extend",
+    )
+    tokenizer.add_argument(
+        "--extend",
+        metavar="SOURCE_DIR",
+        help="extend this byte-level BPE tokenizer directory (e.g. tokenizers/modernbert) with tokens learnt "
+        "from --input, instead of training one from scratch",
+    )
+    tokenizer.add_argument(
+        "--add",
+        type=int,
+        metavar="N",
+        help="with --extend: learn at most N new tokens, fewer if the corpus offers fewer pairs seen "
+        "--min-frequency times",
     )
     tokenizer.add_argument(
         "--text-field",
@@ -242,21 +295,23 @@ def _configure_prepare(prepare: argparse.ArgumentParser) -> None:
         type=int,
         default=2,
         metavar="N",
-        help="learn a merge only if the pair occurs at least N times in the corpus (default: 2)",
+        help="learn a merge (a new token, with --extend) only if the pair occurs at least N times in the "
+        "corpus (default: 2)",
     )
     tokenizer.add_argument(
         "--model-max-length",
         type=int,
-        default=DEFAULT_MODEL_MAX_LENGTH,
+        default=None,
         metavar="N",
-        help=f"longest sequence the saved tokenizer reports to transformers (default: {DEFAULT_MODEL_MAX_LENGTH})",
+        help="longest sequence the saved tokenizer reports to transformers (default: "
+        f"{DEFAULT_MODEL_MAX_LENGTH}; with --extend, the source's)",
     )
     tokenizer.add_argument(
         "--overwrite",
         action="store_true",
         help="replace DIR if it already exists and is not empty (otherwise that is an error)",
     )
-    tokenizer.add_argument("--no-progress", action="store_true", help="do not show the training progress bar")
+    tokenizer.add_argument("--no-progress", action="store_true", help="do not show the progress bars")
     tokenizer.set_defaults(run=_tokenizer)
 
     mds = steps.add_parser(
@@ -274,7 +329,10 @@ def _configure_prepare(prepare: argparse.ArgumentParser) -> None:
         "--tokenizer",
         required=True,
         metavar="DIR",
-        help="tokenizer folder holding tokenizer.json (e.g. tokenizers/modernbert, shipped with the project)",
+        help=(
+            "tokenizer folder holding tokenizer.json (e.g. tokenizers/modernbert, shipped with the project), "
+            "or the model directory a run continues (init_from.hf), which holds its own"
+        ),
     )
     mds.add_argument(
         "--text-field", default="text", help="JSON key or column holding each document's text (default: %(default)s)"

@@ -14,19 +14,22 @@ import torch
 from omegaconf import OmegaConf
 
 from flexbert.core.checkpoint import MODEL_CONFIG_KEY, RunDir, model_from_checkpoint, write_weights
+from flexbert.core.hf import read_published_encoder
 from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
-from flexbert.errors import CheckpointError
+from flexbert.errors import CheckpointError, FlexBertError
 from flexbert.train.averaging import average_weights, pick_checkpoints
+from flexbert.train.init_from import resolve_continued_model
 from flexbert.train.nan_guard import NonFiniteTrainingError
 from flexbert.train.plotting import plot_run
 from flexbert.train.recipes import parse_recipe
+from flexbert.typed_config import ConfigError
 from flexbert.yaml_config import load_yaml_config
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:
 
     raw = load_yaml_config(args.config, args.overrides)
-    config = FlexBertConfig.from_dict(raw.get("model"), path="model")
+    config = _described_model(raw)
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = FlexBertForMaskedLM(config)
     kinds = "".join("G" if config.is_global_layer(i) else "L" for i in range(config.num_hidden_layers))
@@ -41,8 +44,24 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _described_model(raw: dict) -> FlexBertConfig:
+    """The model a recipe builds: its model: section, or the source it continues (init_from.hf)."""
+    source_path = (raw.get("init_from") or {}).get("hf")
+    if source_path is None:
+        return FlexBertConfig.from_dict(raw.get("model"), path="model")
+    try:
+        source = read_published_encoder(source_path)
+    except FlexBertError as err:
+        raise ConfigError("init_from.hf", str(err)) from None
+    tokenizer = (raw.get("train_loader") or {}).get("tokenizer")
+    return resolve_continued_model(raw.get("model") or {}, source, tokenizer).config
+
+
 def _configure_describe(parser: argparse.ArgumentParser) -> None:
-    parser.description = "Validate the model: section of a YAML config and print its size and layout."
+    parser.description = (
+        "Validate the model: section of a YAML config and print its size and layout; for a recipe that "
+        "continues a published encoder (init_from.hf), the source's architecture with the recipe's keys."
+    )
     parser.add_argument("config", help="YAML file with a model: section")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.num_hidden_layers=4")
     parser.set_defaults(run=_cmd_describe)

@@ -1,7 +1,7 @@
 """Everything about this project's checkpoints and run folders, in one place.
 
 * **The run folder** (:class:`RunDir`): ``<run_root>/<run_name>/`` holds ``config.json`` (the resolved
-  recipe), ``checkpoints/``, ``metrics.jsonl``, ``plots/``, ``hf/`` and the debugging records.
+  recipe), ``checkpoints/``, ``metrics.jsonl``, ``plots/``, ``hf/``, ``data_order/`` and ``nan_guard.jsonl``.
 * **The Composer checkpoint format.** Composer writes a checkpoint as one file (``ep0-ba6-rank0.pt``:
   ``torch.save`` of ``{"state": {"model": {...}, ...}}``) or, under FSDP with ``state_dict_type:
   sharded``, as a folder of torch.distributed.checkpoint (DCP) shards (``ep0-ba6/__0_0.distcp`` ...,
@@ -54,6 +54,9 @@ LATEST_LINK = "latest-rank0.pt"
 # Where a checkpoint that import-hf or averaging wrote keeps its model config. Composer reads only the
 # "state" (and "rng") entries of a checkpoint file, so this one travels along unread by training.
 MODEL_CONFIG_KEY = "flexbert_model_config"
+# ``flexbert import-hf``: the directory a checkpoint was imported from, when it holds a tokenizer,
+# so that a run starting from the checkpoint finds the tokenizer that goes with it.
+TOKENIZER_DIR_KEY = "flexbert_tokenizer_dir"
 # Composer's default checkpoint name, ep{epoch}-ba{batch}-rank{rank}.pt; rank 0 writes the file.
 CHECKPOINT_NAME = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt")
 SAVED_NAME = re.compile(r"ep(\d+)-ba(\d+)(?:-rank0\.pt)?")  # a file, or a folder of shards
@@ -116,8 +119,8 @@ class RunDir:
         return self.path / "nan_guard.jsonl"
 
     @property
-    def sample_ids(self) -> Path:  # debug.log_sample_ids: the pieces each step trained on
-        return self.path / "sample_ids"
+    def data_order(self) -> Path:  # the pieces each step trained on, per rank (train/data_order.py)
+        return self.path / "data_order"
 
     def write_config(self, resolved: Mapping[str, Any]) -> None:
         """Write the resolved recipe (by one process: the folder is shared by every rank)."""
@@ -286,44 +289,59 @@ def _model_config_from_training(training_config: Mapping[str, Any]) -> tuple[Fle
     return saved_model_config(model, tokenizer), tokenizer.path
 
 
-def model_from_checkpoint(
-    checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
-) -> tuple[FlexBertForMaskedLM, Path | None]:
-    """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
-    which are put back together here), and the tokenizer it was trained with when that is known.
+def checkpoint_model_config(
+    path: Path, saved: Mapping[str, Any], training_config: Mapping[str, Any] | None = None
+) -> tuple[FlexBertConfig, Path | None]:
+    """The model config of checkpoint ``path`` (``saved``: the file's entries besides its state), and
+    the tokenizer it was trained with when that is known.
 
-    The model config comes from ``training_config`` when given, else from the checkpoint itself
-    (written by ``flexbert import-hf`` and ``flexbert average``), else from the run folder's
-    config.json (a checkpoint saved by training sits in ``<run folder>/checkpoints/``).
+    The config comes from ``training_config`` when given, else from the checkpoint itself (written by
+    ``flexbert import-hf`` and ``flexbert average``), else from the run folder's config.json (a
+    checkpoint saved by training sits in ``<run folder>/checkpoints/``).
     """
-    path = Path(checkpoint)
-    if not path.exists():
-        raise MissingFileError(f"checkpoint not found: {path}")
-    try:
-        weights, saved = read_weights(path)
-    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
-        raise CheckpointError(f"{path} is not a readable Composer checkpoint ({err})") from None
-
-    tokenizer_dir = None
     run_config_file = RunDir.holding(path).config_file
     if training_config is not None:
-        config, tokenizer_dir = _model_config_from_training(training_config)
-    elif MODEL_CONFIG_KEY in saved:
+        return _model_config_from_training(training_config)
+    if MODEL_CONFIG_KEY in saved:
         config = FlexBertConfig.from_dict(saved[MODEL_CONFIG_KEY], path=MODEL_CONFIG_KEY)
-    elif run_config_file.is_file():
+        tokenizer_dir = saved.get(TOKENIZER_DIR_KEY)
+        if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            tokenizer_dir = None  # the directory it was imported from is gone
+        return config, None if tokenizer_dir is None else Path(tokenizer_dir)
+    if run_config_file.is_file():
         run_config = json.loads(run_config_file.read_text())
         if "task" in run_config:  # a fine-tune's weights: an encoder with a task head, no MLM head
             raise CheckpointError(
                 f"{path} was saved by a fine-tuning run ({run_config_file} has a task: section); "
                 "this needs a pretrained (masked-LM) checkpoint"
             )
-        config, tokenizer_dir = _model_config_from_training(run_config)
-    else:
-        raise CheckpointError(
-            f"cannot tell which model {path} holds: it carries no model config and there is no "
-            f"run folder config.json at {run_config_file}; pass the recipe with --config"
-        )
+        return _model_config_from_training(run_config)
+    raise CheckpointError(
+        f"cannot tell which model {path} holds: it carries no model config and there is no "
+        f"run folder config.json at {run_config_file}; pass the recipe with --config"
+    )
 
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """:func:`read_weights`, with one line for a path that is missing or not a checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    try:
+        return read_weights(path)
+    except Exception as err:  # a truncated or foreign file fails in many ways inside torch.load
+        raise CheckpointError(f"{path} is not a readable Composer checkpoint ({err})") from None
+
+
+def model_from_checkpoint(
+    checkpoint: str | os.PathLike, training_config: Mapping[str, Any] | None = None
+) -> tuple[FlexBertForMaskedLM, Path | None]:
+    """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
+    which are put back together here), and the tokenizer it was trained with when that is known
+    (the config's sources: :func:`checkpoint_model_config`)."""
+    path = Path(checkpoint)
+    weights, saved = read_checkpoint(path)
+    config, tokenizer_dir = checkpoint_model_config(path, saved, training_config)
     model = FlexBertForMaskedLM(config)
     try:
         model.load_state_dict(weights, strict=True)

@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,13 @@ from safetensors.torch import save_file
 from transformers import ModernBertConfig, ModernBertForMaskedLM
 
 from flexbert.core.atomic_output import atomic_output_dir
-from flexbert.core.checkpoint import MODEL_CONFIG_KEY, write_weights
+from flexbert.core.checkpoint import (
+    MODEL_CONFIG_KEY,
+    TOKENIZER_DIR_KEY,
+    checkpoint_model_config,
+    read_checkpoint,
+    write_weights,
+)
 from flexbert.core.model import (
     FlexBertConfig,
     FlexBertForMaskedLM,
@@ -346,5 +353,52 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLike, over
     if out.exists() and not overwrite:
         raise InteropError(f"output {out} already exists; use --overwrite to replace it")
     model = from_hf(hf_dir)
-    write_weights(out, model.state_dict(), **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
+    extras = {MODEL_CONFIG_KEY: dataclasses.asdict(model.config)}
+    if (Path(hf_dir) / "tokenizer.json").is_file():
+        extras[TOKENIZER_DIR_KEY] = str(Path(hf_dir).resolve())
+    write_weights(out, model.state_dict(), **extras)
     return out
+
+
+# --- a published encoder to start a run from ------------------------------------------------------
+
+# What ``save_pretrained`` writes the weights as: one file, an index of shards, or the older pickle.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class PublishedEncoder:
+    """A trained masked-LM encoder that a run continues: a transformers ModernBERT directory (such as
+    ModernBERT's or Ettin's releases), or a checkpoint file that ``flexbert import-hf`` wrote."""
+
+    path: Path
+    config: FlexBertConfig  # its architecture, special-token ids included
+    tokenizer_dir: Path | None  # its tokenizer, where known
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Its weights under FlexBERT's names (the decoder tied to the token embeddings)."""
+        if self.path.is_dir():
+            return from_hf(self.path).state_dict()
+        return read_checkpoint(self.path)[0]
+
+
+def read_published_encoder(path: str | os.PathLike) -> PublishedEncoder:
+    """Everything but the weights of the encoder at ``path``, checked enough that reading the weights
+    later cannot fail on what the path is: one line for a path that is not a ModernBERT masked LM."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist")
+    if path.is_file():
+        config, tokenizer_dir = checkpoint_model_config(path, read_checkpoint(path)[1])
+        return PublishedEncoder(path, config, tokenizer_dir)
+    _check_modernbert_dir(path)
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if architectures and "ModernBertForMaskedLM" not in architectures:
+        raise InteropError(
+            f"{path} holds a {', '.join(architectures)}, not a ModernBertForMaskedLM: continued "
+            "pretraining needs the masked-LM head"
+        )
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise MissingFileError(f"{path} has no weights ({' or '.join(_WEIGHT_FILES)})")
+    tokenizer_dir = path if (path / "tokenizer.json").is_file() else None
+    return PublishedEncoder(path, hf_dir_config(path), tokenizer_dir)

@@ -49,7 +49,8 @@ class MLMTokenizer:
         return table
 
 
-def _token_names(directory: Path) -> dict[str, str]:
+def special_token_names(directory: Path) -> dict[str, str]:
+    """The special tokens' names by key ("cls_token": "[CLS]" ...), as the directory's config files give them."""
     names = dict(DEFAULT_SPECIAL_TOKENS)
     for filename in ("special_tokens_map.json", "tokenizer_config.json"):
         file = directory / filename
@@ -78,7 +79,7 @@ def load_tokenizer(path: str | Path) -> MLMTokenizer:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as err:  # the Rust library raises its own exception type
         raise TokenizerError(f"{file}: not a valid tokenizers file ({err})") from None
-    names = _token_names(directory)
+    names = special_token_names(directory)
     ids = {}
     for key in DEFAULT_SPECIAL_TOKENS:
         ids[key] = tokenizer.token_to_id(names[key])

@@ -53,8 +53,10 @@ def derived_seed(run_name: str, purpose: str) -> int:
 
 @dataclass
 class LoaderConfig:
-    tokenizer: str
     streams: dict[str, StreamConfig]
+    # A tokenizer directory. Training fills it in where a recipe leaves it out: from the source of
+    # init_from.hf, and the eval loader from the train loader.
+    tokenizer: str | None = None
     max_seq_len: int = 1024  # tokens per packed row
     # Packed rows per batch of an evaluation loader (default: the run's device_microbatch_rows) or of
     # a loader used on its own. Training sizes its batches from global_batch_rows and

@@ -48,7 +48,9 @@ class RunConfig:
     """The keys of every recipe."""
 
     run_name: str
-    model: dict[str, Any]  # a FlexBertConfig mapping, with an optional preset; token ids default to the tokenizer's
+    # A FlexBertConfig mapping, with an optional preset; token ids default to the tokenizer's. A run
+    # continuing a published encoder (init_from.hf) takes the architecture from it instead.
+    model: dict[str, Any] = field(default_factory=dict)
     max_duration: str  # "1_719_000_000_000tok", "5000ba", "3ep"
     run_root: str = "runs"  # the run folder is run_root/run_name
     seed: int = 17

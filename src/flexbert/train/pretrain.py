@@ -6,50 +6,32 @@ What one step of the built trainer does, hook by hook, is told in ``train/step.p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from composer import Evaluator, Trainer
 from composer.utils import dist, get_device, reproducibility
 
-from flexbert.core.checkpoint import (
-    check_checkpoint_matches,
-    is_remote,
-    load_weights,
-    model_config_for,
-    model_from_checkpoint,
-)
+from flexbert.core.checkpoint import check_checkpoint_matches, is_remote, load_weights, model_config_for
 from flexbert.core.model import FlexBertForMaskedLM
-from flexbert.core.model.tiling import tile_into
 from flexbert.core.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.data.streams import LoaderConfig, derived_seed
 from flexbert.train.config import RunConfig, check_fits_positions, resolve_precision, shared_trainer_arguments
+from flexbert.train.data_order import RETIRED_RECIPE_KEYS, DataOrderConfig, DataOrderRecord
 from flexbert.train.hf_export import HFExport, HFExportConfig
+from flexbert.train.init_from import InitFromConfig, initialise_weights, resolve_continued_model
 from flexbert.train.monitors import build_monitors
 from flexbert.train.nan_guard import NanGuard, NanGuardConfig, packed_pieces
 from flexbert.train.resume import LoaderCheckpoint, SigtermCheckpoint, check_on_rank_zero, prepare_autoresume
-from flexbert.train.sample_ids import DebugConfig, SampleIdLog
 from flexbert.train.schedulers import parse_time
 from flexbert.train.sharding import FSDPConfig, average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units
 from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig, ComposerMLM, data_spec
 from flexbert.typed_config import ConfigError, from_dict
-
-
-@dataclass
-class InitFromConfig:
-    """``init_from:`` start a larger model from a smaller trained one, as ModernBERT-large started
-    from base (see flexbert/core/model/tiling.py for the rule)."""
-
-    checkpoint: str  # a checkpoint of this project (file or shard folder) whose model config is known
-    method: Literal["tile"] = "tile"
-
-    def validate(self, path: str) -> None:
-        if not os.path.exists(self.checkpoint):  # read before training, so local (copy a remote one first)
-            raise ConfigError(f"{path}.checkpoint", f"checkpoint not found: {self.checkpoint}")
 
 
 @dataclass(kw_only=True)
@@ -70,15 +52,18 @@ class TrainConfig(RunConfig):
     # Chaining phases: the previous phase's checkpoint, weights only (fresh optimizer, time at 0).
     load_path: str | None = None
     load_weights_only: bool = True
-    init_from: InitFromConfig | None = None  # a smaller model's weights, tiled into this one's shapes
+    # A published encoder to continue, or a smaller model to tile (train/init_from.py).
+    init_from: InitFromConfig | None = None
     nan_guard: NanGuardConfig = field(default_factory=NanGuardConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    data_order: DataOrderConfig = field(default_factory=DataOrderConfig)
+    RETIRED_KEYS = RETIRED_RECIPE_KEYS  # debug: (log_sample_ids), which data_order replaced
     hf_export: HFExportConfig | None = None
     fsdp_config: FSDPConfig | None = None  # shard with FSDP2 (train/sharding.py)
     compile: bool = False
     dist_timeout: float = 600.0
     # Resolved at validation, absent from recipes.
     tokenizer: MLMTokenizer | None = field(default=None, init=False, repr=False)
+    model_section: dict[str, Any] | None = field(default=None, init=False, repr=False)  # as recorded
 
     @property
     def checkpoint_folder(self) -> str:
@@ -100,8 +85,7 @@ class TrainConfig(RunConfig):
         self.train_loader = self.train_loader.with_seeds(
             derived_seed(self.run_name, "shuffle"), derived_seed(self.run_name, "masks")
         )
-        self.tokenizer = load_tokenizer(self.train_loader.tokenizer)
-        self.model_config = model_config_for(self.model, self.tokenizer)
+        self._resolve_model_and_tokenizer()
         if self.train_loader.rows_per_batch is not None:
             raise ConfigError(
                 "train_loader.rows_per_batch",
@@ -123,10 +107,40 @@ class TrainConfig(RunConfig):
             raise ConfigError("load_path", f"checkpoint not found: {self.load_path}")
         if self.init_from is not None and self.load_path is not None:
             raise ConfigError(
-                "init_from", "starts the weights afresh from a smaller model; give it or load_path, not both"
+                "init_from", "starts the weights afresh from another model; give it or load_path, not both"
             )
         if self.autoresume and self.save_folder is not None and "{" in self.save_folder:
             raise ConfigError("save_folder", "autoresume needs a save_folder without format fields")
+
+    def _resolve_model_and_tokenizer(self) -> None:
+        """The tokenizer and the model config: from the recipe, or, continuing a published encoder,
+        from the source (whose tokenizer the loaders read unless they name one)."""
+        source = self.init_from.source if self.init_from is not None else None
+        if source is not None:
+            continued = resolve_continued_model(self.model, source, self.train_loader.tokenizer)
+            self.tokenizer, self.model_config = continued.tokenizer, continued.config
+            self.model_section = continued.section
+        elif self.train_loader.tokenizer is None:
+            raise ConfigError(
+                "train_loader.tokenizer",
+                "missing: name a tokenizer directory (a run continuing a published encoder with "
+                "init_from.hf reads the source's by default)",
+            )
+        else:
+            self.tokenizer = load_tokenizer(self.train_loader.tokenizer)
+            self.model_config = model_config_for(self.model, self.tokenizer)
+            self.model_section = dict(self.model)
+        tokenizer_dir = str(self.tokenizer.path)
+        self.train_loader = dataclasses.replace(self.train_loader, tokenizer=tokenizer_dir)
+        if self.eval_loader is not None:
+            given = self.eval_loader.tokenizer
+            if given is not None and load_tokenizer(given).path.resolve() != self.tokenizer.path.resolve():
+                raise ConfigError(
+                    "eval_loader.tokenizer",
+                    f"{given} is not the training tokenizer {tokenizer_dir}; evaluation reads with the "
+                    "model's tokenizer, so drop the key or name the same directory",
+                )
+            self.eval_loader = dataclasses.replace(self.eval_loader, tokenizer=tokenizer_dir)
 
     def check_world_size(self, world_size: int) -> None:
         """What depends on how many processes train: every rank gets whole microbatches."""
@@ -145,12 +159,26 @@ class TrainConfig(RunConfig):
             self.fsdp_config.check_world_size("fsdp_config", world_size)
 
 
-def with_data_seeds(resolved: dict, train_loader: LoaderConfig) -> dict:
+def as_recorded(resolved: dict, config: TrainConfig) -> dict:
     """The recipe as config.json records it: with the seeds the training loader draws with, derived
-    or given, so that a run can be repeated on the same data."""
+    or given, so that a run can be repeated on the same data; and with the model section and the
+    tokenizer a continued run took from its source, so that its checkpoints export without it."""
+    train_loader = config.train_loader
     loader = resolved.get("train_loader", {})
     masking = {**loader.get("masking", {}), "seed": train_loader.masking.seed}
-    return {**resolved, "train_loader": {**loader, "shuffle_seed": train_loader.shuffle_seed, "masking": masking}}
+    recorded = {
+        **resolved,
+        "model": config.model_section,
+        "train_loader": {
+            **loader,
+            "tokenizer": train_loader.tokenizer,
+            "shuffle_seed": train_loader.shuffle_seed,
+            "masking": masking,
+        },
+    }
+    if config.eval_loader is not None:
+        recorded["eval_loader"] = {**resolved.get("eval_loader", {}), "tokenizer": config.eval_loader.tokenizer}
+    return recorded
 
 
 def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
@@ -171,8 +199,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         parallelism = {"fsdp": composer_fsdp2_config(config.fsdp_config, torch.distributed.get_backend())}
         mark_sharding_units(model, model.model.layers)
     if config.init_from is not None:
-        small = model_from_checkpoint(config.init_from.checkpoint)[0]
-        tile_into(model, small.state_dict(), small.config)
+        initialise_weights(model, config.init_from, tokenizer)
     load_path = config.load_path
     if load_path is not None and not is_remote(load_path):
         check_on_rank_zero(lambda: check_checkpoint_matches(load_path, model))
@@ -210,13 +237,13 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     sigterm = SigtermCheckpoint(config.save_interval)
     nan_guard = NanGuard(config.nan_guard, packed_pieces(list(config.train_loader.streams)), run_dir.path)
     callbacks = [*build_monitors(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm, nan_guard]
-    if config.debug.log_sample_ids:
-        callbacks.append(SampleIdLog(run_dir.path, config.train_loader.masking.seed))
+    if config.data_order.record:
+        callbacks.append(DataOrderRecord(run_dir.path, config.train_loader.masking.seed))
     if config.hf_export is not None:
         folder = Path(config.hf_export.folder) if config.hf_export.folder else run_dir.hf
         callbacks.append(HFExport(config.hf_export, folder, config.train_loader.tokenizer, model_config))
     trainer = Trainer(
-        **shared_trainer_arguments(config, model, with_data_seeds(resolved, config.train_loader), precision),
+        **shared_trainer_arguments(config, model, as_recorded(resolved, config), precision),
         model=ComposerMLM(model),
         train_dataloader=data_spec(train_loader),
         max_duration=config.max_duration.replace("_", ""),

@@ -18,7 +18,7 @@ A step of ``Trainer.fit`` (composer/trainer/trainer.py, ``_train_loop`` and ``_t
  5. **AFTER_TRAIN_BATCH**: ``NanGuard.after_train_batch`` agrees over ranks and, if told to skip,
     zeroes the gradients; then ``optimizer.step()`` (``train/optimizers.py``) and the schedulers.
  6. **BATCH_END**: the monitors (``train/monitors.py``: throughput and MFU, packing, gradient norm),
-    ``SampleIdLog``, ``SigtermCheckpoint`` (ranks agree to stop), ``HFExport``, the loggers; then the
+    ``DataOrderRecord``, ``SigtermCheckpoint`` (ranks agree to stop), ``HFExport``, the loggers; then the
     evaluators, and **BATCH_CHECKPOINT**, where Composer saves a checkpoint that holds the loader's
     state (``LoaderCheckpoint`` in ``train/resume.py``).
 
