@@ -5,6 +5,8 @@ transformers itself saved."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -399,3 +401,42 @@ def test_an_extended_tokenizer_grows_the_vocabulary_from_its_pieces(source, corp
     hf_ids = AutoTokenizer.from_pretrained(exported)(documents, add_special_tokens=False)["input_ids"]
     assert hf_ids == load_tokenizer(exported).encode_batch(documents)
     assert any(i >= old_size for row in hf_ids for i in row)  # the new tokens are used
+
+
+def test_a_source_saved_by_transformers_5_continues(corpus, tmp_path):
+    """transformers 5.x writes the attention pattern as layer_types and rope_parameters only; an
+    Ettin-17m-shaped model saved there continues here with 5.x's own logits."""
+    source = tmp_path / "saved-by-5"
+    script = (
+        "import sys, shutil, torch, transformers as t; out, tok = sys.argv[1:]; torch.manual_seed(0); "
+        "types = ['full_attention' if i % 3 == 0 else 'sliding_attention' for i in range(7)]; "
+        "c = t.ModernBertConfig(vocab_size=50368, hidden_size=32, num_hidden_layers=7, num_attention_heads=4, "
+        "intermediate_size=48, local_attention=16, max_position_embeddings=1024, layer_types=types, "
+        "rope_parameters={'full_attention': {'rope_type': 'default', 'rope_theta': 160000.0}, "
+        "'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0}}, "
+        "pad_token_id=50283, cls_token_id=50281, sep_token_id=50282, bos_token_id=50281, eos_token_id=50282); "
+        "m = t.ModernBertForMaskedLM(c); m.save_pretrained(out); "
+        "[shutil.copy(f'{tok}/{n}', out) for n in "
+        "('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')]"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(source), str(TOKENIZER)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment(1, PYTHONPATH=str(HF5)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((source / "config.json").read_text())
+    assert "layer_types" in saved and "global_attn_every_n_layers" not in saved  # 5.x's vocabulary alone
+    config = TrainConfig.from_dict(continued_recipe(corpus, tmp_path, source))
+    ours = config.model_config
+    assert (ours.num_hidden_layers, ours.global_attn_every_n_layers, ours.global_rope_theta) == (7, 3, 160_000.0)
+    model = FlexBertForMaskedLM(ours)
+    initialise_weights(model, config.init_from, config.tokenizer)
+    ids = torch.randint(5, 50000, (2, 70), generator=torch.Generator().manual_seed(6))
+    inputs = tmp_path / "inputs.pt"
+    torch.save({"ids": ids, "mask": torch.ones_like(ids)}, inputs)
+    five = hf_logits(source, inputs, "5.x", env=environment(1, PYTHONPATH=str(HF5)))
+    with torch.no_grad():
+        assert (model.eval()(ids).logits - five["logits"]).abs().max() <= 1e-5
