@@ -59,6 +59,16 @@ def save_source(path: Path, tokenizer: Path | None = TOKENIZER, seed: int = 0, *
     return path
 
 
+def train_small_tokenizer(out: Path, lines: list[str], vocab_size: int, capfd) -> Path:
+    """A tokenizer of flexbert's own (special tokens at ids other than ModernBERT's) trained on ``lines``."""
+    text = out.with_suffix(".txt")
+    text.write_text("\n".join(lines))
+    argv = ["prepare", "tokenizer", "--input", str(text), "--output", str(out), "--vocab-size", str(vocab_size)]
+    assert cli_main([*argv, "--no-progress"]) == 0
+    capfd.readouterr()
+    return out
+
+
 def continued_recipe(corpus: Path, run_root: Path, source: Path, model: dict | None = None) -> dict:
     """The tiny training recipe with no tokenizer and only ``model``'s keys: the architecture and
     the tokenizer come from ``source``."""
@@ -127,26 +137,9 @@ def test_ettin_shaped_configs_continue_with_transformers_logits(fields, corpus, 
 def test_special_token_ids_other_than_modernberts(corpus, tmp_path, capfd):
     """A source whose tokenizer puts its special tokens elsewhere (as Ettin's and mmBERT's successors'
     do): the ids come from the source and its tokenizer, which agree."""
-    tokenizer = tmp_path / "tokenizer"
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"document {i} about encoders and tokens" for i in range(200)))
-    assert (
-        cli_main(
-            [
-                "prepare",
-                "tokenizer",
-                "--input",
-                str(text),
-                "--output",
-                str(tokenizer),
-                "--vocab-size",
-                "384",
-                "--no-progress",
-            ]
-        )
-        == 0
+    tokenizer = train_small_tokenizer(
+        tmp_path / "tokenizer", [f"document {i} about encoders and tokens" for i in range(200)], 384, capfd
     )
-    capfd.readouterr()
     trained = load_tokenizer(tokenizer)
     ids = dict(pad_token_id=trained.pad_id, cls_token_id=trained.cls_id, sep_token_id=trained.sep_id)
     assert ids != {key: MODERNBERT_IDS[key] for key in ids}
@@ -226,26 +219,9 @@ def test_an_architecture_key_that_disagrees_names_both_values(source, corpus, tm
 
 
 def test_a_tokenizer_that_disagrees_with_the_source_is_one_line(source, corpus, tmp_path, capfd):
-    other = tmp_path / "other-tokenizer"
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(f"line {i} of some other text" for i in range(100)))
-    assert (
-        cli_main(
-            [
-                "prepare",
-                "tokenizer",
-                "--input",
-                str(text),
-                "--output",
-                str(other),
-                "--vocab-size",
-                "320",
-                "--no-progress",
-            ]
-        )
-        == 0
+    other = train_small_tokenizer(
+        tmp_path / "other-tokenizer", [f"line {i} of some other text" for i in range(100)], 320, capfd
     )
-    capfd.readouterr()
     recipe = continued_recipe(corpus, tmp_path / "runs", source)
     recipe["train_loader"]["tokenizer"] = str(other)
     with pytest.raises(ConfigError) as caught:
