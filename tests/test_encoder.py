@@ -326,3 +326,15 @@ def test_rotary_turns_each_pair_of_halves_by_its_angle(grad):
     expected = torch.cat((pairs.real, pairs.imag), dim=-1).float()
     torch.testing.assert_close(rotated, expected, atol=1e-5, rtol=1e-5)
     assert rotated.requires_grad == grad
+
+
+def test_rotary_gradient_is_the_opposite_turn():
+    """apply_rotary's hand-written backward pass (the output's gradient turned back by the opposite
+    angle) against autograd's numerical gradient, in fp64."""
+    from flexbert.core.model.attention import RotaryTables, apply_rotary
+
+    tokens, heads, head_dim = 11, 2, 8
+    positions = torch.tensor([*range(6), *range(5)])
+    cos, sin = RotaryTables(head_dim).lookup(positions, 16, 10_000.0)
+    x = torch.randn(tokens, 2, heads, head_dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos.double(), sin.double()), (x,))
