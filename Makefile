@@ -105,6 +105,7 @@ bench: install
 	$(BIN)/python bench/bench_model.py
 	$(BIN)/python bench/bench_encode.py
 	$(BIN)/python bench/bench_data_order.py
+	$(BIN)/python bench/bench_optimizer.py
 
 # On a lent GPU node: its own Python (torch, triton, numpy), no .venv, nothing installed.
 # Writes gpu_check.json and gpu_check.md; see bench/gpu_check.py and BENCHMARKS.md.

@@ -187,3 +187,79 @@ def test_config_errors_name_the_key(override, key, fragment):
 def test_registry_lists_both_optimizers():
     assert OPTIMIZERS.names() == ["decoupled_adamw", "stable_adamw"]
     from_dict(OptimizerConfig, {"name": "decoupled_adamw", "betas": [0.9, 0.95]}, "optimizer").validate()
+
+
+@torch.no_grad()
+def per_parameter_stable_adamw_step(optimizer):
+    """StableAdamW's step as it was before the sums were batched: each sharded parameter's
+    ``sum(g²/v̂)`` completed by its own collective (DTensor's ``full_tensor``)."""
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if not state:
+                state["step"] = torch.zeros(())
+                state["exp_avg"] = torch.zeros_like(param)
+                state["exp_avg_sq"] = torch.zeros_like(param)
+            grad = param.grad
+            state["step"].add_(1)
+            state["exp_avg"].lerp_(grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+            ratio_sum = (grad.square() / v_hat.clamp(min=group["eps"] ** 2)).sum().full_tensor()
+            lr = group["lr"] / (ratio_sum / grad.numel()).sqrt().clamp(min=1.0)
+            param.mul_(1 - group["weight_decay"] * lr / group["initial_lr"])
+            param.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))
+
+
+def _step_sharded_on_rank(rank: int, store_path: str, results) -> None:
+    """One rank of a 2-process gloo world: a tiny encoder sharded layer by layer with FSDP2, three
+    steps (the third on a spiked gradient, so that clipping acts) by StableAdamW and by the
+    per-parameter reference, from the same start; records both results and each step's collectives."""
+    import torch.distributed as torch_dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch_dist.init_process_group("gloo", store=torch_dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = FlexBertForMaskedLM(tiny_config(hidden_size=40, intermediate_size=45, vocab_size=99))  # uneven shards
+        for layer in model.model.layers:
+            fully_shard(layer)
+        models.append(fully_shard(model))
+    start = {name: param.full_tensor() for name, param in models[0].named_parameters()}
+    optimizers = [build_optimizer(model, OptimizerConfig(lr=1e-2, weight_decay=0.1)) for model in models]
+    generator = torch.Generator().manual_seed(rank)
+    counts = {"batched": [], "per_parameter": []}
+    for spike in (1.0, 1.0, 50.0):
+        input_ids = torch.randint(3, 99, (2, 16), generator=generator)
+        for model, name in zip(models, counts):
+            (spike * model(input_ids, labels=input_ids).loss).backward()
+            with torch.profiler.profile() as profile:
+                if name == "batched":
+                    optimizers[0].step()
+                else:
+                    per_parameter_stable_adamw_step(optimizers[1])
+            counts[name].append(sum(event.name.startswith("gloo:") for event in profile.events()))
+            model.zero_grad(set_to_none=True)
+    weights = [{name: param.full_tensor() for name, param in model.named_parameters()} for model in models]
+    if rank == 0:
+        results["same"] = all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+        results["moved"] = all(not torch.equal(weights[0][name], param) for name, param in start.items())
+        results["counts"] = counts
+        results["parameters"] = len(list(models[0].parameters()))
+    torch_dist.destroy_process_group()
+
+
+def test_stable_adamw_under_fsdp_completes_every_clipping_sum_in_one_collective(tmp_path):
+    """Under FSDP2 each rank holds a shard of each gradient, so each parameter's RMS needs the
+    other ranks' partial sums. The step gathers all of them in one all-reduce, not one per
+    parameter, and updates the weights bitwise as completing each sum on its own did."""
+    import torch.multiprocessing as multiprocessing
+
+    results = multiprocessing.Manager().dict()
+    multiprocessing.spawn(_step_sharded_on_rank, args=(str(tmp_path / "store"), results), nprocs=2)
+    assert results["moved"] and results["same"]
+    parameters = results["parameters"]
+    assert results["counts"] == {"batched": [1, 1, 1], "per_parameter": [parameters] * 3}

@@ -62,43 +62,73 @@ class StableAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    # A step count on the device keeps the bias correction free of host syncs.
-                    state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                _stable_adamw_update(param, param.grad, state, group)
+        stepped = [(param, group) for group in self.param_groups for param in group["params"] if param.grad is not None]
+        # Two passes, so that a sharded model's clipping statistics cross the processes together:
+        # first the moments and each parameter's sum of g²/v̂ over this rank's shard, then, once
+        # every sum is complete, the updates.
+        ratio_sums = [self._update_moments(param, group) for param, group in stepped]
+        for (param, group), ratio_sum in zip(stepped, _summed_over_shards(ratio_sums, [p for p, _ in stepped])):
+            self._apply_update(param, group, ratio_sum)
         return loss
 
+    def _update_moments(self, param: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance ``param``'s step count and moments; return this rank's part of ``sum(g²/v̂)``:
+        the whole sum for a plain tensor, the sum over the local shard for a DTensor."""
+        state = self.state[param]
+        if not state:
+            # A step count on the device keeps the bias correction free of host syncs.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        grad = param.grad
+        state["step"].add_(1)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        v_hat = _local(state["exp_avg_sq"]) / (1 - beta2 ** state["step"])
+        return (_local(grad).square() / v_hat.clamp(min=group["eps"] ** 2)).sum()
 
-def _stable_adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    beta1, beta2 = group["betas"]
-    eps = group["eps"]
-    step, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    def _apply_update(self, param: torch.Tensor, group: dict[str, Any], ratio_sum: torch.Tensor) -> None:
+        """The clipped step, weight decay included, from the complete ``sum(g²/v̂)`` of ``param``."""
+        beta1, beta2 = group["betas"]
+        state = self.state[param]
+        m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+        v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+        rms = (ratio_sum / param.numel()).sqrt()
+        lr = group["lr"] / rms.clamp(min=1.0)  # a 0-d tensor: the clip is applied without reading rms
+        if group["weight_decay"]:
+            param.mul_(1 - group["weight_decay"] * lr / group["initial_lr"])
+        param.sub_(lr * m_hat / (v_hat.sqrt() + group["eps"]))
 
-    step.add_(1)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    m_hat = exp_avg / (1 - beta1**step)
-    v_hat = exp_avg_sq / (1 - beta2**step)
 
-    ratio_sum = (grad.square() / v_hat.clamp(min=eps**2)).sum()
-    if isinstance(ratio_sum, DTensor):
-        # Under FSDP the sum is a partial one on each rank: gather it into a plain tensor before
-        # any scalar arithmetic. (torch 2.7's DTensor reuses the scalar of an earlier call when an
-        # op must redistribute a partial input first, so `partial / numel` divided by the numel of
-        # whichever parameter came first; and a mean would need ReduceOp.AVG, which gloo lacks.)
-        ratio_sum = ratio_sum.full_tensor()
-    rms = (ratio_sum / grad.numel()).sqrt()
-    lr = group["lr"] / rms.clamp(min=1.0)  # a 0-d tensor: the clip is applied without reading rms
-    if group["weight_decay"]:
-        param.mul_(1 - group["weight_decay"] * lr / group["initial_lr"])
-    param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _summed_over_shards(local_sums: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's complete sum from each rank's ``local_sums`` (0-d tensors), with one
+    all-reduce per sharded mesh dimension for all parameters together, where a DTensor's sum
+    over each parameter would have been one collective per parameter.
+
+    A plain tensor's sum is already complete; a DTensor's is partial over every mesh dimension
+    it is sharded along (FSDP2's ``Shard(0)``; HSDP also replicates along another, which holds
+    the same sums). Adding each 0-d sum over the same group in one vector instead of one by
+    one gives the same values: every element is still the sum of the same terms.
+    """
+    complete = list(local_sums)
+    partial: dict[tuple[Any, int], list[int]] = {}  # (mesh, sharded dim) -> which sums
+    for index, param in enumerate(params):
+        if isinstance(param, DTensor):
+            for dim, placement in enumerate(param.placements):
+                if placement.is_shard():
+                    partial.setdefault((param.device_mesh, dim), []).append(index)
+    for (mesh, dim), indices in partial.items():
+        sums = torch.stack([complete[index] for index in indices])
+        torch.distributed.all_reduce(sums, group=mesh.get_group(dim))
+        for index, total in zip(indices, sums.unbind()):
+            complete[index] = total
+    return complete
 
 
 @OPTIMIZERS.register("decoupled_adamw")
