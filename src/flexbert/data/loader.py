@@ -2,9 +2,17 @@
 
 Resumption without replay. The loader's state is, per rank, the epoch, how many documents of its
 partition it has consumed, and the keys of the pieces still pending in the packer. On resume,
-streaming restarts the epoch at the largest whole-batch offset that every rank has passed, each
-rank skips its few remaining consumed documents, and pending pieces are re-read by sample id. The
-result is the exact row sequence an uninterrupted run would produce.
+streaming restarts the epoch at the largest whole-batch offset that every rank has passed, the
+documents past it that some rank already consumed are skipped, and pending pieces are re-read by
+sample id. On as many processes as before, the result is the exact row sequence an uninterrupted
+run would produce.
+
+Resumption on another number of processes. streaming's sample order within an epoch is one global
+sequence, fixed by ``num_canonical_nodes`` and the seed whatever the world size; a world of ``W``
+ranks deals it out round-robin, so a rank's ``k``-th document after the resume point is the one at
+position ``k * W + slot``. The state therefore names the consumed documents past the resume point
+by their positions, which any world size can skip, and deals all ranks' pending pieces out anew:
+every document of the epoch is trained once, none skipped and none repeated.
 
 Ranks in step. The packer carries pieces over from one epoch into the next, so every batch has the
 rows the batch-size schedule asks for, on every rank. Streaming opens each epoch with a barrier
@@ -48,12 +56,42 @@ class RankState:
     # the last pieces of the previous epoch
     pending: tuple[tuple[int, int, int, int, int], ...] = ()
     rows_emitted: int = 0  # over the whole run, for the batch-size schedule
+    # Where streaming opened this partition: the global position in the epoch's sample order (its
+    # sample_in_epoch), and the positions past it, counted from it, that earlier ranks consumed.
+    base: int = 0
+    taken: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a world of ranks is spread over nodes, which fixes where each rank reads in streaming's
+    global sample order."""
+
+    world: int
+    ranks_per_node: int
+
+    @property
+    def nodes(self) -> int:
+        return self.world // self.ranks_per_node
+
+    def slot(self, rank: int) -> int:
+        """The rank's residue in the global order: streaming deals positions out to nodes
+        round-robin, and each node's share to its ranks round-robin, so rank ``local`` of node
+        ``node`` reads the positions ``k * world + local * nodes + node``."""
+        node, local = divmod(rank, self.ranks_per_node)
+        return local * self.nodes + node
 
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _layout() -> Layout:
+    """This run's layout, as streaming reads it (Composer's launcher sets LOCAL_WORLD_SIZE)."""
+    _, world = _world()
+    return Layout(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def _clean_stale_memory_once_per_node() -> None:
@@ -126,60 +164,115 @@ class PackedMLMLoader:
             states = [self.state]
         return {
             "world_size": world,
+            "ranks_per_node": _layout().ranks_per_node,
+            "num_canonical_nodes": self.dataset.num_canonical_nodes,
             "sample_batch_size": self.config.sample_batch_size,
-            "ranks": [vars(s) | {"pending": [list(k) for k in s.pending]} for s in states],
+            "ranks": [vars(s) | {"pending": [list(k) for k in s.pending], "taken": list(s.taken)} for s in states],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        rank, world = _world()
-        if state["world_size"] != world or state["sample_batch_size"] != self.config.sample_batch_size:
+        rank, _ = _world()
+        layout = _layout()
+        if state["sample_batch_size"] != self.config.sample_batch_size:
             raise DataError(
-                f"loader state was saved with world_size={state['world_size']}, sample_batch_size="
-                f"{state['sample_batch_size']}; this run has {world} and {self.config.sample_batch_size}. "
-                "Exact resumption needs both unchanged."
+                f"{self.path}.sample_batch_size: the loader state was saved with "
+                f"{state['sample_batch_size']}, this run has {self.config.sample_batch_size}; "
+                "resuming needs it unchanged"
             )
-        # Pending keys saved before pieces carried their epoch are of the state's own epoch.
+        # States saved before these keys existed came from one node, without skipped positions,
+        # and their pending keys (before pieces carried their epoch) are of the state's own epoch.
+        saved = Layout(state["world_size"], state.get("ranks_per_node", state["world_size"]))
+        canonical_nodes = state.get("num_canonical_nodes", self.dataset.num_canonical_nodes)
         ranks = [
             RankState(
                 r["epoch"],
                 r["consumed"],
                 tuple(tuple(k) if len(k) == 5 else (r["epoch"], *k) for k in r["pending"]),
                 r["rows_emitted"],
+                r.get("base", 0),
+                tuple(r.get("taken", ())),
             )
             for r in state["ranks"]
         ]
-        self._resume = ranks[rank]
-        self.state = ranks[rank]
+        # Every rank opens each epoch together (see _agree), and a finished loader records its end
+        # on every rank, so the ranks share the epoch and the partition's base.
+        epoch, base = ranks[0].epoch, ranks[0].base
         batch = self.config.sample_batch_size
-        whole_batches = min(r.consumed for r in ranks if r.epoch == self._resume.epoch) // batch
-        self._resume_offset = whole_batches * batch  # per rank; streaming counts all ranks together
+        offset = min(r.consumed for r in ranks) // batch * batch  # documents per rank; streaming
+        resume_at = base + offset * saved.world  # counts all ranks together
+        self._check_streaming_can_resume(saved, layout, canonical_nodes, resume_at)
+        # Positions past resume_at that some rank already consumed: its own reads, and the
+        # positions it skipped as taken before.
+        taken = {position - offset * saved.world for position in ranks[0].taken if position >= offset * saved.world}
+        for old_rank, old in enumerate(ranks):
+            slot = saved.slot(old_rank)
+            taken.update(k * saved.world + slot - offset * saved.world for k in range(offset, old.consumed))
+        if saved == layout:
+            pending = ranks[rank].pending  # each rank its own: the uninterrupted run, bit for bit
+        else:
+            pending = tuple(key for old in ranks for key in old.pending)[rank :: layout.world]
+        rows_so_far = ranks[0].rows_emitted * saved.world
+        if rows_so_far % layout.world:
+            raise DataError(
+                f"{self.path}: {rows_so_far} rows were trained on {saved.world} processes, which "
+                f"{layout.world} processes cannot continue in equal shares; resume on a process count "
+                "that divides every batch of the run"
+            )
+        self.state = RankState(epoch, 0, pending, rows_so_far // layout.world, resume_at, tuple(sorted(taken)))
+        self._resume = self.state
         self.dataset.load_state_dict(
             {
-                "epoch": self._resume.epoch,
-                "sample_in_epoch": self._resume_offset * world,
-                "num_canonical_nodes": self.dataset.num_canonical_nodes,
+                "epoch": epoch,
+                "sample_in_epoch": resume_at,
+                "num_canonical_nodes": canonical_nodes,
                 "shuffle_seed": self.config.shuffle_seed,
                 "initial_physical_nodes": None,
             }
         )
 
+    def _check_streaming_can_resume(self, saved: Layout, layout: Layout, canonical_nodes: int, resume_at: int) -> None:
+        """streaming lays an epoch out over ``num_canonical_nodes``, and stripes it over the physical
+        nodes only where one count divides the other; and it rounds a resume point down to a
+        multiple of the node count, which would repeat documents. Say so before training starts."""
+        nodes = layout.nodes
+        if canonical_nodes % nodes and nodes % canonical_nodes:
+            raise DataError(
+                f"{self.path}: this run was saved on {saved.nodes} node(s), with streaming's sample order "
+                f"laid out for num_canonical_nodes={canonical_nodes}; streaming cannot resume it on "
+                f"{nodes} nodes, since neither count divides the other. Resume on a node count that "
+                f"divides {canonical_nodes} or is a multiple of it"
+            )
+        if resume_at % nodes:
+            raise DataError(
+                f"{self.path}: the resume point, document {resume_at} of the epoch, is not a multiple "
+                f"of the {nodes} nodes, and streaming would round it down and repeat documents; resume "
+                f"on {saved.nodes} node(s), or on a node count that divides {resume_at}"
+            )
+
     # --- iteration -------------------------------------------------------------------------------
 
-    def _documents(self) -> Iterator[dict]:
-        """This rank's documents of streaming's next epoch, from where the resume state says. The
-        first is fetched at once: streaming opens an epoch with a barrier across the node's ranks,
-        which every rank must reach now, not when it next needs a document."""
+    def _documents(self) -> Iterator[tuple[int, dict]]:
+        """This rank's documents of streaming's next epoch, from where the resume state says, each
+        with how many of its partition's documents have been read with it (those some rank already
+        consumed, skipped here, count). The first is fetched at once: streaming opens an epoch with
+        a barrier across the node's ranks, which every rank must reach now, not when it next needs
+        a document."""
         loader = DataLoader(
             self.dataset,
             batch_size=self.config.sample_batch_size,
             num_workers=self.config.num_workers,
             collate_fn=_identity,
         )
-        documents = (sample for batch in loader for sample in batch)
-        if self._resume is not None:
-            for _ in range(self._resume.consumed - self._resume_offset):
-                next(documents)
-            self._resume = None
+        taken = set(self._resume.taken) if self._resume is not None else set()
+        self._resume = None
+        rank, _ = _world()
+        layout = _layout()
+        slot = layout.slot(rank)
+        documents = (
+            (read, document)
+            for read, document in enumerate((sample for batch in loader for sample in batch), start=1)
+            if (read - 1) * layout.world + slot not in taken
+        )
         first = next(documents, None)
         return documents if first is None else itertools.chain([first], documents)
 
@@ -204,7 +297,7 @@ class PackedMLMLoader:
         ``epochs`` ends with a short batch, and all its ranks end at the same batch."""
         config = self.config
         _, world = _world()
-        epoch, consumed = self.state.epoch, self.state.consumed
+        epoch, consumed, base, taken = self.state.epoch, self.state.consumed, self.state.base, self.state.taken
         if config.epochs is not None and epoch >= config.epochs:
             return
         packer = GreedyPacker(config.max_seq_len, config.lookahead)
@@ -220,8 +313,8 @@ class PackedMLMLoader:
                 while len(rows) < wanted:
                     if packer.has_full_lookahead():
                         rows.append(packer.pop_row())
-                    elif (document := next(documents, None)) is not None:
-                        consumed += 1
+                    elif (read := next(documents, None)) is not None:
+                        consumed, document = read
                         packer.add(self._pieces(document, epoch))
                     elif last_epoch and packer.pending:  # the data's end: pack what is left
                         rows.append(packer.pop_row())
@@ -233,10 +326,9 @@ class PackedMLMLoader:
                 )
                 if not next_epoch:
                     break
-                for document in documents:  # the rest of this rank's share, for the packer to carry over
-                    consumed += 1
+                for _, document in documents:  # the rest of this rank's share, for the packer to carry over
                     packer.add(self._pieces(document, epoch))
-                epoch, consumed = epoch + 1, 0
+                epoch, consumed, base, taken = epoch + 1, 0, 0, ()
                 documents = self._documents()
             if not every_rank_has_rows:
                 if rows:
@@ -246,7 +338,7 @@ class PackedMLMLoader:
                     )
                 break
             pending = tuple((p.epoch, *p.key()) for p in packer.pending)
-            self.state = RankState(epoch, consumed, pending, self.state.rows_emitted + len(rows))
+            self.state = RankState(epoch, consumed, pending, self.state.rows_emitted + len(rows), base, taken)
             batch = collate_rows(rows, config.max_seq_len, self.tokenizer.cls_id, self.tokenizer.sep_id, self.masker)
             self.real_tokens += batch.num_tokens
             self.capacity_tokens += batch.num_rows * batch.row_tokens

@@ -205,6 +205,24 @@ class DataOrderWriter:
         self._index.close()
 
 
+def forget_steps_from(folder: Path, rank: int, step: int) -> None:
+    """Cut ``rank``'s files back to before the first step at or after ``step`` that they finally
+    record: the run resumed at ``step`` on fewer processes, so no new record of this rank will
+    supersede them. Every record after that one in the file is of a later step too (one of an
+    earlier step would have superseded it), so the cut keeps the steps before ``step`` exactly."""
+    data_path, index_path = data_files(folder, rank)
+    with _mapped(data_path) as buffer:
+        records, _ = _scan(buffer, index_path)
+    cut = next((offset for recorded, offset in _final(records) if recorded >= step), None)
+    if cut is None:
+        return
+    # The index first: an entry never points at bytes that are no longer there.
+    staged = index_path.with_suffix(".idx.tmp")
+    staged.write_bytes(np.array([entry for entry in records if entry[1] < cut], INDEX_ENTRY).tobytes())
+    os.replace(staged, index_path)
+    os.truncate(data_path, cut)
+
+
 class DataOrderRecord(Callback):
     """Records each step's pieces (host values: no device sync) on every rank as the step ends."""
 
@@ -216,6 +234,13 @@ class DataOrderRecord(Callback):
     def fit_start(self, state: State, logger: Logger) -> None:
         if self._writer is None:  # a second fit() of the same trainer goes on appending
             self._writer = DataOrderWriter(self.folder, dist.get_global_rank())
+            if dist.get_global_rank() == 0 and self.folder.is_dir():
+                # A run resumed on fewer processes: the ranks that are gone trained nothing after
+                # the checkpoint, whatever their files say of the steps the killed run went on to.
+                resumed_at = state.timestamp.batch.value
+                for path in self.folder.glob("rank*.bin"):
+                    if (rank := int(path.stem.removeprefix("rank"))) >= dist.get_world_size():
+                        forget_steps_from(self.folder, rank, resumed_at)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         # The clock has already moved past the step that just ended; steps count as in metrics.jsonl.

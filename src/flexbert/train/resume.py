@@ -8,6 +8,7 @@ of :mod:`flexbert.core.checkpoint`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import warnings
@@ -116,16 +117,22 @@ def check_on_rank_zero(check: Callable[[], object]) -> None:
 
 class LoaderCheckpoint(Callback):
     """Puts the packed loader's resume state into every checkpoint and restores it on load, so a
-    resumed run continues with exactly the next batch instead of replaying the dataset."""
+    resumed run continues with exactly the next batch instead of replaying the dataset.
+
+    The state goes in as one JSON string. Its shape depends on the world size (a list of ranks), and
+    a sharded checkpoint is read back into the shape of the state the loading run would save: the
+    ranks past its own world size would be left behind, silently, on fewer processes."""
 
     def __init__(self, loader: PackedMLMLoader):
         self.loader = loader
 
     def state_dict(self) -> dict:
-        return {"loader": self.loader.state_dict()}
+        return {"loader": json.dumps(self.loader.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state["loader"])
+        loader = state["loader"]
+        # Checkpoints written before the state was a string hold it as a dict.
+        self.loader.load_state_dict(json.loads(loader) if isinstance(loader, str) else loader)
 
 
 class _StopVote:
