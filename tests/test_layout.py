@@ -27,6 +27,8 @@ DEFERRED = {
     ("flexbert.data.labeled", "datasets"),  # likewise
     ("flexbert.data.convert", "boto3"),  # only s3:// outputs
     ("flexbert.data.convert", "botocore"),
+    ("flexbert.core.object_storage", "boto3"),  # only s3:// checkpoints, and optional on the core install
+    ("flexbert.core.object_storage", "botocore"),
     ("flexbert.data.convert", "streaming"),  # loads torch and transformers: argument errors come first
     ("flexbert.train.loggers", "wandb"),  # only runs that log to Weights & Biases
     ("flexbert.train.optimizers", "composer"),  # StableAdamW also serves the GPU check, without Composer

@@ -5,6 +5,7 @@ recipe's model section builds."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from flexbert.core.checkpoint import MODEL_CONFIG_KEY, RunDir, model_from_checkpoint, write_weights
 from flexbert.core.hf import read_published_encoder
 from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.core.object_storage import local_checkpoint
 from flexbert.errors import CheckpointError, FlexBertError
 from flexbert.train.averaging import average_weights, pick_checkpoints
 from flexbert.train.init_from import resolve_continued_model
@@ -123,21 +125,24 @@ def _cmd_average(args: argparse.Namespace) -> int:
         raise CheckpointError("name the checkpoints to average, or a run folder with --run (not both)")
     if args.run_dir and not (args.best > 0 or args.last):
         raise CheckpointError("--run picks checkpoints by --best K and/or --last; give at least one")
-    if args.checkpoints:
-        paths = [Path(path) for path in args.checkpoints]
-    else:
-        paths, unscored = pick_checkpoints(RunDir(Path(args.run_dir)), args.best, args.last)
+    names = args.checkpoints  # local paths, or s3:// URIs (downloaded into a temporary folder)
+    if not args.checkpoints:
+        picked, unscored = pick_checkpoints(RunDir(Path(args.run_dir)), args.best, args.last)
+        names = [str(path) for path in picked]
         for path in unscored:
+            name = str(path).rpartition("/")[2]  # a local path, or a URI in object storage
             print(
-                f"flexbert: note: --best passed over {path.name}: no eval loss was logged at its step "
+                f"flexbert: note: --best passed over {name}: no eval loss was logged at its step "
                 "(a save on SIGTERM, or one between evaluations)",
                 file=sys.stderr,
             )
-    model, tokenizer = model_from_checkpoint(paths[0])  # the config the average keeps, so it exports alone
-    averaged = average_weights(paths)
+    with contextlib.ExitStack() as copies:
+        paths = [copies.enter_context(local_checkpoint(name)) for name in names]
+        model, tokenizer = model_from_checkpoint(paths[0])  # the config the average keeps, so it exports alone
+        averaged = average_weights(paths)
     model.load_state_dict(averaged)
     write_weights(out, averaged, **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
-    print(f"{out}: the mean of {', '.join(str(path) for path in paths)}")
+    print(f"{out}: the mean of {', '.join(names)}")
     if tokenizer is not None:
         print(f"export it with: flexbert export-hf {out} OUT_DIR --tokenizer {tokenizer}")
     return 0

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
+from flexbert.core.object_storage import DCP_METADATA, is_remote, local_checkpoint
 from flexbert.core.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.errors import CheckpointError, MissingFileError
 from flexbert.typed_config import ConfigError
@@ -49,7 +50,6 @@ from flexbert.typed_config import ConfigError
 # The ComposerModel keeps the FlexBERT model as its attribute ``model``.
 COMPOSER_MODEL_PREFIX = "model."
 SHARDED_MODEL_PREFIX = "state.model." + COMPOSER_MODEL_PREFIX  # a sharded checkpoint's flattened keys
-DCP_METADATA = ".metadata"
 LATEST_LINK = "latest-rank0.pt"
 # Where a checkpoint that import-hf or averaging wrote keeps its model config. Composer reads only the
 # "state" (and "rng") entries of a checkpoint file, so this one travels along unread by training.
@@ -129,11 +129,6 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any] | None:
         return json.loads(self.config_file.read_text()) if self.config_file.is_file() else None
-
-
-def is_remote(path: str) -> bool:
-    """Whether ``path`` is a URI (``s3://...``) that Composer reads or writes itself."""
-    return "://" in path
 
 
 # --- the checkpoint format --------------------------------------------------------------------------
@@ -338,7 +333,17 @@ def model_from_checkpoint(
 ) -> tuple[FlexBertForMaskedLM, Path | None]:
     """The encoder a Composer checkpoint of this project holds (a file, or a folder of FSDP shards,
     which are put back together here), and the tokenizer it was trained with when that is known
-    (the config's sources: :func:`checkpoint_model_config`)."""
+    (the config's sources: :func:`checkpoint_model_config`). ``checkpoint`` may be an ``s3://`` URI
+    (:mod:`flexbert.core.object_storage`): it is read from a temporary copy."""
+    if is_remote(checkpoint):
+        with local_checkpoint(checkpoint) as local:
+            try:
+                return model_from_checkpoint(local, training_config)
+            except CheckpointError as err:  # name the URI, not the temporary copy
+                run = RunDir.holding(local)
+                remote_folder = str(checkpoint).rstrip("/").rpartition("/")[0]
+                message = str(err).replace(str(run.config_file), f"{remote_folder}/config.json")
+                raise CheckpointError(message.replace(str(local), str(checkpoint))) from None
     path = Path(checkpoint)
     weights, saved = read_checkpoint(path)
     config, tokenizer_dir = checkpoint_model_config(path, saved, training_config)

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
-import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import gettempdir
 from typing import Any, Literal
 
 import numpy as np
+import streaming.base.dataset
+import torch.distributed as torch_dist
 from streaming import Stream, StreamingDataset
+from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+from streaming.base.shared import SharedMemory
+from streaming.base.shared.prefix import _check_and_find_retrying, _check_self, _get_path, _pack_locals, _unpack_locals
 from streaming.base.world import World
 
 from flexbert.data.packing import MaskingConfig
+from flexbert.data.shm import SHM_DIR
 from flexbert.errors import FlexBertError
 from flexbert.typed_config import ConfigError
 
@@ -227,16 +236,65 @@ class DocumentDataset(StreamingDataset):
         }
 
 
-def build_dataset(config: LoaderConfig, path: str = "train_loader", attempts: int = 5) -> DocumentDataset:
-    # streaming picks its shared-memory prefix by probing names and then creating one, without a
-    # lock: a process (or a dying one's resource tracker) acting on the same name in between makes
-    # the creation fail. A fresh probe then finds a free name.
-    for attempt in range(attempts - 1):
-        try:
-            return _streaming_dataset(config, path)
-        except FileExistsError:
-            time.sleep(0.2 * (attempt + 1))
-    return _streaming_dataset(config, path)
+@contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Held by one process at a time among those that share this machine's shared memory: a lock of
+    its folder (of the temporary folder where there is none, as on macOS)."""
+    folder = SHM_DIR if SHM_DIR.is_dir() else Path(gettempdir())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # and with it the lock
+
+
+def _claim_shm_prefix(streams_local: list[str], streams_remote: list, world: World, retry: int = 100):
+    """streaming's ``get_shm_prefix``, with the prefix probed and created in one step.
+
+    streaming's local leaders probe for a free prefix, wait at a barrier of the whole world, then
+    create it, without a lock. Leaders that share /dev/shm (the launchers of several nodes on one
+    machine, two runs starting together) probe alike and all but one creation fail; a retry would
+    then pass the barriers on that rank alone, out of step with every other rank, and the run would
+    hang. Here each leader probes and creates under a lock of the machine's shared memory, and the
+    other ranks learn their node's prefix through one all-gather."""
+    _check_self(streams_local)
+    prefix_int, shm = None, None
+    if world.is_local_leader:
+        with _machine_lock():
+            while shm is None:
+                prefix_int = max(
+                    _check_and_find_retrying(streams_local, streams_remote, name, retry) for name in SHM_TO_CLEAN
+                )
+                data = _pack_locals(streams_local, prefix_int)
+                try:
+                    shm = SharedMemory(_get_path(prefix_int, LOCALS), True, len(data))
+                except FileExistsError:  # created by a process that takes no lock (not flexbert's): probe on
+                    continue
+                shm.buf[: len(data)] = data
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        choices = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(choices, (world.node, prefix_int))
+        prefix_int = next(prefix for node, prefix in choices if node == world.node and prefix is not None)
+    if not world.is_local_leader:
+        shm = SharedMemory(_get_path(prefix_int, LOCALS), False)
+        their_locals, their_prefix_int = _unpack_locals(bytes(shm.buf))
+        if their_locals != streams_local or their_prefix_int != prefix_int:
+            raise RuntimeError(
+                f"streaming's shared memory {_get_path(prefix_int, LOCALS)} holds {their_locals} (prefix "
+                f"{their_prefix_int}), not this rank's {streams_local}: do all ranks of a node give the same "
+                "local folders?"
+            )
+    return prefix_int, shm
+
+
+def build_dataset(config: LoaderConfig, path: str = "train_loader") -> DocumentDataset:
+    original = streaming.base.dataset.get_shm_prefix
+    streaming.base.dataset.get_shm_prefix = _claim_shm_prefix  # what StreamingDataset.__init__ calls
+    try:
+        return _streaming_dataset(config, path)
+    finally:
+        streaming.base.dataset.get_shm_prefix = original
 
 
 def _streaming_dataset(config: LoaderConfig, path: str) -> DocumentDataset:

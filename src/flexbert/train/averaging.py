@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from flexbert.core.checkpoint import RunDir, read_weights, saved_checkpoints
+from flexbert.core.checkpoint import SAVED_NAME, RunDir, read_weights, saved_checkpoints
+from flexbert.core.object_storage import is_remote, saved_remote_checkpoints
 from flexbert.errors import CheckpointError
 from flexbert.train.loggers import read_metrics
 
@@ -56,13 +57,18 @@ def _first_difference(reference: dict[str, torch.Tensor], other: dict[str, torch
     return None
 
 
-def pick_checkpoints(run_dir: RunDir, best: int, last: bool) -> tuple[list[Path], list[Path]]:
+def pick_checkpoints(run_dir: RunDir, best: int, last: bool) -> tuple[list[Path | str], list[Path | str]]:
     """(picked, unscored): the ``best`` checkpoints of a run by the eval loss logged at the step each
     was saved, then (if ``last``) its last checkpoint, once; and the checkpoints ``best`` passed over
-    because no eval loss was logged at their step (a save on SIGTERM, or one between evaluations)."""
-    saved = saved_checkpoints(run_dir.checkpoints)
+    because no eval loss was logged at their step (a save on SIGTERM, or one between evaluations).
+    A run whose ``save_folder`` is in object storage has them there: they are URIs."""
+    save_folder = (run_dir.read_config() or {}).get("save_folder")
+    if isinstance(save_folder, str) and is_remote(save_folder):
+        saved, where = saved_remote_checkpoints(save_folder, SAVED_NAME), save_folder
+    else:
+        saved, where = saved_checkpoints(run_dir.checkpoints), run_dir.checkpoints
     if not saved:
-        raise CheckpointError(f"{run_dir.checkpoints} holds no checkpoints")
+        raise CheckpointError(f"{where} holds no checkpoints")
     picked, unscored = [], []
     if best > 0:
         losses = {row["step"]: row[EVAL_LOSS] for row in read_metrics(run_dir.path) if EVAL_LOSS in row}
@@ -70,7 +76,7 @@ def pick_checkpoints(run_dir: RunDir, best: int, last: bool) -> tuple[list[Path]
         scored = [step for step in saved if step in losses]
         if not scored:
             raise CheckpointError(
-                f"no eval loss was logged at the step of any checkpoint in {run_dir.checkpoints} "
+                f"no eval loss was logged at the step of any checkpoint in {where} "
                 f"({run_dir.metrics_file}); --best needs an evaluation at every save: an eval_loader, and "
                 "eval_interval equal to save_interval"
             )

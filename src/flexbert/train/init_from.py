@@ -7,7 +7,8 @@
   source's value. A tokenizer that extends the source's (``flexbert prepare tokenizer --extend``)
   grows the vocabulary: each new token's rows start as the mean of its pieces' rows.
 * ``checkpoint: FILE`` (``method: tile``): a smaller model of this project tiled into the recipe's
-  larger shapes, as ModernBERT-large started from base (:mod:`flexbert.core.model.tiling`).
+  larger shapes, as ModernBERT-large started from base (:mod:`flexbert.core.model.tiling`). FILE may
+  be an ``s3://`` URI (:mod:`flexbert.core.object_storage`), downloaded by every rank when it starts.
 
 Either way the run starts afresh (new optimizer, clock at zero), as ``load_path`` with
 ``load_weights_only`` does for a phase of the same model.
@@ -28,6 +29,7 @@ from flexbert.core.hf import PublishedEncoder, read_published_encoder
 from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
 from flexbert.core.model.config import PRESETS
 from flexbert.core.model.tiling import tile_into
+from flexbert.core.object_storage import find_remote_checkpoint, is_remote
 from flexbert.core.tokenizer import MLMTokenizer, load_tokenizer
 from flexbert.core.vocabulary import extend_vocabulary_rows, vocabulary_relation
 from flexbert.errors import FlexBertError
@@ -81,7 +83,12 @@ class InitFromConfig:
                 self.source = read_published_encoder(self.hf)
             except FlexBertError as err:
                 raise ConfigError(f"{path}.hf", str(err)) from None
-        elif not os.path.exists(self.checkpoint):  # read before training, so local (copy a remote one first)
+        elif is_remote(self.checkpoint):  # an s3:// URI: found now, downloaded when the weights are set
+            try:
+                find_remote_checkpoint(self.checkpoint)
+            except FlexBertError as err:
+                raise ConfigError(f"{path}.checkpoint", str(err)) from None
+        elif not os.path.exists(self.checkpoint):
             raise ConfigError(f"{path}.checkpoint", f"checkpoint not found: {self.checkpoint}")
 
 

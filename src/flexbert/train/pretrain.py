@@ -27,7 +27,14 @@ from flexbert.train.hf_export import HFExport, HFExportConfig
 from flexbert.train.init_from import InitFromConfig, initialise_weights, resolve_continued_model
 from flexbert.train.monitors import build_monitors
 from flexbert.train.nan_guard import NanGuard, NanGuardConfig, packed_pieces
-from flexbert.train.resume import LoaderCheckpoint, SigtermCheckpoint, check_on_rank_zero, prepare_autoresume
+from flexbert.train.resume import (
+    LoaderCheckpoint,
+    RemoteCheckpointStaging,
+    SigtermCheckpoint,
+    check_on_rank_zero,
+    prepare_autoresume,
+    prepare_remote_save_folder,
+)
 from flexbert.train.schedulers import parse_time
 from flexbert.train.sharding import FSDPConfig, average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units
 from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig, ComposerMLM, data_spec
@@ -188,7 +195,16 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     # across the ranks of a node. (The trainer would otherwise create it later, the same way.)
     dist.initialize_dist(get_device(None), timeout=config.dist_timeout)
     world = dist.get_world_size()
-    if config.autoresume:
+    # A save_folder in object storage: flexbert picks the checkpoint to resume from (Composer's remote
+    # autoresume reads a stale local copy), and the run overwrites what an upload cut short left.
+    remote_save = is_remote(config.checkpoint_folder)
+    resume_from = None
+    if remote_save:
+        recorded = as_recorded(resolved, config)
+        resume_from = check_on_rank_zero(
+            lambda: prepare_remote_save_folder(config.checkpoint_folder, config.autoresume, recorded)
+        )
+    elif config.autoresume:
         prepare_autoresume(config.checkpoint_folder)
     reproducibility.seed_all(config.seed)
     model_config = config.model_config
@@ -200,7 +216,7 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         mark_sharding_units(model, model.model.layers)
     if config.init_from is not None:
         initialise_weights(model, config.init_from, tokenizer)
-    load_path = config.load_path
+    load_path = config.load_path if resume_from is None else resume_from
     if load_path is not None and not is_remote(load_path):
         check_on_rank_zero(lambda: check_checkpoint_matches(load_path, model))
         if config.load_weights_only:
@@ -256,13 +272,16 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         save_folder=config.checkpoint_folder,
         save_interval=sigterm.save_interval(),
         save_num_checkpoints_to_keep=config.save_num_checkpoints_to_keep,
-        autoresume=config.autoresume,
+        save_overwrite=remote_save,
+        autoresume=config.autoresume and not remote_save,
         load_path=load_path,
-        load_weights_only=config.load_weights_only,
+        load_weights_only=config.load_weights_only and resume_from is None,
         dist_timeout=config.dist_timeout,
         parallelism_config=parallelism,
         compile_config={} if config.compile else None,
     )
     if config.fsdp_config is not None and torch.distributed.get_backend() == "gloo":
         average_gradients_over_gloo(trainer.state.model)
+    if remote_save:
+        trainer.state.callbacks.append(RemoteCheckpointStaging(trainer.state.callbacks))
     return trainer

@@ -10,23 +10,51 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
+from composer.callbacks import CheckpointSaver
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, maybe_create_object_store_from_uri
+from composer.utils.file_helpers import parse_uri
 from composer.utils.misc import create_interval_scheduler
 
-from flexbert.core.checkpoint import CHECKPOINT_NAME, LATEST_LINK, checkpoint_problem, is_remote
+from flexbert.core.checkpoint import (
+    CHECKPOINT_NAME,
+    DCP_METADATA,
+    LATEST_LINK,
+    SAVED_NAME,
+    checkpoint_problem,
+    is_remote,
+)
+from flexbert.core.object_storage import RUN_CONFIG_OBJECT, SYMLINK_SUFFIX
 from flexbert.data.loader import PackedMLMLoader
 from flexbert.typed_config import ConfigError
 
+T = TypeVar("T")
+
 # --- autoresume -------------------------------------------------------------------------------------
+
+# Composer 0.32.1's autoresume has each node's local rank 0 write a signal file into the save folder
+# and remove it after a barrier. The file's name is broadcast from rank 0, so every node takes node
+# 0's: on a save folder the nodes share, the second node's removal raises FileNotFoundError and
+# every multi-node start with autoresume fails. Each node's file gets its node's rank in its name.
+_composer_signal_file_name = dist.get_node_signal_file_name
+
+
+def _node_signal_file_name(rng=None) -> str:
+    return f"{_composer_signal_file_name(rng)}_node{dist.get_node_rank()}"
+
+
+dist.get_node_signal_file_name = _node_signal_file_name
 
 
 def _checkpoints_newest_first(folder: Path) -> list[Path]:
@@ -95,21 +123,136 @@ def prepare_autoresume(save_folder: str) -> None:
         check_on_rank_zero(lambda: choose_resume_checkpoint(Path(save_folder)))
 
 
-def check_on_rank_zero(check: Callable[[], object]) -> None:
-    """Run ``check`` on rank 0 alone, and raise the ConfigError it raised on every rank: a check only
-    rank 0 makes must not leave the other ranks waiting for it until the timeout."""
-    error = None
+# --- a save_folder in object storage ----------------------------------------------------------------
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def prepare_remote_save_folder(save_folder: str, autoresume: bool, recorded: dict[str, Any]) -> str | None:
+    """Rank 0's part of a run whose ``save_folder`` is a URI (``s3://bucket/prefix``), before the
+    trainer is built: the URI of the checkpoint to resume from, or None to start afresh.
+
+    Composer uploads each checkpoint, then, once every one of its objects is in the bucket, the
+    pointer ``latest-rank0.pt.symlink`` naming it. So the pointer always names a complete checkpoint,
+    and that is the one resumed from; checkpoints newer than it are an upload cut short (by a kill,
+    or a node lost), possibly partial, and are named in a warning and replaced when the run saves
+    that step again. Composer's own autoresume is not used for remote folders: it downloads the
+    checkpoint into a folder named after the URI under the current directory (``./s3:/bucket/...``)
+    and, on the next launch, resumes from that stale copy instead of the bucket's newer checkpoint.
+
+    Also refused here in one line, before any training: a folder that cannot be listed or written
+    (no such bucket, no credentials), and one holding checkpoints when ``autoresume`` is off (its
+    run's checkpoints would be overwritten). The run's resolved recipe is uploaded beside the
+    checkpoints as ``config.json``, so that ``export-hf`` and ``average`` know their model."""
+
+    def refuse(message: str) -> ConfigError:
+        return ConfigError("save_folder", f"cannot use {save_folder}: {message}")
+
+    try:
+        store = maybe_create_object_store_from_uri(save_folder)
+    except Exception as err:  # an unknown scheme, a backend's package missing
+        raise refuse(_one_line(err)) from None
+    prefix = parse_uri(save_folder)[2].strip("/")
+    folder = f"{prefix}/" if prefix else ""
+    try:
+        keys = store.list_objects(folder)
+    except Exception as err:  # boto3's errors, and every other backend's
+        raise refuse(_one_line(err)) from None
+    saved: dict[int, str] = {}  # the step of every checkpoint (a file or a folder of shards) -> its name
+    for key in keys:
+        name = key.removeprefix(folder).split("/")[0]
+        if match := SAVED_NAME.fullmatch(name):
+            saved[int(match[2])] = name
+    pointer = f"{folder}{LATEST_LINK}{SYMLINK_SUFFIX}"
+    resume_from = None
+    if saved and not autoresume:
+        raise ConfigError(
+            "save_folder",
+            f"{save_folder} already holds checkpoints ({', '.join(saved[step] for step in sorted(saved))}); "
+            "set autoresume: true to continue that run, or give another save_folder",
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        if autoresume and pointer in keys:
+            try:
+                store.download_object(pointer, f"{scratch}/pointer")
+            except Exception as err:
+                raise refuse(f"cannot read {pointer}: {_one_line(err)}") from None
+            target = Path(f"{scratch}/pointer").read_text().strip().strip("/")
+            name = target.removeprefix(folder)
+            match = SAVED_NAME.fullmatch(name)
+            if match is None or not (target in keys or f"{target}/{DCP_METADATA}" in keys):
+                raise ConfigError(
+                    "autoresume",
+                    f"{store.get_uri(pointer)} points at {target}, which is not a checkpoint in {save_folder}; "
+                    "remove the pointer to start over, or set load_path to another checkpoint",
+                )
+            resume_from = store.get_uri(target)
+            step = int(match[2])
+            for newer in sorted(later for later in saved if later > step):
+                warnings.warn(
+                    f"autoresume: {save_folder.rstrip('/')}/{saved[newer]} is newer than {name}, the checkpoint "
+                    f"{LATEST_LINK} points at (an upload cut short?); resuming from {name}, and replacing it "
+                    "when the run saves that step again"
+                )
+        elif saved:  # a run killed before its first checkpoint's upload completed
+            warnings.warn(
+                f"autoresume: {save_folder} holds {', '.join(saved.values())} but no {LATEST_LINK} pointer "
+                "(uploads cut short before any completed?); starting afresh, replacing them"
+            )
+        config_file = Path(scratch) / RUN_CONFIG_OBJECT
+        config_file.write_text(json.dumps(recorded, indent=2, default=str))
+        try:
+            store.upload_object(f"{folder}{RUN_CONFIG_OBJECT}", str(config_file))
+        except Exception as err:
+            raise refuse(f"cannot write {RUN_CONFIG_OBJECT} there: {_one_line(err)}") from None
+    return resume_from
+
+
+class RemoteCheckpointStaging(Callback):
+    """Removes, once the run is closed and every upload done, the local copies Composer keeps of the
+    checkpoints it uploads (``save_num_checkpoints_to_keep`` of them, in a folder it makes with
+    ``tempfile.mkdtemp`` and never removes).
+
+    Composer also polls the bucket for a checkpoint's objects every 30 s before it uploads the pointer
+    to it, so a run's end waited up to 30 s past its last upload: the poll is made every
+    :data:`POINTER_POLL_SECONDS` instead."""
+
+    POINTER_POLL_SECONDS = 2.0
+
+    def __init__(self, callbacks: list[Callback]):
+        self.saver = next((callback for callback in callbacks if isinstance(callback, CheckpointSaver)), None)
+        if self.saver is not None and hasattr(self.saver, "_symlink_upload_wait_before_next_try_in_seconds"):
+            self.saver._symlink_upload_wait_before_next_try_in_seconds = self.POINTER_POLL_SECONDS
+
+    def post_close(self) -> None:
+        if self.saver is None or self.saver.remote_uploader is None:
+            return
+        # The saver's folder is mkdtemp()/<the URI's path>; the whole mkdtemp() folder goes.
+        staging = Path(self.saver.folder)
+        temporary = Path(tempfile.gettempdir())
+        if temporary in staging.parents:
+            shutil.rmtree(temporary / staging.relative_to(temporary).parts[0], ignore_errors=True)
+
+
+def check_on_rank_zero(check: Callable[[], T]) -> T:
+    """Run ``check`` on rank 0 alone, and raise the ConfigError it raised on every rank, or return what
+    it returned on every rank: a check only rank 0 makes must not leave the other ranks waiting for it
+    until the timeout."""
+    error = result = None
     if dist.get_global_rank() == 0:
         try:
-            check()
+            result = check()
         except ConfigError as err:
             error = err
     if dist.get_world_size() > 1:
-        shared = [error]
+        shared = [error, result]
         dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+        error, result = shared
     if error is not None:
         raise error
+    return result
 
 
 # --- surviving interruption -------------------------------------------------------------------------
