@@ -33,6 +33,7 @@ from flexbert.typed_config import from_dict
 pytestmark = pytest.mark.xdist_group("streaming")  # trainings never share the 2 cores
 
 WORKER = Path(__file__).with_name("elastic_loader_worker.py")
+LAUNCHER_VARIABLES = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
 
 
 def run_loader(config: Path, out: Path, processes: int, batches: int, state: Path | None = None) -> None:
@@ -40,13 +41,16 @@ def run_loader(config: Path, out: Path, processes: int, batches: int, state: Pat
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     arguments = [sys.executable, str(WORKER), str(config), str(out), str(batches), *([str(state)] if state else [])]
+    # One process runs without a process group: no launcher variables, whatever this process inherited
+    # (an earlier in-process test under the same xdist worker may have set some).
+    alone = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     world = {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1"}
     ranks = [
         subprocess.Popen(
             arguments,
-            env={**os.environ, **(world | {"RANK": str(r), "LOCAL_RANK": str(r), "MASTER_PORT": str(port)})}
+            env=alone | world | {"RANK": str(r), "LOCAL_RANK": str(r), "MASTER_PORT": str(port)}
             if processes > 1
-            else dict(os.environ),
+            else alone,
         )
         for r in range(processes)
     ]
