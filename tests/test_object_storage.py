@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from test_remote_streaming import endpoint  # noqa: F401  (the module's moto server)
+from test_remote_streaming import endpoint, point_at_server  # noqa: F401  (endpoint: the module's moto server)
 from train_helpers import command, environment, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
@@ -39,16 +39,7 @@ def s3(endpoint):  # noqa: F811
     import boto3
 
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "S3_ENDPOINT_URL": endpoint,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(name, raising=False)
+        point_at_server(patch, endpoint)
         client = boto3.client("s3", endpoint_url=endpoint)
         client.create_bucket(Bucket=BUCKET)
         yield client

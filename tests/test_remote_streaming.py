@@ -55,11 +55,9 @@ def endpoint():
             server.wait()
 
 
-@pytest.fixture
-def s3(endpoint, monkeypatch):
-    """A boto3 client for the server holding BUCKET, with the environment pointing boto3 and streaming at it."""
-    import boto3
-
+def point_at_server(patch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """The environment that points boto3, streaming and Composer at the server, with test credentials
+    and none of the user's own."""
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -67,9 +65,17 @@ def s3(endpoint, monkeypatch):
         "S3_ENDPOINT_URL": endpoint,
         "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
-        monkeypatch.setenv(name, value)
+        patch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+        patch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3(endpoint, monkeypatch):
+    """A boto3 client for the server holding BUCKET, with the environment pointing boto3 and streaming at it."""
+    import boto3
+
+    point_at_server(monkeypatch, endpoint)
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket=BUCKET)
     return client
