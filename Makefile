@@ -28,13 +28,13 @@ test: install lint
 # streaming, OmegaConf or wandb). torch's wheels bring about 5 GB of CUDA libraries, so this is a
 # target of its own, which .ci/run runs after `make test`. The training environment (.venv) writes
 # checkpoints and reference outputs; .venv-newest must reproduce them (tests/test_newest_stack.py),
-# and the core's model tests run there too.
+# the core's model tests run there too, and Muon against torch.optim.Muon (tests/test_muon.py).
 NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
 NEWEST_STACK := 'torch>=2.15' 'transformers>=5.25,<6' 'sentence-transformers>=6.3,<7'
 NEWEST_FIXTURES := runs/newest-stack-fixtures
 NEWEST_TESTS := tests/test_newest_stack.py tests/test_encoder.py tests/test_attention_backends.py \
-	tests/test_hf_parity.py tests/test_registry.py tests/test_tiling.py
+	tests/test_hf_parity.py tests/test_registry.py tests/test_tiling.py tests/test_muon.py
 STACK_VERSIONS := import torch, transformers; print(torch.__version__, transformers.__version__)
 TRAINING_ONLY := composer streaming omegaconf wandb torchmetrics
 

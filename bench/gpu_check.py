@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -171,16 +172,17 @@ def check_agreement(report: Report, device: torch.device, smoke: bool) -> None:
     def leaves(dtype_: torch.dtype) -> list[torch.Tensor]:  # fresh copies, so that no two runs share grads
         return [x.to(device, dtype_).detach().clone().requires_grad_() for x in (q, k, v)]
 
-    for window in (None, half_window):
+    for window, causal in itertools.product((None, half_window), (False, True)):
         inputs = leaves(torch.float32)
-        reference = ATTENTION_BACKENDS.get("eager")(layout, window, scale)(*inputs, 0.0)  # the definition, fp32
+        reference = ATTENTION_BACKENDS.get("eager")(layout, window, scale, causal=causal)(*inputs, 0.0)  # fp32
         reference.backward(grad.to(device))
         expected = [reference.detach(), *(x.grad for x in inputs)]
         for kernel in kernels():
             row = {"kernel": kernel, "window": "global" if window is None else f"local {2 * window}"}
+            row["window"] += ", causal" if causal else ""
             try:
                 inputs = leaves(dtype)
-                out = ATTENTION_BACKENDS.get(kernel)(layout, window, scale)(*inputs, 0.0)
+                out = ATTENTION_BACKENDS.get(kernel)(layout, window, scale, causal=causal)(*inputs, 0.0)
                 out.backward(grad.to(device, dtype))
                 actual = [out.detach(), *(x.grad for x in inputs)]
                 errors = [(a.float() - e.float()).abs().max().item() for a, e in zip(actual, expected)]

@@ -85,7 +85,7 @@ def flash_attn_varlen_func(
 ):
     """flash-attn 2.x's ``flash_attn_varlen_func``."""
     _check_arguments(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
-    CALLS.append({"library": "flash_attn", "dropout_p": dropout_p, "window_size": tuple(window_size)})
+    CALLS.append({"library": "flash_attn", "dropout_p": dropout_p, "window_size": tuple(window_size), "causal": causal})
     if dropout_p > 0 and torch.is_grad_enabled():
         raise NotImplementedError("the stand-in computes without dropout; tests call it with dropout_p=0")
     return _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal, window_size)
@@ -119,7 +119,7 @@ def flash3_attn_varlen_func(
     """FlashAttention-3's ``flash_attn_interface.flash_attn_varlen_func`` (no dropout; some releases
     also return the log-sum-exp, as this one does)."""
     _check_arguments(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
-    CALLS.append({"library": "flash_attn_interface", "window_size": tuple(window_size)})
+    CALLS.append({"library": "flash_attn_interface", "window_size": tuple(window_size), "causal": causal})
     out = _varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, softmax_scale, causal, window_size)
     return out, torch.zeros(q.shape[1], q.shape[0], device=q.device)
 

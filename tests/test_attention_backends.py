@@ -30,6 +30,7 @@ LAYOUTS = {
     ],
 }
 WINDOWS = {"global": None, "local_128": 64, "local_8": 4}
+MASKS = {"bidirectional": False, "causal": True}  # an encoder's attention, a decoder's
 
 
 def cu_seqlens_from_lengths(lengths):
@@ -42,44 +43,46 @@ def trains_on(backend: str, device: str = "cpu") -> bool:
     return backend != "flex" or device != "cpu" or backward_runs_on_cpu()
 
 
-def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cpu"):
+def run_attention(backend, lengths, half_window, dtype=torch.float32, device="cpu", causal=False):
     """The output and, where the backend trains here, the gradients of q, k and v."""
     gen = torch.Generator().manual_seed(sum(lengths))
     total = sum(lengths)
     q, k, v, grad_out = (torch.randn(total, HEADS, HEAD_DIM, generator=gen) for _ in range(4))
     q, k, v = (x.to(device, dtype).requires_grad_(trains_on(backend, device)) for x in (q, k, v))
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths).to(device), max(lengths), total)
-    out = ATTENTION_BACKENDS.get(backend)(layout, half_window, SCALE)(q, k, v, 0.0)
+    out = ATTENTION_BACKENDS.get(backend)(layout, half_window, SCALE, causal=causal)(q, k, v, 0.0)
     if not trains_on(backend, device):
         return [out.float().cpu()]
     out.backward(grad_out.to(device, dtype))
     return [t.float().cpu() for t in (out, q.grad, k.grad, v.grad)]
 
 
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_backend_matches_eager_fp32(backend, layout, window):
-    expected = run_attention("eager", LAYOUTS[layout], WINDOWS[window])
-    actual = run_attention(backend, LAYOUTS[layout], WINDOWS[window])
+def test_backend_matches_eager_fp32(backend, layout, window, mask):
+    expected = run_attention("eager", LAYOUTS[layout], WINDOWS[window], causal=MASKS[mask])
+    actual = run_attention(backend, LAYOUTS[layout], WINDOWS[window], causal=MASKS[mask])
     assert len(actual) == (4 if trains_on(backend) else 1)
     for name, a, e in zip(("output", "dq", "dk", "dv"), actual, expected):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, e, atol=1e-5, rtol=0, msg=f"{backend} {name} differs")
 
 
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("window", WINDOWS)
-def test_eager_is_one_masked_softmax_over_the_stream(window):
+def test_eager_is_one_masked_softmax_over_the_stream(window, mask):
     """The oracle itself, against the semantics written another way: one score matrix over the whole
-    stream, with every pair that crosses a document or the window masked out."""
+    stream, with every pair that crosses a document or the window (or, causal, looks ahead) masked out."""
     lengths = [300, 1, 170, 5]
     total, half_window = sum(lengths), WINDOWS[window]
     q, k, v = (torch.randn(total, HEADS, HEAD_DIM) for _ in range(3))
     scores = torch.einsum("qhd,khd->hqk", q, k) * SCALE
-    scores = scores.masked_fill(~element_mask(lengths, half_window, total), float("-inf"))
+    scores = scores.masked_fill(~element_mask(lengths, half_window, total, MASKS[mask]), float("-inf"))
     expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
-    actual = ATTENTION_BACKENDS.get("eager")(layout, half_window, SCALE)(q, k, v, 0.0)
+    actual = ATTENTION_BACKENDS.get("eager")(layout, half_window, SCALE, causal=MASKS[mask])(q, k, v, 0.0)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
@@ -92,6 +95,24 @@ def test_window_really_limits_attention():
     # ... while inside the window, tokens near the start see the same keys either way.
     short = [50]
     torch.testing.assert_close(run_attention("flex", short, 64)[0], run_attention("flex", short, None)[0])
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_causal_attention_never_sees_a_later_token(window):
+    """Changing the keys and values from position 37 of a document on leaves every earlier output of
+    every backend unchanged, and changes the later ones."""
+    lengths = [60, 200]
+    layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), sum(lengths))
+    q, k, v = (torch.randn(sum(lengths), HEADS, HEAD_DIM) for _ in range(3))
+    k2, v2 = k.clone(), v.clone()
+    k2[37:60] += 5.0
+    v2[37:60] -= 3.0
+    for backend in ("eager", "sdpa", "flex"):
+        attend = ATTENTION_BACKENDS.get(backend)(layout, WINDOWS[window], SCALE, causal=True)
+        before, after = attend(q, k, v, 0.0), attend(q, k2, v2, 0.0)
+        torch.testing.assert_close(before[:37], after[:37], msg=backend)
+        torch.testing.assert_close(before[60:], after[60:], msg=backend)
+        assert (before[37:60] - after[37:60]).abs().max() > 1e-2, backend
 
 
 def test_documents_do_not_see_each_other():
@@ -193,15 +214,18 @@ def test_sdpa_groups_documents_by_length_on_the_cpu():
 # --- FlexAttention's block mask -------------------------------------------------------------------
 
 
-def element_mask(lengths, half_window, padded_len):
+def element_mask(lengths, half_window, padded_len, causal=False):
     """[padded, padded] whether query i may see key j: same document (tail padding being one more),
-    and within the window on local layers. A brute-force reference, for small streams only."""
+    within the window on local layers, and j <= i when causal. A brute-force reference, for small
+    streams only."""
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     doc = torch.cat([doc, torch.full((padded_len - len(doc),), -1)])
     allowed = doc[:, None] == doc[None, :]
     if half_window is not None:
         position = torch.arange(padded_len)
         allowed &= (position[:, None] - position[None, :]).abs() <= half_window
+    if causal:
+        allowed &= torch.ones(padded_len, padded_len, dtype=torch.bool).tril()
     return allowed
 
 
@@ -209,9 +233,10 @@ def listed_blocks(counts, indices):
     return {(i, int(j)) for i, (n, row) in enumerate(zip(counts[0, 0].tolist(), indices[0, 0])) for j in row[:n]}
 
 
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("layout", [*LAYOUTS, "block_spanning_two_long_docs"])
-def test_flex_block_mask_lists_exactly_the_blocks_the_mask_touches(layout, window):
+def test_flex_block_mask_lists_exactly_the_blocks_the_mask_touches(layout, window, mask):
     """A listed block that the mask never touches wastes work; a touched block left out, or a partly
     masked block marked full, gives wrong attention on a GPU (where the kernel skips unlisted blocks;
     the CPU's eager flex evaluates every pair, so the oracle test above cannot see this)."""
@@ -219,17 +244,22 @@ def test_flex_block_mask_lists_exactly_the_blocks_the_mask_touches(layout, windo
     total, half_window = sum(lengths), WINDOWS[window]
     padded = -(-total // _FLEX_BLOCK) * _FLEX_BLOCK
     layout_ = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), total)
-    mask = document_block_mask(layout_, half_window, padded)
-    blocks = element_mask(lengths, half_window, padded).unflatten(0, (-1, _FLEX_BLOCK)).unflatten(2, (-1, _FLEX_BLOCK))
+    causal = MASKS[mask]
+    mask = document_block_mask(layout_, half_window, padded, causal)
+    allowed = element_mask(lengths, half_window, padded, causal)
+    blocks = allowed.unflatten(0, (-1, _FLEX_BLOCK)).unflatten(2, (-1, _FLEX_BLOCK))
     touched = blocks.any(dim=(1, 3)).nonzero().tolist()
     whole = blocks.all(dim=(1, 3)).nonzero().tolist()
     partial = listed_blocks(mask.kv_num_blocks, mask.kv_indices)
     full = listed_blocks(mask.full_kv_num_blocks, mask.full_kv_indices)
     assert partial | full == {tuple(b) for b in touched} and not partial & full
     assert full == {tuple(b) for b in whole}
-    # The mask is symmetric: each key block's query blocks are the same lists.
-    assert listed_blocks(mask.q_num_blocks, mask.q_indices) == partial
-    assert listed_blocks(mask.full_q_num_blocks, mask.full_q_indices) == full
+    # Each key block's query blocks: the same pairs, listed the other way round.
+    by_key = (
+        listed_blocks(mask.q_num_blocks, mask.q_indices),
+        listed_blocks(mask.full_q_num_blocks, mask.full_q_indices),
+    )
+    assert by_key == ({(j, i) for i, j in partial}, {(j, i) for i, j in full})
 
 
 @pytest.mark.parametrize("rows, row_tokens", [(96, 1024), (12, 8192)])
@@ -286,32 +316,35 @@ def bf16_exact(lengths, seed):
 UNUSUAL_SCALE = 0.4
 
 
-def attention_with_grads(backend, lengths, half_window, inputs):
+def attention_with_grads(backend, lengths, half_window, inputs, causal=False):
     q, k, v, grad_out = (x.clone().requires_grad_(x is not inputs[3]) for x in inputs)
     layout = DocumentLayout.from_cu_seqlens(cu_seqlens_from_lengths(lengths), max(lengths), sum(lengths))
-    out = ATTENTION_BACKENDS.get(backend)(layout, half_window, UNUSUAL_SCALE)(q, k, v, 0.0)
+    out = ATTENTION_BACKENDS.get(backend)(layout, half_window, UNUSUAL_SCALE, causal=causal)(q, k, v, 0.0)
     out.backward(grad_out)
     return out.detach(), q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["flash", "flash3"])
-def test_flash_kernels_match_eager_through_their_stand_ins(flash_stand_ins, backend, layout, window):
+def test_flash_kernels_match_eager_through_their_stand_ins(flash_stand_ins, backend, layout, window, mask):
     """Our calls of each varlen kernel, forward and backward, over packed documents and windows: the
     stand-in computes what the library documents for the arguments we pass, so a wrong argument
     order, scale, window or layout shows up as a difference from the eager definition."""
     lengths, half_window = LAYOUTS[layout], WINDOWS[window]
     inputs = bf16_exact(lengths, seed=len(lengths))
-    actual = attention_with_grads(backend, lengths, half_window, inputs)
-    expected = attention_with_grads("eager", lengths, half_window, inputs)
+    causal = MASKS[mask]
+    actual = attention_with_grads(backend, lengths, half_window, inputs, causal)
+    expected = attention_with_grads("eager", lengths, half_window, inputs, causal)
     for name, a, e in zip(("output", "dq", "dk", "dv"), actual, expected):
         assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
         torch.testing.assert_close(a, e, atol=2e-2, rtol=2e-2, msg=f"{backend} {name}")  # bf16 output
     library = {"flash": "flash_attn", "flash3": "flash_attn_interface"}[backend]
-    window_size = (-1, -1) if half_window is None else (half_window, half_window)
+    reach = -1 if half_window is None else half_window
+    window_size = (reach, 0 if causal else reach)
     assert {call["library"] for call in flash_stand_ins} == {library}
-    assert all(call["window_size"] == window_size for call in flash_stand_ins)
+    assert all(call["window_size"] == window_size and call["causal"] == causal for call in flash_stand_ins)
     if backend == "flash":
         assert all(call["dropout_p"] == 0.0 for call in flash_stand_ins)
 

@@ -23,6 +23,8 @@ from train_helpers import TOKENIZER, tiny_recipe, write_corpus, write_recipe
 
 from flexbert.cli import main as cli_main
 from flexbert.core.model import FlexBertForMaskedLM
+from flexbert.core.model.blocks import build_norm
+from flexbert.core.model.registries import LAYER
 from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.convert import convert_to_mds
 from flexbert.data.loader import DataError, PackedMLMLoader
@@ -199,6 +201,44 @@ def test_mixed_precision_without_a_gpu(corpus, tmp_path, capsys, precision):
     )
 
 
+@pytest.mark.parametrize(
+    "optimizer, expected",
+    [
+        (
+            {"name": "stable_adamw", "muon": {"lr": 0.02}},
+            "optimizer.muon: only the muon optimizer reads this section; optimizer.name is 'stable_adamw'",
+        ),
+        (
+            {"name": "muon"},
+            "optimizer.name: muon steps the 2-D weights of the encoder's layers, and this model has no "
+            "trainable one; choose stable_adamw or decoupled_adamw",
+        ),
+    ],
+)
+def test_muon_settings_without_muon_or_muon_without_matrices(
+    corpus, tmp_path, capsys, monkeypatch, optimizer, expected
+):
+    """A ``muon:`` section under another optimizer; Muon on layers of norms alone, which leave it no
+    matrix to orthogonalise (both recipes build such layers; the first is refused before the model)."""
+    monkeypatch.setattr(LAYER, "_entries", dict(LAYER._entries))  # the layer below leaves with the test
+    LAYER.add("norm_only", NormOnlyLayer)
+    recipe = tiny_recipe(corpus, tmp_path / "runs", optimizer=optimizer, **{"model.blocks": {"layer": "norm_only"}})
+    assert train_error(recipe, tmp_path, capsys) == f"flexbert: error: {expected}"
+
+
+class NormOnlyLayer(torch.nn.Module):
+    """An encoder layer of one norm: vectors, no matrix."""
+
+    layer_type = "global"
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.norm = build_norm(config)
+
+    def forward(self, hidden, context):
+        return self.norm(hidden)
+
+
 # --- data --------------------------------------------------------------------------------------------
 
 
@@ -222,6 +262,72 @@ def test_an_empty_stream(corpus, tmp_path, capsys):
     assert train_error(recipe, tmp_path, capsys) == (
         f"flexbert: error: train_loader.streams.web.local: the MDS dataset at {tmp_path / 'empty'} holds no samples"
     )
+
+
+SCHEDULE = {"shape": "linear", "start": 0.3, "end": 0.05}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            {"train_loader.masking": {"mlm_probability": 1.0}},
+            "train_loader.masking.mlm_probability: must be in (0, 1), got 1.0",
+        ),
+        (
+            {"train_loader.masking": {"mlm_probability": {**SCHEDULE, "end": 0.0}}},
+            "train_loader.masking.mlm_probability.end: must be in (0, 1), got 0.0",
+        ),
+        (
+            {"train_loader.masking": {"mlm_probability": {"shape": "steps", "values": [0.3, 0.1], "at": [0.4, 0.6]}}},
+            "train_loader.masking.mlm_probability.at: gives 2 fractions for 2 values; each value after the first "
+            "starts at one fraction of the phase, so give one fewer",
+        ),
+        (
+            {"train_loader.masking": {"mlm_probability": SCHEDULE}, "max_duration": "1ep"},
+            "max_duration: train_loader.masking.mlm_probability's schedule runs over the phase, whose length '1ep' "
+            "does not give before training; give it in tokens (tok), samples (sp) or batches (ba)",
+        ),
+        ({"train_loader.temperature": 0.0}, "train_loader.temperature: must be > 0, got 0.0"),
+        (
+            {"train_loader.temperature": 0.7, "train_loader.streams.code.repeat": 2.0},
+            "train_loader.streams.code.repeat: train_loader.temperature sets every stream's proportion from its "
+            "token count; remove this key",
+        ),
+        (
+            {"train_loader.temperature": 0.7, "train_loader.streams.web": {"remote": "s3://bucket/web"}},
+            "train_loader.streams.web.remote: train_loader.temperature counts each stream's tokens in its shards, "
+            "which a remote stream has only as training downloads them; name a local copy (local, without "
+            "remote) or give proportions",
+        ),
+    ],
+)
+def test_a_bad_mask_rate_or_temperature(corpus, tmp_path, capsys, overrides, expected):
+    recipe = tiny_recipe(corpus, tmp_path / "runs", **overrides)
+    assert train_error(recipe, tmp_path, capsys) == f"flexbert: error: {expected}"
+
+
+def test_a_mask_rate_schedule_in_the_eval_loader(corpus, tmp_path, capsys):
+    evaluation = {"streams": {"web": {"local": str(corpus / "web")}}, "masking": {"mlm_probability": SCHEDULE}}
+    assert train_error(tiny_recipe(corpus, tmp_path / "runs", eval_loader=evaluation), tmp_path, capsys) == (
+        "flexbert: error: eval_loader.masking.mlm_probability: evaluation masks at one rate, so that its losses "
+        "compare over the run; give a number"
+    )
+
+
+@pytest.mark.parametrize(
+    "columns, compression, holds",
+    [
+        ({"text": "str"}, "zstd", "holds {'text': 'str'}"),
+        ({"input_ids": "ndarray:uint16"}, "gz", "is compressed with gz"),
+    ],
+)
+def test_temperature_on_a_stream_whose_tokens_it_cannot_count(corpus, tmp_path, capsys, columns, compression, holds):
+    with MDSWriter(out=str(tmp_path / "other"), columns=columns, compression=compression) as writer:
+        writer.write({"text": "a document"} if "text" in columns else {"input_ids": np.arange(5, dtype=np.uint16)})
+    overrides = {"train_loader.temperature": 0.7, "train_loader.streams.web.local": str(tmp_path / "other")}
+    error = train_error(tiny_recipe(corpus, tmp_path / "runs", **overrides), tmp_path, capsys)
+    assert error.startswith("flexbert: error: train_loader.streams.web: temperature ") and holds in error, error
 
 
 @pytest.mark.parametrize("corpus_kind", ["no documents", "no input files"])

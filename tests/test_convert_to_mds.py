@@ -56,6 +56,13 @@ def assert_same_samples(samples: list[np.ndarray], expected: list[list[int]], dt
         assert sample.tolist() == ids
 
 
+def assert_tokens_counted_exactly(out: Path, samples: list[np.ndarray]) -> None:
+    """What train_loader.temperature weighs the stream by: its tokens, read from its shards' tables."""
+    from flexbert.data.streams import stream_tokens  # (imports streaming, as read_back does)
+
+    assert stream_tokens("train_loader.streams.out", out) == sum(len(sample) for sample in samples)
+
+
 def write_jsonl(path: Path, documents: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
     return path
@@ -132,6 +139,7 @@ def test_long_documents_stay_whole_and_empty_ones_are_skipped(tmp_path):
     assert summary.total.empty == 1 and summary.total.documents == 2
     assert len(samples[0]) > 30_000  # far past any training sequence length
     assert_same_samples(samples, expected_ids(documents))
+    assert_tokens_counted_exactly(tmp_path / "out", samples)
 
 
 def test_a_vocabulary_past_uint16_is_stored_as_uint32(tmp_path):
@@ -148,6 +156,7 @@ def test_a_vocabulary_past_uint16_is_stored_as_uint32(tmp_path):
 
     samples = read_back(tmp_path / "out", tmp_path / "cache")
     assert_same_samples(samples, [[6, 70004, 65541], [65540, 0, 7]], dtype="uint32")
+    assert_tokens_counted_exactly(tmp_path / "out", samples)
 
 
 def corpus_with_bad_records(path: Path, good: int) -> Path:

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 from conftest import TOKENIZER
 from data_helpers import document_tokens, random_lengths, write_stream
 
 from flexbert.core.model.losses import IGNORE_INDEX
 from flexbert.core.tokenizer import load_tokenizer
 from flexbert.data.loader import PackedMLMLoader
-from flexbert.data.streams import LoaderConfig
-from flexbert.typed_config import from_dict
+from flexbert.data.streams import LoaderConfig, stream_tokens
+from flexbert.typed_config import ConfigError, from_dict
 
 pytestmark = [
     pytest.mark.xdist_group("streaming")  # see test_remote_streaming.py
@@ -109,6 +110,69 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, num_workers):
     for a, b in zip(replay, uninterrupted):
         assert np.array_equal(a.piece_keys, b.piece_keys)
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+
+
+# --- mmBERT's schedules: the mask rate over a phase, and proportions by temperature ---------------------
+
+
+def test_a_mask_rate_schedule_moves_over_the_phase_and_resumes_exactly(corpus):
+    config = loader_config(corpus, masking={"mlm_probability": {"shape": "linear", "start": 0.3, "end": 0.05}})
+
+    def make() -> PackedMLMLoader:  # a phase of 12 batches of 4 rows
+        return PackedMLMLoader(config, load_tokenizer(config.tokenizer), model_vocab_size=50368, phase_rows=48)
+
+    loader = make()
+    uninterrupted = [(loader.mask_rate, batch) for batch, _ in zip(loader, range(14))]
+    rates = [rate for rate, _ in uninterrupted]
+    assert rates == pytest.approx([0.3 - 0.25 * k / 12 for k in range(13)] + [0.05])  # then held at its end
+    masked = [(batch.labels != IGNORE_INDEX).float().mean().item() for _, batch in uninterrupted]
+    assert masked[0] > 0.25 and masked[-1] < 0.08
+
+    interrupted = make()
+    stream = iter(interrupted)
+    head = [(interrupted.mask_rate, batch) for _, batch in zip(range(5), stream)]  # no sixth batch drawn
+    state = interrupted.state_dict()
+    del stream, interrupted
+    resumed = make()
+    resumed.load_state_dict(state)
+    replay = head + [(resumed.mask_rate, batch) for batch, _ in zip(resumed, range(9))]
+    for (rate, a), (replayed_rate, b) in zip(uninterrupted, replay, strict=True):
+        assert rate == replayed_rate and np.array_equal(a.piece_keys, b.piece_keys)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+
+
+def test_a_schedule_needs_a_training_phase(corpus):
+    config = loader_config(corpus, masking={"mlm_probability": {"shape": "constant", "value": 0.2}})
+    with pytest.raises(ConfigError, match=r"^train_loader\.masking\.mlm_probability: a schedule runs over a training"):
+        make_loader(config)
+
+
+def test_temperature_proportions_come_from_the_streams_tokens_and_go_into_streaming(corpus):
+    loader = make_loader(loader_config(corpus, temperature=0.5))
+    tokens = {name: sum(lengths) for name, lengths in LENGTHS.items()}
+    mixture = loader.dataset.mixture
+    assert mixture.tokens == tokens
+    weights = {name: count**0.5 for name, count in tokens.items()}
+    assert mixture.proportions == pytest.approx({name: w / sum(weights.values()) for name, w in weights.items()})
+    # streaming draws with them as if the recipe had given them
+    assert [stream.proportion for stream in loader.dataset.streams] == list(mixture.proportions.values())
+    lines = mixture.table("train_loader").splitlines()
+    assert lines[0] == "train_loader: stream proportions proportional to tokens^0.5"
+    natural = tokens["web"] / sum(tokens.values())
+    assert lines[2].split() == ["web", f"{tokens['web']:,}", f"{natural:.1%}", f"{mixture.proportions['web']:.1%}"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("compressed", [True, False])
+def test_token_counts_are_exact_whatever_width_each_length_is_stored_in(tmp_path, dtype, compressed):
+    # streaming stores a sample's length in 1, 2 or 4 bytes, whichever is the narrowest that holds it.
+    lengths = [1, 255, 256, 65535, 65536, *random_lengths(300, seed=5, low=1, high=700)]
+    stream = write_stream(tmp_path, "lengths", lengths, dtype=dtype)
+    if not compressed:  # as streaming leaves a shard it has read, decompressed beside its zstd file
+        for zipped in stream.glob("*.zstd"):
+            zipped.with_suffix("").write_bytes(zstandard.decompress(zipped.read_bytes()))
+            zipped.unlink()
+    assert stream_tokens("train_loader.streams.lengths", stream) == sum(lengths)
 
 
 def _free_port() -> int:

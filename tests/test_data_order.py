@@ -158,7 +158,9 @@ def test_the_record_is_on_by_default_and_data_order_prints_a_steps_pieces(run, c
         status, out, err = data_order(capsys, str(run), "--step", str(step))
         assert status == 0 and err == ""
         lines = out.splitlines()
-        assert lines[0] == f"{run}, step {step}: {len(recorded['pieces'])} pieces on 1 rank, mask seed {seed}"
+        assert lines[0] == (
+            f"{run}, step {step}: {len(recorded['pieces'])} pieces on 1 rank, mask seed {seed}, mask rate 0.3"
+        )
         assert lines[1] == f"streams: web = {corpus / 'web'}, code = {corpus / 'code'}"
         rows = table(out)
         assert len(rows) == len(recorded["pieces"])

@@ -46,13 +46,42 @@ def test_documents_not_rows_set_the_attention_cost():
     assert batch_training_flops(config, *unpadded([128], predicted_every=4)) > four
 
 
-def test_uniform_helper_agrees_with_the_batch_count():
-    config = tiny_config()
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_uniform_helper_agrees_with_the_batch_count(objective):
+    config = tiny_config(objective=objective)
     for length in (8, 17, 100):  # shorter than, equal to and longer than the local window
         cu_seqlens, labels = unpadded([length] * 6, predicted_every=5)
         fraction = (labels != -100).sum().item() / labels.numel()
         per_token = batch_training_flops(config, cu_seqlens, labels) / labels.numel()
         assert per_token == pytest.approx(training_flops_per_token(config, length, fraction), rel=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_the_attention_term_counts_the_pairs_the_attention_mask_allows(objective):
+    """The attention FLOPs are 12·H per (query, key) pair that some layer scores; the pairs counted
+    here from the mask itself, document by document and layer by layer. A causal model's are about
+    half an encoder's."""
+    config = tiny_config(objective=objective, num_hidden_layers=3, local_attention=8)
+    lengths = [1, 4, 5, 6, 40]
+    pairs = 0
+    for length in lengths:
+        position = torch.arange(length)
+        behind = position[:, None] - position[None, :]  # i - j
+        for layer in range(config.num_hidden_layers):
+            allowed = torch.ones(length, length, dtype=torch.bool)
+            if not config.is_global_layer(layer):
+                allowed &= behind.abs() <= config.local_half_window
+            if objective == "clm":
+                allowed &= behind >= 0
+            pairs += int(allowed.sum())
+    cu_seqlens, labels = unpadded(lengths, predicted_every=3)
+    costs = TrainingFlops.of(config)
+    without_attention = costs.per_token * labels.numel() + costs.per_prediction * int((labels != -100).sum())
+    attention = batch_training_flops(config, cu_seqlens, labels) - without_attention
+    if objective == "mlm":  # an encoder's local queries are counted at the full window (an upper bound)
+        assert attention >= 12 * config.hidden_size * pairs
+    else:
+        assert attention == 12 * config.hidden_size * pairs
 
 
 def test_plain_mlp_counts_two_matrices_and_glu_three():

@@ -34,7 +34,8 @@ def test_the_gpu_check_runs_in_smoke_mode_without_the_training_stack(tmp_path):
     assert report["environment"]["kernels"] == ["sdpa", "flex"]
     assert report["environment"]["missing"] == ["flash", "flash3"]
     agreement = {(row["kernel"], row["window"]): row for row in report["agreement"]}
-    assert set(agreement) == {(k, w) for k in ("sdpa", "flex") for w in ("global", "local 16")}
+    windows = ("global", "local 16", "global, causal", "local 16, causal")
+    assert set(agreement) == {(k, w) for k in ("sdpa", "flex") for w in windows}
     assert all(row["ok"] and max(row[key] for key in ("out", "dq", "dk", "dv")) < 1e-4 for row in agreement.values())
     sections = {(row["section"], row["kernel"], row["compiled"]) for row in report["training"]}
     assert sections >= {
@@ -69,7 +70,7 @@ def test_a_check_cut_off_keeps_every_row_measured_before(tmp_path):
     done = run_check(tmp_path, before_main=killed)
     assert done.returncode == 137
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert len(report["agreement"]) == 4
+    assert len(report["agreement"]) == 8  # 2 kernels x (global, local) x (bidirectional, causal)
     assert {row["section"] for row in report["training"]} == {"pretraining", "context extension"}
     assert [row["workload"] for row in report["inference"]] == INFERENCE_WORKLOADS
     assert "| context extension (2 × 128) | flex | on |" in (tmp_path / "gpu_check.md").read_text()
@@ -83,4 +84,4 @@ def test_sections_that_would_not_fit_the_budget_are_skipped_and_said_so(tmp_path
     skipped = report["training"] + report["inference"]
     assert skipped and all(row["skipped"].startswith("time budget (") for row in skipped)
     assert {row["section"] for row in report["training"]} == {"pretraining", "context extension", "fsdp2"}
-    assert len(report["agreement"]) == 4  # seconds, so it always runs
+    assert len(report["agreement"]) == 8  # seconds, so it always runs

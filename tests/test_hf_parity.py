@@ -1,10 +1,13 @@
-"""The numerical oracle: transformers' ModernBertForMaskedLM (eager attention) and ours agree."""
+"""The numerical oracle: transformers' ModernBertForMaskedLM (eager attention) and ours agree, and a
+causal model's export and transformers' ModernBertDecoderForCausalLM."""
+
+import json
 
 import pytest
 import torch
 from conftest import tiny_config
 
-from flexbert.core.hf import from_hf, hf_config_from_flexbert
+from flexbert.core.hf import export_hf, from_hf, hf_config_from_flexbert
 from flexbert.core.model import FlexBertConfig, FlexBertForMaskedLM
 
 transformers = pytest.importorskip("transformers")
@@ -130,3 +133,55 @@ def test_preset_parameter_count_equals_transformers(preset):
 def test_unrepresentable_architectures_are_refused(blocks, feature):
     with pytest.raises(ValueError, match=feature):
         hf_config_from_flexbert(tiny_config(blocks=blocks))
+
+
+# --- the causal objective: transformers' ModernBertDecoderForCausalLM -------------------------------
+
+DECODER = dict(num_hidden_layers=4, local_attention=16, global_rope_theta=20_000.0, local_rope_theta=20_000.0)
+
+
+def exported_decoder(tmp_path, local_attention_as_written=None):
+    """A random causal model of ours, attention sharpened as in random_hf_model, and transformers'
+    model loaded from its export (optionally with config.json's window overwritten: 4.x reads
+    local_attention, 5.x the sliding_window derived from it)."""
+    torch.manual_seed(0)
+    ours = FlexBertForMaskedLM(tiny_config(objective="clm", **DECODER)).eval()
+    with torch.no_grad():
+        for layer in ours.model.layers:
+            layer.attn.Wqkv.weight.mul_(8.0)
+    export_hf(ours, tmp_path / "hf")
+    if local_attention_as_written is not None:
+        config_file = tmp_path / "hf" / "config.json"
+        written = json.loads(config_file.read_text())
+        window = {"local_attention": local_attention_as_written, "sliding_window": local_attention_as_written // 2}
+        config_file.write_text(json.dumps({**written, **window}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert type(theirs).__name__ == "ModernBertDecoderForCausalLM"
+    return ours, theirs
+
+
+def decoder_logits(ours, theirs, backend):
+    seqlen = 3 * DECODER["local_attention"] + 20  # past the local window
+    input_ids, attention_mask = padded_batch(ours.config.vocab_size, [seqlen, seqlen - 9, 12], seqlen)
+    ours.config.attn_backend = backend
+    with torch.no_grad():
+        expected = theirs(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = ours(input_ids, attention_mask, return_logits=True).logits
+    real = attention_mask.bool()
+    return actual[real], expected[real]
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_a_causal_export_has_the_logits_of_transformers_decoder(tmp_path, backend):
+    """Sliding windows and padding included, in whichever transformers runs this test (4.x in the
+    training environment, 5.x in .venv-newest)."""
+    actual, expected = decoder_logits(*exported_decoder(tmp_path), backend)
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+def test_the_decoder_oracle_detects_the_window_read_the_other_way(tmp_path):
+    """transformers reads local_attention as a window of local_attention // 2 tokens, the query among
+    them; written as our own value, its local layers would see one earlier token fewer."""
+    ours, theirs = exported_decoder(tmp_path, local_attention_as_written=DECODER["local_attention"])
+    actual, expected = decoder_logits(ours, theirs, "sdpa")
+    assert (actual - expected).abs().max().item() > 1e-3

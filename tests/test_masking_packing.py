@@ -1,5 +1,7 @@
 """MLM masking statistics and rules; packing: no truncation, no loss, fixed budget, efficiency."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from conftest import tiny_config
 
 from flexbert.core.model import FlexBertForMaskedLM
 from flexbert.data.packing import IGNORE_INDEX, GreedyPacker, Masker, MaskingConfig, collate_rows, split_document
-from flexbert.typed_config import ConfigError
+from flexbert.typed_config import ConfigError, from_dict
 
 VOCAB, MASK, CLS, SEP = 1000, 4, 1, 2
 
@@ -58,6 +60,64 @@ def test_masking_is_reproducible_from_seed_and_identity():
 def test_bad_masking_config(overrides, field):
     with pytest.raises(ConfigError, match=f"masking.{field}"):
         MaskingConfig(**overrides).validate()
+
+
+def schedule(**section) -> MaskingConfig:
+    return from_dict(MaskingConfig, {"mlm_probability": section}, "train_loader.masking")
+
+
+COSINE = [0.1 + 0.1 * (1 + math.cos(math.pi * progress)) for progress in (0.0, 0.25, 0.5, 0.8, 1.0)]
+
+
+@pytest.mark.parametrize(
+    "section, rates",
+    [
+        ({"shape": "constant", "value": 0.3}, [0.3] * 5),
+        ({"shape": "linear", "start": 0.3, "end": 0.1}, [0.3, 0.25, 0.2, 0.14, 0.1]),
+        ({"shape": "cosine", "start": 0.3, "end": 0.1}, COSINE),
+        # Each value from its fraction of the phase on: mmBERT's 30%, 15%, 5%, as steps of one phase.
+        ({"shape": "steps", "values": [0.3, 0.15, 0.05], "at": [0.5, 0.8]}, [0.3, 0.3, 0.15, 0.05, 0.05]),
+    ],
+)
+def test_mask_rate_schedules_over_a_phase(section, rates):
+    masking = schedule(**section)
+    assert [masking.rate_at(progress) for progress in (0.0, 0.25, 0.5, 0.8, 1.0)] == pytest.approx(rates)
+    assert MaskingConfig(mlm_probability=0.2).rate_at(0.7) == 0.2  # a number is the rate throughout
+
+
+def test_a_lower_rate_selects_a_subset_of_a_higher_rates_tokens():
+    tokens = np.random.default_rng(0).integers(5, VOCAB, 20_000)
+    masker = make_masker(seed=3)
+    masked = {}
+    for rate in (0.3, 0.15, 0.05):
+        corrupted, labels = masker.at_rate(rate)(tokens, (0, 1, 2, 3))
+        masked[rate] = (labels != IGNORE_INDEX, corrupted == MASK)
+        assert masked[rate][0].mean() == pytest.approx(rate, abs=0.01)
+    for high, low in ((0.3, 0.15), (0.15, 0.05)):
+        for high_positions, low_positions in zip(masked[high], masked[low]):
+            assert not (low_positions & ~high_positions).any()  # selected, and turned to [MASK], alike
+
+
+@pytest.mark.parametrize(
+    "section, key, message",
+    [
+        ({"shape": "linear", "start": 0.3, "end": 1.2}, "end", "must be in (0, 1), got 1.2"),
+        ({"shape": "constant", "value": 0.0}, "value", "must be in (0, 1), got 0.0"),
+        ({"shape": "steps", "values": [0.3, 0.0], "at": [0.5]}, "values[1]", "must be in (0, 1), got 0.0"),
+        ({"shape": "exponential", "start": 0.3, "end": 0.1}, "shape", "must be one of ['constant', 'linear', "),
+        ({"shape": "steps", "values": [0.3, 0.2, 0.1], "at": [0.6, 0.4]}, "at", "must increase strictly within (0, 1)"),
+        ({"shape": "steps", "values": [0.3, 0.2], "at": [1.0]}, "at", "must increase strictly within (0, 1), got"),
+        ({"shape": "steps", "values": [0.3, 0.2], "at": [0.2, 0.5]}, "at", "gives 2 fractions for 2 values"),
+        ({"shape": "linear", "start": 0.3}, "end", "missing: a linear schedule takes start and end"),
+        ({"shape": "linear", "start": 0.3, "end": 0.1, "value": 0.2}, "value", "a linear schedule does not take value"),
+        ({"shape": "cosine", "start": 0.3, "ends": 0.1}, "ends", "unknown key; did you mean 'end'?"),
+    ],
+)
+def test_a_bad_mask_rate_schedule_names_its_key(section, key, message):
+    with pytest.raises(ConfigError) as error:
+        schedule(**section)
+    assert error.value.key_path == f"train_loader.masking.mlm_probability.{key}"
+    assert error.value.message.startswith(message), error.value.message
 
 
 def test_long_documents_are_chunked_not_truncated():

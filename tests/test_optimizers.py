@@ -1,5 +1,7 @@
-"""StableAdamW against a plain reference, its update clipping and decoupled decay; parameter groups."""
+"""StableAdamW against a plain reference, its update clipping and decoupled decay; parameter groups; the
+contract of every registered optimizer (Muon in detail: test_muon.py)."""
 
+import copy
 import math
 
 import pytest
@@ -150,10 +152,11 @@ def test_a_tiny_encoder_learns(name):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_stable_adamw_step_never_reads_a_tensor_on_the_host(monkeypatch):
+@pytest.mark.parametrize("name", ["stable_adamw", "muon"])
+def test_the_step_never_reads_a_tensor_on_the_host(monkeypatch, name):
     """On a GPU, reading a tensor's value stalls the host until the device catches up."""
     model = FlexBertForMaskedLM(tiny_config())
-    optimizer = build_optimizer(model, OptimizerConfig(weight_decay=0.01))
+    optimizer = build_optimizer(model, OptimizerConfig(name=name, weight_decay=0.01))
     model(torch.randint(3, 256, (2, 16)), labels=torch.randint(3, 256, (2, 16))).loss.backward()
 
     def host_read(*args, **kwargs):
@@ -169,7 +172,7 @@ def test_stable_adamw_step_never_reads_a_tensor_on_the_host(monkeypatch):
 @pytest.mark.parametrize(
     "override, key, fragment",
     [
-        ({"name": "adam"}, "optimizer.name", "registered: decoupled_adamw, stable_adamw"),
+        ({"name": "adam"}, "optimizer.name", "registered: decoupled_adamw, muon, stable_adamw"),
         ({"lr": 0.0}, "optimizer.lr", "must be > 0"),
         ({"betas": [0.9, 1.0]}, "optimizer.betas", "[0, 1)"),
         ({"betas": [0.9]}, "optimizer.betas", "two numbers"),
@@ -184,9 +187,35 @@ def test_config_errors_name_the_key(override, key, fragment):
     assert fragment in str(err.value)
 
 
-def test_registry_lists_both_optimizers():
-    assert OPTIMIZERS.names() == ["decoupled_adamw", "stable_adamw"]
+def test_registry_lists_every_optimizer():
+    assert OPTIMIZERS.names() == ["decoupled_adamw", "muon", "stable_adamw"]
     from_dict(OptimizerConfig, {"name": "decoupled_adamw", "betas": [0.9, 0.95]}, "optimizer").validate()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.names())
+def test_every_registered_optimizer_moves_every_parameter_and_resumes_from_its_state(name):
+    """The contract of an entry: built from a recipe's section, it moves every trainable parameter of
+    a tiny encoder, and its state dict, loaded into a fresh one, continues as it would have."""
+    model = FlexBertForMaskedLM(tiny_config())
+    start = copy.deepcopy(model)
+    config = OptimizerConfig(name=name, lr=1e-3, weight_decay=0.01)
+    optimizer = build_optimizer(model, config)
+
+    def step(model, optimizer, input_ids):
+        model(input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(model, optimizer, torch.randint(3, 256, (2, 24)))
+    for (name, param), before in zip(model.named_parameters(), start.parameters()):
+        assert not torch.equal(param, before), f"{name} did not move"
+    twin = copy.deepcopy(model)
+    resumed = build_optimizer(twin, config)
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # as a checkpoint holds it: not shared
+    input_ids = torch.randint(3, 256, (2, 24))
+    step(model, optimizer, input_ids)
+    step(twin, resumed, input_ids)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
 @torch.no_grad()

@@ -153,6 +153,82 @@ def test_each_phase_draws_new_samples_and_masks_and_a_rerun_the_same(demo_data):
     assert first & masked_pieces(demo_config(demo_data, "context-extension", *seeds), 6)
 
 
+def test_the_mmbert_recipes_lower_the_mask_rate_and_temperature_and_add_a_stream(demo_data, tmp_path, capsys):
+    """yamls/demo/mmbert-*.yaml, two batches each: pretraining at 30% masks and temperature 0.7 over
+    two streams, then the decay from its weights at 0.3 with the third stream, masks falling 15% -> 5%."""
+    from flexbert.cli import main as cli_main
+    from flexbert.train.loggers import read_metrics
+
+    def phase(name: str, *overrides: str) -> tuple[Path, list[dict]]:
+        quick = [f"run_root={tmp_path}", "max_duration=2ba", "eval_loader=null", "logging.progress_bar=false"]
+        quick += overrides
+        recipe = load_yaml_config(ROOT / "yamls" / "demo" / f"{name}.yaml", [f"vars.data={demo_data}", *quick])
+        train(recipe)
+        run = tmp_path / recipe["run_name"]
+        return run, read_metrics(run)
+
+    def logged(rows: list[dict], prefix: str) -> dict:
+        return {key.removeprefix(prefix): value for key, value in rows[0].items() if key.startswith(prefix)}
+
+    pretrain, rows = phase("mmbert-pretrain")
+    assert [row.get("batch/mask_rate") for row in rows] == [0.3, 0.3, None]  # (step 2: the monitors' row)
+    # Three streams of 4440 tokens each in demo_data: equal counts, equal shares at any temperature.
+    assert logged(rows, "data/tokens/") == {"web": 4440, "code": 4440}
+    assert logged(rows, "data/proportion/") == {"web": 0.5, "code": 0.5}
+    assert list(json.loads((pretrain / "config.json").read_text())["train_loader"]["streams"]) == ["web", "code"]
+
+    decay, rows = phase("mmbert-decay", f"load_path={pretrain / 'checkpoints' / 'latest-rank0.pt'}")
+    rates = [row["batch/mask_rate"] for row in rows[:2]]
+    assert rates == pytest.approx([0.15, 0.10])  # linear over the phase's 2 batches
+    assert logged(rows, "data/proportion/") == pytest.approx({"web": 1 / 3, "code": 1 / 3, "science": 1 / 3})
+    out = capsys.readouterr().out
+    assert "train_loader: stream proportions proportional to tokens^0.7" in out
+    assert "train_loader: stream proportions proportional to tokens^0.3" in out
+    assert cli_main(["data-order", str(decay), "--step", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(f", mask rate {rates[1]}")
+
+
+def test_the_muon_demo_recipe_steps_the_encoder_matrices_by_muon(demo_data, tmp_path):
+    """yamls/demo/muon.yaml for three batches: finite losses, and a layer's Wqkv moved as test_muon's
+    float64 reference moves it, from the gradients and lrs the run's steps saw (the first two at lr 0:
+    Composer steps the schedule before it counts each batch, so the warmup's 0 serves twice)."""
+    from test_muon import reference_muon
+
+    from flexbert.train.pretrain import build_trainer
+
+    overrides = [f"vars.data={demo_data}", f"run_root={tmp_path}", "max_duration=3ba", "logging.progress_bar=false"]
+    # Newton–Schulz in float32, so that the comparison is tight (test_muon bounds bfloat16's error).
+    overrides.append("optimizer.muon.ns_dtype=float32")
+    raw = load_yaml_config(ROOT / "yamls" / "demo" / "muon.yaml", overrides)
+    trainer = build_trainer(TrainConfig.from_dict(raw), raw)
+    matrix = dict(trainer.state.model.named_parameters())["model.model.layers.1.attn.Wqkv.weight"]
+    optimizer = trainer.state.optimizers[0]
+    starts, lrs, grads = [], [], []
+
+    def before_step(*_) -> None:
+        starts.append(matrix.detach().clone())
+        lrs.append(optimizer.param_groups[0]["lr"])
+
+    def after_step(*_) -> None:  # Composer hands step() the closure that computes the gradients
+        grads.append(matrix.grad.clone())
+
+    optimizer.register_step_pre_hook(before_step)
+    optimizer.register_step_post_hook(after_step)
+    trainer.fit()
+    trainer.close()
+
+    curve = losses(tmp_path / "demo-muon")
+    assert len(curve) == 3 and all(math.isfinite(loss) for loss in curve)
+    assert optimizer.param_groups[0]["muon"] and any(p is matrix for p in optimizer.param_groups[0]["params"])
+    start = starts[0]
+    assert matrix.shape == (384, 128) and len(grads) == 3 and lrs[-1] > 0
+    expected = reference_muon(
+        start, grads, lrs, peak_lr=0.02, momentum=0.95, nesterov=True, weight_decay=2e-4, scale=math.sqrt(3)
+    )[-1]
+    step, expected_step = matrix.detach().double() - start.double(), expected - start.double()
+    assert (step - expected_step).norm() < 1e-4 * expected_step.norm()
+
+
 # --- a tiny run, then phase 2 from its weights --------------------------------------------------------
 
 
@@ -310,6 +386,20 @@ def test_batch_size_warmup_schedule():
     assert rows_for_tokens(25_000_000_000) == 2688 // 8 // 96 * 96  # halfway: 2688 global rows
     assert rows_for_tokens(50_000_000_000) == rows_for_tokens(10**12) == 576
     assert BatchSizeSchedule(4608, 96, 8, 1024, None)(0) == 576
+
+
+def test_the_rows_of_a_phase_that_a_mask_rate_schedule_runs_over():
+    from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig, phase_rows
+
+    # 2 ranks, microbatches of 4 rows of 128 tokens; the global batch grows from 8 to 32 rows.
+    schedule = BatchSizeSchedule(32, 4, 2, 128, BatchWarmupConfig(8, "4_096tok"))
+    sizes = []
+    for _ in range(10):
+        sizes.append(schedule(sum(sizes)) * 2)
+    assert sizes[:5] == [8, 8, 16, 32, 32]
+    assert [schedule.rows_in(batches) for batches in range(11)] == [sum(sizes[:n]) for n in range(11)]
+    assert phase_rows("10ba", schedule) == sum(sizes)
+    assert (phase_rows("4_096tok", schedule), phase_rows("100sp", schedule)) == (32, 100)
 
 
 def test_batch_size_grows_in_a_run(corpus, tmp_path):

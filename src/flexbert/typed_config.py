@@ -58,6 +58,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         alternatives = [arg for arg in args if arg is not type(None)]
         if len(alternatives) == 1:  # an optional value or section: its own, precise error
             return _coerce(value, alternatives[0], path)
+        sections = [arg for arg in alternatives if dataclasses.is_dataclass(arg)]
+        if isinstance(value, Mapping) and len(sections) == 1:  # a number or a section, given a section
+            return _coerce(value, sections[0], path)
         for arg in args:
             if arg is type(None):
                 continue

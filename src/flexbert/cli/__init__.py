@@ -45,6 +45,9 @@ COMMANDS: dict[str, Command] = {
         "average the weights of checkpoints (ModernBERT-base: its 3 best decay checkpoints and the last)",
         True,
     ),
+    "merge": Command(
+        "training", "merge checkpoints relative to a base checkpoint: linear (task arithmetic) or TIES", True
+    ),
     "plot": Command("training", "draw loss, throughput and learning-rate curves of runs", True),
     "describe": Command("training", "validate a config's model section and summarise the encoder it builds", True),
     "data-order": Command(

@@ -11,6 +11,7 @@ from flexbert.core.checkpoint import RunDir
 from flexbert.core.tokenizer import load_tokenizer
 from flexbert.errors import FlexBertError, MissingFileError, RunFolderError
 from flexbert.train.data_order import Record, StreamLayout, step_record
+from flexbert.train.loggers import read_step_lines
 
 COLUMNS = ("rank", "stream", "shard", "sample", "in shard", "dataset index", "tokens")
 NUMERIC = {"sample", "in shard", "dataset index"}  # right-aligned; rank stays left, so text lines (indented) stand out
@@ -45,6 +46,9 @@ def _cmd_data_order(args: argparse.Namespace) -> int:
         if len(seeds) == 1
         else "mask seeds " + ", ".join(f"rank {rank} {record.mask_seed}" for rank, record in records.items())
     )
+    rate = _mask_rate(run, args.step)
+    if rate is not None:
+        seed += f", mask rate {rate}"
     ranks = f"{len(records)} rank{'s' if len(records) != 1 else ''}"
     print(f"{run.path}, step {args.step}: {pieces} pieces on {ranks}, {seed}")
     print("streams: " + ", ".join(f"{name} = {location}" for name, location in zip(layout.names, layout.locations)))
@@ -62,6 +66,14 @@ def _cmd_data_order(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"flexbert: note: {note}", file=sys.stderr)
     return 1 if problem is not None else 0
+
+
+def _mask_rate(run: RunDir, step: int) -> float | None:
+    """The rate the step's batch was masked at (which a schedule moves from step to step), as
+    metrics.jsonl logged it; None where it did not."""
+    if not run.metrics_file.is_file():
+        return None
+    return next((row.get("batch/mask_rate") for row in read_step_lines(run.metrics_file) if row["step"] == step), None)
 
 
 def _row(rank: int, piece, layout: StreamLayout) -> tuple[str, ...]:
@@ -101,8 +113,9 @@ def _configure_data_order(parser: argparse.ArgumentParser) -> None:
         "every run keeps in RUN/data_order/ (data_order.record, on by default): for each rank, each piece "
         "in batch order with its stream, its shard file (found from the stream's MDS index.json), its sample "
         "index in the stream and in the shard, its index in the run's streaming dataset, its token range "
-        "start:end, and the step's mask seed. Steps count from 0, as in metrics.jsonl; after a resumption, "
-        "the steps the run trained again are shown as they were last trained. A step the run did not record "
+        "start:end, and the step's mask seed and mask rate (the rate as RUN/metrics.jsonl logged it). Steps "
+        "count from 0, as in metrics.jsonl; after a resumption, the steps the run trained again are shown as "
+        "they were last trained. A step the run did not record "
         "(beyond its end, or trained with data_order: {record: false}) stops with one line."
     )
     parser.add_argument("run_dir", metavar="RUN", help="a pretraining run's folder, e.g. runs/demo/demo-pretrain")

@@ -1,6 +1,6 @@
 """The training commands (``pip install 'flexbert[train]'``): ``train`` (what ``main.py`` runs),
-``average`` and ``plot`` over a run's checkpoints and metrics, and ``describe``, which shows what a
-recipe's model section builds."""
+``average`` and ``plot`` over a run's checkpoints and metrics, ``merge`` (checkpoints onto a base:
+linear or TIES), and ``describe``, which shows what a recipe's model section builds."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from flexbert.core.object_storage import local_checkpoint
 from flexbert.errors import CheckpointError, FlexBertError
 from flexbert.train.averaging import average_weights, pick_checkpoints
 from flexbert.train.init_from import resolve_continued_model
+from flexbert.train.merging import DEFAULT_DENSITY, METHODS, merge_checkpoints, task_vector_merger
 from flexbert.train.nan_guard import NonFiniteTrainingError
 from flexbert.train.plotting import plot_run
 from flexbert.train.recipes import parse_recipe
@@ -116,11 +117,27 @@ def _configure_plot(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_cmd_plot)
 
 
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists; use --overwrite to replace it")
+
+
+def _write_with_config(out: Path, model: FlexBertForMaskedLM, weights: dict[str, torch.Tensor]) -> None:
+    """Write ``weights`` with ``model``'s config, so that the file exports alone; loading them into the
+    model first checks that they are the model the config describes."""
+    model.load_state_dict(weights)
+    write_weights(out, weights, **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
+
+
+def _export_hint(out: Path, tokenizer: Path | None) -> None:
+    if tokenizer is not None:
+        print(f"export it with: flexbert export-hf {out} OUT_DIR --tokenizer {tokenizer}")
+
+
 def _cmd_average(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"output {out} already exists; use --overwrite to replace it")
+    _refuse_existing(out, args.overwrite)
     if bool(args.checkpoints) == bool(args.run_dir):
         raise CheckpointError("name the checkpoints to average, or a run folder with --run (not both)")
     if args.run_dir and not (args.best > 0 or args.last):
@@ -140,11 +157,9 @@ def _cmd_average(args: argparse.Namespace) -> int:
         paths = [copies.enter_context(local_checkpoint(name)) for name in names]
         model, tokenizer = model_from_checkpoint(paths[0])  # the config the average keeps, so it exports alone
         averaged = average_weights(paths)
-    model.load_state_dict(averaged)
-    write_weights(out, averaged, **{MODEL_CONFIG_KEY: dataclasses.asdict(model.config)})
+    _write_with_config(out, model, averaged)
     print(f"{out}: the mean of {', '.join(names)}")
-    if tokenizer is not None:
-        print(f"export it with: flexbert export-hf {out} OUT_DIR --tokenizer {tokenizer}")
+    _export_hint(out, tokenizer)
     return 0
 
 
@@ -166,9 +181,83 @@ def _configure_average(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=_cmd_average)
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    # The options are checked before any checkpoint is read (or downloaded).
+    combine = task_vector_merger(args.method, len(args.checkpoints), args.weights, args.density, args.scale)
+    with contextlib.ExitStack() as copies:
+        base = copies.enter_context(local_checkpoint(args.base))  # a local path, or an s3:// URI downloaded
+        paths = [copies.enter_context(local_checkpoint(name)) for name in args.checkpoints]
+        model, tokenizer = model_from_checkpoint(base)  # the base's config is the merge's, so it exports alone
+        merged = merge_checkpoints(base, paths, combine)
+    _write_with_config(out, model, merged)
+    print(f"{out}: the {args.method} merge of {', '.join(args.checkpoints)} onto {args.base}")
+    _export_hint(out, tokenizer)
+    return 0
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _configure_merge(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Merge CHECKPOINTs (files or FSDP shard folders, local or s3://) relative to a --base checkpoint "
+        "of the same architecture: each CHECKPOINT's task vector (its weights minus the base's) is combined "
+        "into one, and the result is the base plus --scale times it. --method linear sums the task vectors "
+        "weighted by --weights (by default 1/N each: the mean of the CHECKPOINTs); --method ties is "
+        "TIES-Merging (Yadav et al., 2023): each task vector trimmed to its --density largest entries of "
+        "every tensor, each entry's sign elected by the sum of the trimmed values, and the mean of the "
+        "trimmed values of that sign. Computed in float64, written in the base's dtypes as one checkpoint "
+        "carrying the base's model config, that training loads with load_path and load_weights_only: true, "
+        "and that export-hf exports."
+    )
+    parser.add_argument(
+        "checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoints of the base's architecture to merge"
+    )
+    parser.add_argument(
+        "--base", required=True, metavar="BASE", help="the checkpoint the task vectors are taken from and added to"
+    )
+    parser.add_argument(
+        "--method",
+        required=True,
+        metavar="{" + ",".join(METHODS) + "}",
+        help="linear: the weighted sum of the task vectors; ties: TIES-Merging (trim, elect sign, disjoint mean)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=_numbers,
+        metavar="W1,W2,...",
+        help="with --method linear: one weight per CHECKPOINT, in their order (default: 1/N each, the mean); "
+        "the result is (1 - their sum) times the base plus the weighted sum of the CHECKPOINTs",
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        metavar="K",
+        help="with --method ties: the fraction of each tensor of each task vector kept, its largest entries "
+        f"by magnitude, in (0, 1] (default: {DEFAULT_DENSITY}, the paper's top 20%%)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        metavar="LAMBDA",
+        help="the multiple of the merged task vector added to the base (default: %(default)s)",
+    )
+    parser.add_argument("--out", required=True, metavar="OUT", help="the checkpoint file to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    parser.set_defaults(run=_cmd_merge)
+
+
 PARSERS = {
     "train": _configure_train,
     "average": _configure_average,
+    "merge": _configure_merge,
     "plot": _configure_plot,
     "describe": _configure_describe,
 }

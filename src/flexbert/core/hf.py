@@ -1,5 +1,7 @@
 """Interop with transformers' ModernBERT: config translation, export to a Hugging Face directory,
-and import into a checkpoint that a training recipe's ``load_path`` accepts.
+and import into a checkpoint that a training recipe's ``load_path`` accepts. A causal model
+(``objective: clm``) exports as transformers' ``ModernBertDecoderForCausalLM`` (4.57 and later), the
+class Ettin's decoders load as.
 
 FlexBERT's default blocks use ModernBERT's parameter names, so weights move across unchanged: the
 whole translation is in the config, and every way it can go wrong (a theta, an activation, a window
@@ -22,6 +24,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+try:  # transformers 4.57 and later; the core install also runs on 4.48, which can export no decoder
+    from transformers import ModernBertDecoderConfig
+except ImportError:
+    ModernBertDecoderConfig = None
 
 from flexbert.core.atomic_output import atomic_output_dir
 from flexbert.core.checkpoint import (
@@ -153,15 +160,50 @@ def _refuse_unrepresentable(config: FlexBertConfig) -> None:
 
 def export_notes(config: FlexBertConfig) -> list[str]:
     """What an export writes differently from the model's own config. Only training-time settings
-    differ (dropout acts in training alone), so the exported model computes what ours does."""
-    if config.attention_output_dropout == config.attention_probs_dropout:
-        return []
-    return [
-        f"transformers' ModernBERT has one attention_dropout for probabilities and output, so config.json "
-        f"has attention_dropout={config.attention_probs_dropout} (model.attention_probs_dropout) and "
-        f"model.attention_output_dropout={config.attention_output_dropout} is left out; dropout acts only "
-        "in training, so inference is unchanged"
-    ]
+    differ (dropout acts in training alone), or names that transformers reads another way, so the
+    exported model computes what ours does."""
+    notes = []
+    if config.attention_output_dropout != config.attention_probs_dropout:
+        notes.append(
+            f"transformers' ModernBERT has one attention_dropout for probabilities and output, so config.json "
+            f"has attention_dropout={config.attention_probs_dropout} (model.attention_probs_dropout) and "
+            f"model.attention_output_dropout={config.attention_output_dropout} is left out; dropout acts only "
+            "in training, so inference is unchanged"
+        )
+    if config.causal and _has_local_layers(config):
+        notes.append(
+            f"config.json has local_attention={_decoder_local_attention(config)}: transformers' decoder lets a "
+            "token see local_attention // 2 tokens, itself included, so this is the value under which it sees "
+            f"the same {config.local_half_window} earlier tokens as model.local_attention={config.local_attention}"
+        )
+    return notes
+
+
+def _has_local_layers(config: FlexBertConfig) -> bool:
+    return any(not config.is_global_layer(i) for i in range(config.num_hidden_layers))
+
+
+def _decoder_local_attention(config: FlexBertConfig) -> int:
+    """The ``local_attention`` of a ``ModernBertDecoderConfig`` whose local layers see what ours do.
+    Our causal window is the encoder's, less the keys after the query: ``0 <= i - j <= window/2``.
+    transformers' decoder uses ``sliding_window = local_attention // 2`` tokens counting the query,
+    ``0 <= i - j < local_attention // 2``, so it needs a window two larger."""
+    return config.local_attention + 2
+
+
+def _refuse_undecodable(config: FlexBertConfig) -> None:
+    """Raise naming the first feature transformers' ModernBertDecoderForCausalLM cannot express."""
+    if ModernBertDecoderConfig is None:
+        raise InteropError(
+            "exporting a causal model (model.objective: clm) needs transformers 4.57 or later, whose "
+            "ModernBertDecoderForCausalLM it loads as"
+        )
+    if config.global_rope_theta != config.local_rope_theta and _has_local_layers(config):
+        raise InteropError(
+            f"model.local_rope_theta={config.local_rope_theta} differs from model.global_rope_theta="
+            f"{config.global_rope_theta}: transformers 4.x's ModernBertDecoder turns local layers by the "
+            "global theta, so the export would compute something else there; train the decoder with equal thetas"
+        )
 
 
 def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
@@ -189,7 +231,8 @@ def _attention_pattern(config: FlexBertConfig) -> dict[str, Any]:
 
 
 def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
-    """Translate to a ``transformers.ModernBertConfig``; refuse what ModernBERT cannot represent."""
+    """Translate to a ``transformers.ModernBertConfig``, or for a causal model a
+    ``ModernBertDecoderConfig``; refuse what transformers cannot represent."""
     _refuse_unrepresentable(config)
     kwargs = {
         **{theirs: getattr(config, ours) for ours, theirs in _SAME_FIELDS.items()},
@@ -197,15 +240,25 @@ def hf_config_from_flexbert(config: FlexBertConfig, **overrides: Any):
         "bos_token_id": config.cls_token_id,
         "eos_token_id": config.sep_token_id,
         "tie_word_embeddings": True,
-        "reference_compile": False,
         **_attention_pattern(config),
+        **overrides,
     }
-    kwargs.update(overrides)
-    return ModernBertConfig(**kwargs)
+    if config.causal:
+        _refuse_undecodable(config)
+        del kwargs["sparse_prediction"]  # an encoder's setting; the decoder predicts every token
+        return ModernBertDecoderConfig(**{**kwargs, "local_attention": _decoder_local_attention(config)})
+    return ModernBertConfig(**kwargs, reference_compile=False)
 
 
 def _task(model: nn.Module) -> tuple[str, dict[str, Any]]:
     """transformers' class for ``model`` and the config fields of its task head."""
+    if model.config.causal:
+        if type(model) is not FlexBertForMaskedLM:
+            raise InteropError(
+                f"a {type(model).__name__} on a causal model (model.objective: clm) has no ModernBERT "
+                "class to export to; only the language model exports, as ModernBertDecoderForCausalLM"
+            )
+        return "ModernBertDecoderForCausalLM", {}
     if isinstance(model, FlexBertForSequenceClassification):
         problem = "regression" if model.num_labels == 1 else "single_label_classification"
         return "ModernBertForSequenceClassification", dict(
@@ -226,11 +279,15 @@ def _config_json(model: nn.Module) -> dict[str, Any]:
     both versions' names whichever transformers is installed here."""
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     architecture, task_fields = _task(model)
+    # 4.x's decoder config keeps only the sliding_window it derives from local_attention, and reads
+    # local_attention back (default 128) when it loads: the window must be written as it is read.
+    window = {"local_attention": _decoder_local_attention(model.config)} if model.config.causal else {}
     return {
         **hf_config_from_flexbert(model.config, **task_fields).to_dict(),
+        **window,
         **_attention_pattern(model.config),
         "architectures": [architecture],
-        "model_type": "modernbert",
+        "model_type": "modernbert-decoder" if model.config.causal else "modernbert",
         # transformers renamed torch_dtype to dtype in 4.56; each version reads one of them.
         "dtype": dtype,
         "torch_dtype": dtype,
@@ -281,6 +338,8 @@ def export_hf(
         for name, tensor in (model.state_dict() if weights is None else weights).items()
         if name != _TIED_DECODER_KEY
     }
+    if model.config.causal:
+        weights = _decoder_weights(weights)
     with atomic_output_dir(out_dir, overwrite) as staging:
         (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         save_file(weights, staging / "model.safetensors", metadata={"format": "pt"})
@@ -289,6 +348,22 @@ def export_hf(
         for file in tokenizer_files:
             shutil.copyfile(file, staging / file.name)
     return Path(out_dir)
+
+
+def _decoder_weights(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names to ModernBertDecoderForCausalLM's: the fused ``Wqkv`` splits into ``q_proj``,
+    ``k_proj`` and ``v_proj`` (its rows are [Q | K | V], each head by head, as theirs are), and the
+    prediction head is ``lm_head``; every other name is the same."""
+    renamed = {}
+    for name, tensor in weights.items():
+        if ".attn.Wqkv." in name:
+            for part, rows in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                renamed[name.replace("Wqkv", part)] = rows.contiguous()
+        elif name.startswith("head."):
+            renamed["lm_" + name] = tensor
+        else:
+            renamed[name] = tensor
+    return renamed
 
 
 # --- import ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from flexbert.core.model.config import Objective
 from flexbert.core.tokenizer import MLMTokenizer
 from flexbert.data.packing import (
     DEFAULT_MASK_SEED,
@@ -41,6 +42,7 @@ from flexbert.data.packing import (
     PackedBatch,
     Piece,
     collate_rows,
+    next_token_labels,
     split_document,
 )
 from flexbert.data.shm import clean_stale_streaming_memory
@@ -117,13 +119,25 @@ class PackedMLMLoader:
         model_vocab_size: int | None = None,
         path: str = "train_loader",
         batch_rows: int | Callable[[int], int] | None = None,
+        objective: Objective = "mlm",
+        phase_rows: float | None = None,
     ):
         """``batch_rows`` is this rank's rows per batch, or a function of the global rows emitted so
-        far that gives them (batch-size warmup); by default ``config.rows_per_batch``."""
+        far that gives them (batch-size warmup); by default ``config.rows_per_batch``. ``objective``
+        is the model's: masked tokens to predict (mlm), or every next token (clm). ``phase_rows`` is
+        the training phase's length in global rows, over which a mask-rate schedule runs: each batch
+        is masked at the rate for the rows emitted before it over ``phase_rows``, the measure of
+        batch-size warmup (tokens as rows of ``max_seq_len``), which every rank knows without asking
+        the others and a resumed loader restores with its state."""
         config = config.with_seeds(DEFAULT_SHUFFLE_SEED, DEFAULT_MASK_SEED)
         batch_rows = batch_rows or config.rows_per_batch
         if batch_rows is None:
             raise ConfigError(f"{path}.rows_per_batch", "missing: how many packed rows go into one batch")
+        if objective == "mlm" and config.masking.scheduled and phase_rows is None:
+            raise ConfigError(
+                f"{path}.masking.mlm_probability",
+                "a schedule runs over a training phase, and this loader is not one's: give one rate",
+            )
         if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
             raise DataError(
                 f"{path}.tokenizer: {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's "
@@ -134,7 +148,13 @@ class PackedMLMLoader:
         self.vocab_limit = model_vocab_size or tokenizer.vocab_size
         _clean_stale_memory_once_per_node()
         self.dataset: DocumentDataset = build_dataset(config, path)
-        self.masker = Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
+        self.masker = (
+            Masker(config.masking, tokenizer.mask_id, tokenizer.special_mask())
+            if objective == "mlm"
+            else next_token_labels
+        )
+        self.phase_rows = phase_rows
+        self.mask_rate: float | None = None  # the last batch's (none where nothing is masked)
         self.batch_rows = batch_rows if callable(batch_rows) else (lambda rows_so_far: batch_rows)
         self.path = path
         # The ranks' agreement before each batch is a host matter: under NCCL it goes over a gloo
@@ -305,7 +325,8 @@ class PackedMLMLoader:
             packer.add(self._restore_pending(self._resume.pending))
         documents = self._documents()
         while True:
-            wanted = self.batch_rows(self.state.rows_emitted * world)
+            rows_so_far = self.state.rows_emitted * world
+            wanted = self.batch_rows(rows_so_far)
             rows: list[list[Piece]] = []
             while True:
                 last_epoch = config.epochs is not None and epoch + 1 >= config.epochs
@@ -339,7 +360,12 @@ class PackedMLMLoader:
                 break
             pending = tuple((p.epoch, *p.key()) for p in packer.pending)
             self.state = RankState(epoch, consumed, pending, self.state.rows_emitted + len(rows), base, taken)
-            batch = collate_rows(rows, config.max_seq_len, self.tokenizer.cls_id, self.tokenizer.sep_id, self.masker)
+            labeller = self.masker
+            if isinstance(labeller, Masker):  # (the causal objective's labels have no rate)
+                progress = min(1.0, rows_so_far / self.phase_rows) if self.phase_rows else 0.0
+                self.mask_rate = config.masking.rate_at(progress)
+                labeller = labeller.at_rate(self.mask_rate)
+            batch = collate_rows(rows, config.max_seq_len, self.tokenizer.cls_id, self.tokenizer.sep_id, labeller)
             self.real_tokens += batch.num_tokens
             self.capacity_tokens += batch.num_rows * batch.row_tokens
             yield batch

@@ -12,9 +12,13 @@ goes in next, which keeps padding well under 1% on real corpora.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,16 +29,92 @@ from flexbert.typed_config import ConfigError
 DEFAULT_MASK_SEED = 0
 
 
+def _check_rate(path: str, rate: float) -> None:
+    if not 0.0 < rate < 1.0:
+        raise ConfigError(path, f"must be in (0, 1), got {rate}")
+
+
+# The keys each shape of schedule takes; every other key of the section is refused.
+SCHEDULE_KEYS = {
+    "constant": ("value",),
+    "linear": ("start", "end"),
+    "cosine": ("start", "end"),
+    "steps": ("values", "at"),
+}
+
+
+@dataclass(frozen=True)
+class MaskRateSchedule:
+    """The mask rate over a training phase, as a function of its progress in [0, 1] (mmBERT lowers
+    it from phase to phase; a schedule also moves it within one). ``constant``: ``value``;
+    ``linear`` and ``cosine``: from ``start`` to ``end``; ``steps``: ``values[i]`` from the fraction
+    ``at[i - 1]`` of the phase on (``at`` has one fraction fewer than ``values``)."""
+
+    shape: Literal["constant", "linear", "cosine", "steps"]
+    value: float | None = None
+    start: float | None = None
+    end: float | None = None
+    values: list[float] | None = None
+    at: list[float] | None = None
+
+    def validate(self, path: str) -> None:
+        wanted = SCHEDULE_KEYS[self.shape]
+        for key in ("value", "start", "end", "values", "at"):
+            given = getattr(self, key) is not None
+            if given and key not in wanted:
+                raise ConfigError(
+                    f"{path}.{key}", f"a {self.shape} schedule does not take {key}; it takes {' and '.join(wanted)}"
+                )
+            if not given and key in wanted:
+                raise ConfigError(f"{path}.{key}", f"missing: a {self.shape} schedule takes {' and '.join(wanted)}")
+        if self.shape != "steps":
+            for key in wanted:
+                _check_rate(f"{path}.{key}", getattr(self, key))
+            return
+        for i, rate in enumerate(self.values):
+            _check_rate(f"{path}.values[{i}]", rate)
+        if len(self.at) != len(self.values) - 1:
+            raise ConfigError(
+                f"{path}.at",
+                f"gives {len(self.at)} fractions for {len(self.values)} values; each value after the first "
+                "starts at one fraction of the phase, so give one fewer",
+            )
+        bounds = [0.0, *self.at, 1.0]
+        if any(not earlier < later for earlier, later in zip(bounds, bounds[1:])):
+            raise ConfigError(f"{path}.at", f"must increase strictly within (0, 1), got {self.at}")
+
+    def rate_at(self, progress: float) -> float:
+        if self.shape == "constant":
+            return self.value
+        if self.shape == "steps":
+            return self.values[bisect.bisect_right(self.at, progress)]
+        if self.shape == "linear":
+            remaining = 1.0 - progress
+        else:
+            remaining = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.end + (self.start - self.end) * remaining
+
+
 @dataclass(frozen=True)
 class MaskingConfig:
-    mlm_probability: float = 0.30  # ModernBERT pretrains at 30% (and evaluates at 15%)
+    # ModernBERT pretrains at 30% (and evaluates at 15%); a schedule moves the rate over a training
+    # phase, which the training loader measures in rows of max_seq_len tokens (see PackedMLMLoader).
+    mlm_probability: float | MaskRateSchedule = 0.30
     mask_fraction: float = 0.8  # of selected tokens, replaced by [MASK]
     random_fraction: float = 0.1  # replaced by a random regular token; the rest stay unchanged
     seed: int | None = None  # None: as LoaderConfig.shuffle_seed (derived per run when training)
 
+    @property
+    def scheduled(self) -> bool:
+        return isinstance(self.mlm_probability, MaskRateSchedule)
+
+    def rate_at(self, progress: float) -> float:
+        """The mask rate at ``progress`` (0 to 1) through the phase."""
+        return self.mlm_probability.rate_at(progress) if self.scheduled else self.mlm_probability
+
     def validate(self, path: str = "masking") -> None:
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise ConfigError(f"{path}.mlm_probability", f"must be in (0, 1), got {self.mlm_probability}")
+        if not self.scheduled:  # a schedule has checked itself
+            _check_rate(f"{path}.mlm_probability", self.mlm_probability)
         if self.mask_fraction < 0 or self.random_fraction < 0 or self.mask_fraction + self.random_fraction > 1:
             raise ConfigError(
                 f"{path}.mask_fraction",
@@ -48,19 +128,27 @@ class MaskingConfig:
 class Masker:
     """Selects each non-special token with probability p; of those, 80% -> [MASK], 10% -> random,
     10% kept. The random draws are seeded by (seed, identity), so a sample's masking depends only on
-    which sample it is, not on worker count, batch order or resumption."""
+    which sample it is, not on worker count, batch order or resumption. A token is selected where its
+    draw falls below p, so with the same draws a lower rate selects a subset of a higher one's."""
 
     def __init__(self, config: MaskingConfig, mask_id: int, special: np.ndarray):
         self.config = config
         self.mask_id = mask_id
         self.special = special  # bool [vocab_size]
         self.regular_ids = np.flatnonzero(~special)
+        self.rate = config.rate_at(0.0)  # p; a loader under a schedule masks each batch at_rate(...)
+
+    def at_rate(self, rate: float) -> Masker:
+        """This masker, selecting with probability ``rate``."""
+        masker = copy.copy(self)
+        masker.rate = rate
+        return masker
 
     def __call__(self, tokens: np.ndarray, identity: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """tokens: int64 [n] -> (corrupted input ids [n], labels [n] with -100 where not selected)."""
         seed = self.config.seed if self.config.seed is not None else DEFAULT_MASK_SEED
         rng = np.random.Generator(np.random.PCG64DXSM(np.random.SeedSequence([seed, *identity])))
-        selected = (rng.random(tokens.shape[0]) < self.config.mlm_probability) & ~self.special[tokens]
+        selected = (rng.random(tokens.shape[0]) < self.rate) & ~self.special[tokens]
         labels = np.where(selected, tokens, IGNORE_INDEX)
         action = rng.random(tokens.shape[0])
         to_mask = selected & (action < self.config.mask_fraction)
@@ -73,6 +161,16 @@ class Masker:
         corrupted[to_mask] = self.mask_id
         corrupted[to_random] = rng.choice(self.regular_ids, size=int(to_random.sum()))
         return corrupted, labels
+
+
+def next_token_labels(tokens: np.ndarray, identity: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The causal objective's labels, in a masker's place: tokens int64 [n] -> (the tokens unchanged,
+    labels [n] where position i is labelled with token i + 1, and the last with nothing). Each piece
+    is framed ``[CLS] … [SEP]``, so a piece's [CLS] predicts its first token and its last token
+    predicts [SEP], the end of the text; no label crosses into the next piece of the row."""
+    labels = np.full_like(tokens, IGNORE_INDEX)
+    labels[:-1] = tokens[1:]
+    return tokens, labels
 
 
 @dataclass(frozen=True)

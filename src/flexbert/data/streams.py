@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import streaming.base.dataset
 import torch.distributed as torch_dist
+import zstandard
 from streaming import Stream, StreamingDataset
 from streaming.base.constant import LOCALS, SHM_TO_CLEAN
 from streaming.base.shared import SharedMemory
@@ -62,7 +63,12 @@ def derived_seed(run_name: str, purpose: str) -> int:
 
 @dataclass
 class LoaderConfig:
-    streams: dict[str, StreamConfig]
+    # A stream set to null is left out: a recipe that includes another drops one of its streams so.
+    streams: dict[str, StreamConfig | None]
+    # Proportions from the streams' token counts: proportion_i ∝ tokens_i ** temperature (mmBERT
+    # anneals it 0.7, 0.5, 0.3 over its phases; 1 keeps the natural mixture, lower flattens it). The
+    # streams then give no proportion, repeat or choose.
+    temperature: float | None = None
     # A tokenizer directory. Training fills it in where a recipe leaves it out: from the source of
     # init_from.hf, and the eval loader from the train loader.
     tokenizer: str | None = None
@@ -87,6 +93,9 @@ class LoaderConfig:
     download_timeout: float = 60.0
     epochs: int | None = None  # None: cycle forever and let the trainer's duration decide
 
+    def __post_init__(self) -> None:
+        self.streams = {name: stream for name, stream in self.streams.items() if stream is not None}
+
     def with_seeds(self, shuffle_seed: int, mask_seed: int) -> LoaderConfig:
         """This config with the seeds it leaves unset set to these (the ones it gives stay)."""
         masking = self.masking if self.masking.seed is not None else dataclasses.replace(self.masking, seed=mask_seed)
@@ -105,10 +114,23 @@ class LoaderConfig:
             raise ConfigError(f"{path}.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.epoch_size is not None and self.epoch_size <= 0:
             raise ConfigError(f"{path}.epoch_size", f"must be positive, got {self.epoch_size}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ConfigError(f"{path}.temperature", f"must be > 0, got {self.temperature}")
         with_proportion = [name for name, s in self.streams.items() if s.proportion is not None]
         for name, stream in self.streams.items():
             stream_path = f"{path}.streams.{name}"
             weights = [k for k in ("proportion", "repeat", "choose") if getattr(stream, k) is not None]
+            if self.temperature is not None and weights:
+                raise ConfigError(
+                    f"{stream_path}.{weights[0]}",
+                    f"{path}.temperature sets every stream's proportion from its token count; remove this key",
+                )
+            if self.temperature is not None and stream.remote is not None:
+                raise ConfigError(
+                    f"{stream_path}.remote",
+                    f"{path}.temperature counts each stream's tokens in its shards, which a remote stream has "
+                    "only as training downloads them; name a local copy (local, without remote) or give proportions",
+                )
             if len(weights) > 1:
                 raise ConfigError(
                     f"{stream_path}", f"give one of proportion, repeat, choose; got {' and '.join(weights)}"
@@ -124,14 +146,16 @@ class LoaderConfig:
             if stream.remote is None and stream.local is None:
                 raise ConfigError(stream_path, "needs a remote or a local location")
             if stream.remote is None:
-                _check_local_dataset(f"{stream_path}.local", Path(stream.local, stream.split or ""))
+                shards = _check_local_dataset(f"{stream_path}.local", Path(stream.local, stream.split or ""))
+                if self.temperature is not None:
+                    _check_token_layout(stream_path, shards)
 
 
-def _check_local_dataset(key_path: str, folder: Path) -> None:
+def _check_local_dataset(key_path: str, folder: Path) -> list[dict]:
     """Refuse an MDS folder that cannot serve a whole epoch: no index, no samples, or a shard file
     missing or of another size than index.json records (a truncated copy, an interrupted write).
     Beyond the index, only stat calls; otherwise a shard is first read when the epoch reaches it,
-    hours into a run."""
+    hours into a run. Returns the index's shard entries."""
     index = folder / "index.json"
     if not index.is_file():
         raise ConfigError(key_path, f"no MDS dataset at {folder} ({index} missing)")
@@ -146,6 +170,7 @@ def _check_local_dataset(key_path: str, folder: Path) -> None:
         problem = _shard_file_problem(folder, shard)
         if problem is not None:
             raise ConfigError(key_path, f"{problem}; convert or copy the dataset again")
+    return shards
 
 
 def _shard_file_problem(folder: Path, shard: dict) -> str | None:
@@ -162,6 +187,114 @@ def _shard_file_problem(folder: Path, shard: dict) -> str | None:
                 f"index.json records {info['bytes']:,}"
             )
     return None
+
+
+# flexbert's MDS layout (data/convert.py): one column, input_ids, by encoding the bytes of a token.
+TOKEN_WIDTHS = {"ndarray:uint16": 2, "ndarray:uint32": 4}
+# A sample of that layout is its column's size (u32), one byte of ndim and shape width, its one
+# dimension (the length) in the narrowest unsigned width that holds it, then the tokens. Per width:
+# (its bytes, the lengths it is chosen for).
+SHAPE_WIDTHS = ((1, range(1, 1 << 8)), (2, range(1 << 8, 1 << 16)), (4, range(1 << 16, 1 << 32)))
+
+
+def _check_token_layout(key_path: str, shards: list[dict]) -> None:
+    """Refuse a stream whose tokens :func:`stream_tokens` cannot count: another column layout, or a
+    compression it cannot read the start of."""
+    for shard in shards:
+        columns = dict(zip(shard.get("column_names") or [], shard.get("column_encodings") or []))
+        if shard.get("format") != "mds" or list(columns) != ["input_ids"] or columns["input_ids"] not in TOKEN_WIDTHS:
+            raise ConfigError(
+                key_path,
+                "temperature weighs streams by their tokens, which it counts in MDS shards of one column "
+                f"input_ids (ndarray:uint16 or ndarray:uint32), as flexbert prepare mds writes; shard "
+                f"{(shard.get('raw_data') or {}).get('basename')} holds {columns or 'no columns'}",
+            )
+        compression = shard.get("compression")
+        if compression is not None and compression.split(":")[0] != "zstd":
+            raise ConfigError(
+                key_path,
+                f"temperature counts tokens in uncompressed or zstd shards; shard {shard['zip_data']['basename']} "
+                f"is compressed with {compression}",
+            )
+
+
+def stream_tokens(key_path: str, folder: Path) -> int:
+    """The tokens of a local MDS stream of flexbert's layout, exactly.
+
+    index.json records each shard's samples and bytes, but bytes alone leave the count uncertain by up
+    to a token per sample, since the width of a sample's stored length grows with the length (see
+    SHAPE_WIDTHS). Each shard opens with its sample count and the offsets of its samples, so this reads
+    that table alone (decompressing only the start of a zstd shard), and each sample's size gives its
+    length: the widths' byte counts differ modulo the token width, or their length ranges part them,
+    so exactly one width fits each size."""
+    total = 0
+    for shard in json.loads((folder / "index.json").read_bytes())["shards"]:
+        file, head = _shard_head(folder, shard, 4 * (shard["samples"] + 2))
+        table = np.frombuffer(head[: len(head) // 4 * 4], "<u4").astype(np.int64)
+        if len(table) != shard["samples"] + 2 or table[0] != shard["samples"]:
+            raise DataError(
+                f"{key_path}: shard {file} does not open with the table of its {shard['samples']} samples "
+                "that index.json records; convert or copy the dataset again"
+            )
+        width = TOKEN_WIDTHS[shard["column_encodings"][0]]
+        body = np.diff(table[1:]) - 5  # less the column's size and the byte of ndim and shape width
+        lengths = np.zeros_like(body)
+        fitted = np.zeros(len(body), bool)
+        for shape_bytes, chosen_for in SHAPE_WIDTHS:
+            length, rest = np.divmod(body - shape_bytes, width)
+            fits = (rest == 0) & (length >= chosen_for.start) & (length < chosen_for.stop)
+            lengths[fits] = length[fits]
+            fitted |= fits
+        if not fitted.all():
+            raise DataError(
+                f"{key_path}: shard {file} holds a sample of {body[~fitted][0] + 5} bytes, which is no "
+                "array of tokens; convert or copy the dataset again"
+            )
+        total += int(lengths.sum())
+    return total
+
+
+def _shard_head(folder: Path, shard: dict, size: int) -> tuple[Path, bytes]:
+    """The shard's file, and its first ``size`` bytes uncompressed (fewer if it is shorter)."""
+    raw = folder / shard["raw_data"]["basename"]
+    if raw.is_file():  # uncompressed, or decompressed beside the zstd file by an earlier run
+        with raw.open("rb") as file:
+            return raw, file.read(size)
+    zipped = folder / shard["zip_data"]["basename"]
+    chunks = []
+    with zipped.open("rb") as file, zstandard.ZstdDecompressor().stream_reader(file) as reader:
+        while size > 0 and (chunk := reader.read(size)):
+            chunks.append(chunk)
+            size -= len(chunk)
+    return zipped, b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class TemperatureMixture:
+    """Streams weighed by their tokens: proportion_i ∝ tokens_i ** temperature."""
+
+    temperature: float
+    tokens: dict[str, int]
+
+    @property
+    def proportions(self) -> dict[str, float]:
+        weights = {name: count**self.temperature for name, count in self.tokens.items()}
+        total = sum(weights.values())
+        return {name: weight / total for name, weight in weights.items()}
+
+    def table(self, path: str) -> str:
+        """The mixture as a few readable lines: each stream's tokens, natural share and proportion."""
+        natural, proportions = sum(self.tokens.values()), self.proportions
+        rows = [("stream", "tokens", "natural", "proportion")] + [
+            (name, f"{count:,}", f"{count / natural:.1%}", f"{proportions[name]:.1%}")
+            for name, count in self.tokens.items()
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = [
+            "  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in rows
+        ]
+        return "\n".join([f"{path}: stream proportions proportional to tokens^{self.temperature}", *lines])
 
 
 class NamedStream(Stream):
@@ -197,6 +330,7 @@ class DocumentDataset(StreamingDataset):
     """
 
     background_error: Exception | None = None
+    mixture: TemperatureMixture | None = None  # where train_loader.temperature set the proportions
 
     def __iter__(self):
         self.background_error = None
@@ -298,13 +432,21 @@ def build_dataset(config: LoaderConfig, path: str = "train_loader") -> DocumentD
 
 
 def _streaming_dataset(config: LoaderConfig, path: str) -> DocumentDataset:
+    mixture = None
+    if config.temperature is not None:
+        tokens = {
+            name: stream_tokens(f"{path}.streams.{name}", Path(s.local, s.split or ""))
+            for name, s in config.streams.items()
+        }
+        mixture = TemperatureMixture(config.temperature, tokens)
     streams = [
         NamedStream(
             f"{path}.streams.{name}",
             remote=s.remote,
             local=s.local,
             split=s.split,
-            proportion=s.proportion,
+            # As if the recipe gave them, so the shuffle, resumption and the data order go as with any.
+            proportion=mixture.proportions[name] if mixture is not None else s.proportion,
             repeat=s.repeat,
             choose=s.choose,
             download_retry=config.download_retry,
@@ -312,7 +454,7 @@ def _streaming_dataset(config: LoaderConfig, path: str) -> DocumentDataset:
         )
         for name, s in config.streams.items()
     ]
-    return DocumentDataset(
+    dataset = DocumentDataset(
         streams=streams,
         batch_size=config.sample_batch_size,
         shuffle=config.shuffle,
@@ -326,3 +468,5 @@ def _streaming_dataset(config: LoaderConfig, path: str) -> DocumentDataset:
         download_retry=config.download_retry,
         download_timeout=config.download_timeout,
     )
+    dataset.mixture = mixture
+    return dataset

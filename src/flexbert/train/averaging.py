@@ -10,12 +10,12 @@ one whole-file checkpoint carrying its model config, which training loads (``loa
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from flexbert.core.checkpoint import SAVED_NAME, RunDir, read_weights, saved_checkpoints
+from flexbert.core.checkpoint import SAVED_NAME, RunDir, read_checkpoint, saved_checkpoints
 from flexbert.core.object_storage import is_remote, saved_remote_checkpoints
 from flexbert.errors import CheckpointError
 from flexbert.train.loggers import read_metrics
@@ -32,23 +32,32 @@ def average_weights(paths: Sequence[str | os.PathLike]) -> dict[str, torch.Tenso
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in paths:
-        try:
-            weights, _ = read_weights(path)
-        except Exception as err:  # a missing, truncated or foreign file fails in many ways
-            raise CheckpointError(f"{path} is not a readable Composer checkpoint ({err})") from None
+        weights, _ = read_checkpoint(path)
         if not total:
             dtypes = {name: tensor.dtype for name, tensor in weights.items()}
             total = {name: tensor.to(torch.float64) for name, tensor in weights.items()}
             continue
-        problem = _first_difference(total, weights)
-        if problem is not None:
-            raise CheckpointError(f"{path} and {paths[0]} hold different architectures: {problem}")
+        check_same_architecture(paths[0], total, path, weights)
         for name, tensor in weights.items():
             total[name] += tensor.to(torch.float64)
     return {name: (tensor / len(paths)).to(dtypes[name]) for name, tensor in total.items()}
 
 
-def _first_difference(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str | None:
+def check_same_architecture(
+    reference_path: str | os.PathLike,
+    reference: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    weights: Mapping[str, torch.Tensor],
+) -> None:
+    """Refuse, naming the first tensor that differs, a checkpoint whose tensors are not the
+    reference's (by name and shape): averaging checks every checkpoint against its first, merging
+    (:mod:`flexbert.train.merging`) against the base."""
+    problem = _first_difference(reference, weights)
+    if problem is not None:
+        raise CheckpointError(f"{path} and {reference_path} hold different architectures: {problem}")
+
+
+def _first_difference(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> str | None:
     for name in sorted(reference.keys() ^ other.keys()):
         return f"{name} is in only one of them"
     for name, tensor in reference.items():

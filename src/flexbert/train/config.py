@@ -82,11 +82,12 @@ def shared_trainer_arguments(
     """The Trainer arguments that every run sets alike: its name, optimizer and schedule, loggers,
     ``precision`` (from :func:`resolve_precision`, which a builder calls first, before any work) and
     seed. Writes the resolved recipe into the run folder, as the run starts."""
+    optimizer = build_optimizer(model, config.optimizer)  # first: a model it cannot step leaves no run folder
     if dist.get_global_rank() == 0:
         config.run_dir.write_config(resolved)
     return dict(
         run_name=config.run_name,
-        optimizers=build_optimizer(model, config.optimizer),
+        optimizers=optimizer,
         schedulers=build_scheduler(config.scheduler),
         step_schedulers_every_batch=True,
         eval_interval=config.eval_interval.replace("_", ""),

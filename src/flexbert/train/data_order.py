@@ -22,7 +22,10 @@ killed run's, as :func:`~flexbert.train.loggers.read_step_lines` does for metric
 step is not beyond the last one kept drops the kept records from that step on.
 
 A piece's masks are drawn from the mask seed, the epoch it was read in and its key, so the records
-of two phases (different seeds) never share masks. The epoch is not recorded.
+of two phases (different seeds) never share masks, at the step's mask rate, which a schedule moves
+from step to step (``train_loader.masking.mlm_probability``). The epoch is not recorded, nor the
+rate: metrics.jsonl logs it at every step (``batch/mask_rate``), and ``flexbert data-order`` prints
+it from there.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ forward passes. Per real token of a document of length S (the spec's "Efficiency
   + 6·p·(H² + V·H)                                     head dense and decoder, on predicted tokens
 
 W_mlp is 3HI for a GLU (Wi: H→2I, Wo: I→H) and 2HI for a plain MLP. S is the length of the
-document a token attends within, never the packed row it shares. p is the fraction of tokens with
+document a token attends within, never the packed row it shares. A causal model's queries see only
+the keys up to themselves: token i of a document sees i + 1 keys in a global layer and
+min(i, window / 2) + 1 in a local one, which is what the kernels compute. p is the fraction of tokens with
 a label under sparse prediction, and 1 otherwise. Embedding lookups, norms and activations are left
 out, as is usual for MFU.
 """
@@ -58,6 +60,7 @@ class TrainingFlops:
     local_keys: int  # window + 1: both ends of |i - j| <= window / 2 are seen
     per_prediction: int  # 6·(H² + V·H)
     sparse_prediction: bool
+    causal: bool = False  # keys after the query are never scored
 
     @classmethod
     def of(cls, config: FlexBertConfig) -> TrainingFlops:
@@ -71,11 +74,24 @@ class TrainingFlops:
             local_keys=config.local_attention + 1,
             per_prediction=6 * (hidden**2 + config.vocab_size * hidden),
             sparse_prediction=config.sparse_prediction,
+            causal=config.causal,
         )
+
+    def _scored_pairs(self, lengths: np.ndarray) -> np.ndarray:
+        """Per document of each length S, the (query, key) pairs scored over all layers."""
+        if not self.causal:
+            # Each of S queries sees S keys in a global layer and min(window + 1, S) in a local one.
+            return (self.global_layers * lengths + self.local_layers * np.minimum(lengths, self.local_keys)) * lengths
+        # Query i sees i + 1 keys globally; locally min(i, window/2) + 1, which grows up to the
+        # query reach = window/2 + 1 and stays there.
+        reach = self.local_keys // 2 + 1
+        near = np.minimum(lengths, reach)
+        local = near * (near + 1) // 2 + (lengths - near) * reach
+        return self.global_layers * lengths * (lengths + 1) // 2 + self.local_layers * local
 
     def per_token_at(self, doc_len: int, masked_fraction: float) -> float:
         """FLOPs per token when every document is ``doc_len`` tokens long."""
-        keys = self.global_layers * doc_len + self.local_layers * min(self.local_keys, doc_len)
+        keys = int(self._scored_pairs(np.array([doc_len], dtype=np.int64))[0]) / doc_len
         predicted = masked_fraction if self.sparse_prediction else 1.0
         return self.per_token + self.per_query_key * keys + predicted * self.per_prediction
 
@@ -84,10 +100,7 @@ class TrainingFlops:
         (a batch's ``host_cu_seqlens`` and its count of labelled tokens), so that a training loop
         can count them without touching the device."""
         cu_seqlens = np.asarray(cu_seqlens, dtype=np.int64)
-        lengths = np.diff(cu_seqlens)
-        # Each of a document's S queries sees S keys in a global layer and min(window + 1, S) in a
-        # local one.
-        keys = (self.global_layers * lengths + self.local_layers * np.minimum(lengths, self.local_keys)) * lengths
+        keys = self._scored_pairs(np.diff(cu_seqlens))
         tokens = int(cu_seqlens[-1] - cu_seqlens[0])
         predicted = num_labelled if self.sparse_prediction else tokens
         return float(self.per_token * tokens + self.per_query_key * int(keys.sum()) + self.per_prediction * predicted)

@@ -37,7 +37,8 @@ from flexbert.typed_config import ConfigError
 
 # Model keys a continued run may set whatever the source says: they change how training computes,
 # not what the weights mean (dropouts act in training alone; the kernel, compilation and the loss's
-# chunking give the same function).
+# chunking give the same function). And the objective: the same weights continue as an encoder or a
+# decoder, as Ettin continues each of its models with the other objective.
 TRAINING_ONLY_KEYS = frozenset(
     {
         "embedding_dropout",
@@ -49,6 +50,7 @@ TRAINING_ONLY_KEYS = frozenset(
         "loss_chunk_tokens",
         "sparse_prediction",
         "plugins",
+        "objective",
     }
 )
 # The per-token rows of a masked LM's weights, which a larger vocabulary extends (the decoder's

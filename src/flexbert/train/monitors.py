@@ -1,4 +1,5 @@
-"""What a pretraining run measures besides its loss: throughput and MFU, packing, gradient norm.
+"""What a pretraining run measures besides its loss: throughput and MFU, packing, gradient norm, and
+what the training loader chose (mask rate, stream proportions).
 
 Every callback here reads the packed batch at ``Event.BATCH_END`` through what the host knows of it
 (tensor shapes, ``host_cu_seqlens``, ``num_rows``, ``row_tokens``), keeps per-rank counters without
@@ -23,6 +24,7 @@ from composer.utils import dist
 from torch.distributed.tensor import DTensor
 
 from flexbert.core.model.config import FlexBertConfig
+from flexbert.data.loader import PackedMLMLoader
 from flexbert.train.flops import TrainingFlops, gpu_peak_flops
 from flexbert.train.loggers import LoggingConfig
 
@@ -216,6 +218,36 @@ class GradNormMonitor(Callback):
         norm = global_grad_norm(state.model)
         if norm is not None:
             logger.log_metrics({"l2_norm/grad/global": norm.item()})
+
+
+class LoaderMonitor(Callback):
+    """What the training loader chose, which the recipe may leave to it.
+
+    At the start, where ``train_loader.temperature`` set the stream proportions: prints them on rank
+    0 as a table, and logs ``data/tokens/NAME`` and ``data/proportion/NAME``. At every step, the rate
+    its batch was masked at, ``batch/mask_rate``, logged as the batch starts so that it lands in the
+    step's own row of metrics.jsonl, beside its loss (callbacks at BATCH_END log into the next).
+    Every rank masks at the same rate, so no rank waits for another.
+    """
+
+    def __init__(self, loader: PackedMLMLoader):
+        self.loader = loader
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        mixture = self.loader.dataset.mixture
+        if mixture is None:
+            return
+        if dist.get_global_rank() == 0:
+            print(mixture.table(self.loader.path), flush=True)
+        proportions = mixture.proportions
+        logger.log_metrics(
+            {f"data/tokens/{name}": count for name, count in mixture.tokens.items()}
+            | {f"data/proportion/{name}": proportion for name, proportion in proportions.items()}
+        )
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        if self.loader.mask_rate is not None:
+            logger.log_metrics({"batch/mask_rate": self.loader.mask_rate})
 
 
 def build_monitors(config: LoggingConfig, model_config: FlexBertConfig) -> list[Callback]:

@@ -25,7 +25,7 @@ from flexbert.train.config import RunConfig, check_fits_positions, resolve_preci
 from flexbert.train.data_order import RETIRED_RECIPE_KEYS, DataOrderConfig, DataOrderRecord
 from flexbert.train.hf_export import HFExport, HFExportConfig
 from flexbert.train.init_from import InitFromConfig, initialise_weights, resolve_continued_model
-from flexbert.train.monitors import build_monitors
+from flexbert.train.monitors import LoaderMonitor, build_monitors
 from flexbert.train.nan_guard import NanGuard, NanGuardConfig, packed_pieces
 from flexbert.train.resume import (
     LoaderCheckpoint,
@@ -37,7 +37,7 @@ from flexbert.train.resume import (
 )
 from flexbert.train.schedulers import parse_time
 from flexbert.train.sharding import FSDPConfig, average_gradients_over_gloo, composer_fsdp2_config, mark_sharding_units
-from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig, ComposerMLM, data_spec
+from flexbert.train.step import BatchSizeSchedule, BatchWarmupConfig, ComposerMLM, data_spec, phase_length, phase_rows
 from flexbert.typed_config import ConfigError, from_dict
 
 
@@ -81,6 +81,13 @@ class TrainConfig(RunConfig):
         """The validated config of a run on ``world_size`` processes."""
         config = from_dict(cls, data, "")
         config.check_world_size(world_size)
+        if config.model_config.causal:
+            for loader in ("train_loader", "eval_loader"):
+                if "masking" in (data.get(loader) or {}):
+                    raise ConfigError(
+                        f"{loader}.masking",
+                        "model.objective is clm, which predicts every next token and masks none; remove this section",
+                    )
         return config
 
     def validate(self, path: str = "") -> None:
@@ -108,8 +115,15 @@ class TrainConfig(RunConfig):
                 f"must be in (0, global_batch_rows={self.global_batch_rows}], got {self.batch_warmup.start_rows}",
             )
         check_fits_positions("train_loader.max_seq_len", self.train_loader.max_seq_len, self.model_config)
+        if self.train_loader.masking.scheduled:
+            phase_length(self.max_duration)
         if self.eval_loader is not None:
             check_fits_positions("eval_loader.max_seq_len", self.eval_loader.max_seq_len, self.model_config)
+            if self.eval_loader.masking.scheduled:
+                raise ConfigError(
+                    "eval_loader.masking.mlm_probability",
+                    "evaluation masks at one rate, so that its losses compare over the run; give a number",
+                )
         if self.load_path is not None and not is_remote(self.load_path) and not os.path.exists(self.load_path):
             raise ConfigError("load_path", f"checkpoint not found: {self.load_path}")
         if self.init_from is not None and self.load_path is not None:
@@ -171,18 +185,13 @@ def as_recorded(resolved: dict, config: TrainConfig) -> dict:
     or given, so that a run can be repeated on the same data; and with the model section and the
     tokenizer a continued run took from its source, so that its checkpoints export without it."""
     train_loader = config.train_loader
-    loader = resolved.get("train_loader", {})
-    masking = {**loader.get("masking", {}), "seed": train_loader.masking.seed}
-    recorded = {
-        **resolved,
-        "model": config.model_section,
-        "train_loader": {
-            **loader,
-            "tokenizer": train_loader.tokenizer,
-            "shuffle_seed": train_loader.shuffle_seed,
-            "masking": masking,
-        },
-    }
+    loader = {**resolved.get("train_loader", {}), "tokenizer": train_loader.tokenizer}
+    # Without the streams left out with null: the data order numbers the run's streams in this order.
+    loader["streams"] = {name: loader["streams"][name] for name in train_loader.streams}
+    loader["shuffle_seed"] = train_loader.shuffle_seed
+    if not config.model_config.causal:  # (a causal model's loader masks nothing)
+        loader["masking"] = {**loader.get("masking", {}), "seed": train_loader.masking.seed}
+    recorded = {**resolved, "model": config.model_section, "train_loader": loader}
     if config.eval_loader is not None:
         recorded["eval_loader"] = {**resolved.get("eval_loader", {}), "tokenizer": config.eval_loader.tokenizer}
     return recorded
@@ -233,12 +242,24 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
         config.train_loader.max_seq_len,
         config.batch_warmup,
     )
-    train_loader = PackedMLMLoader(config.train_loader, tokenizer, model_config.vocab_size, batch_rows=schedule)
+    train_loader = PackedMLMLoader(
+        config.train_loader,
+        tokenizer,
+        model_config.vocab_size,
+        batch_rows=schedule,
+        objective=model_config.objective,
+        phase_rows=phase_rows(config.max_duration, schedule) if config.train_loader.masking.scheduled else None,
+    )
     evaluators = []
     if config.eval_loader is not None:
         eval_rows = config.eval_loader.rows_per_batch or config.device_microbatch_rows
         eval_loader = PackedMLMLoader(
-            config.eval_loader, tokenizer, model_config.vocab_size, path="eval_loader", batch_rows=eval_rows
+            config.eval_loader,
+            tokenizer,
+            model_config.vocab_size,
+            path="eval_loader",
+            batch_rows=eval_rows,
+            objective=model_config.objective,
         )
         evaluators.append(
             Evaluator(
@@ -252,7 +273,13 @@ def build_trainer(config: TrainConfig, resolved: dict) -> Trainer:
     run_dir = config.run_dir
     sigterm = SigtermCheckpoint(config.save_interval)
     nan_guard = NanGuard(config.nan_guard, packed_pieces(list(config.train_loader.streams)), run_dir.path)
-    callbacks = [*build_monitors(config.logging, model_config), LoaderCheckpoint(train_loader), sigterm, nan_guard]
+    callbacks = [
+        *build_monitors(config.logging, model_config),
+        LoaderMonitor(train_loader),
+        LoaderCheckpoint(train_loader),
+        sigterm,
+        nan_guard,
+    ]
     if config.data_order.record:
         callbacks.append(DataOrderRecord(run_dir.path, config.train_loader.masking.seed))
     if config.hf_export is not None:

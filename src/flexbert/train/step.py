@@ -23,7 +23,8 @@ A step of ``Trainer.fit`` (composer/trainer/trainer.py, ``_train_loop`` and ``_t
     state (``LoaderCheckpoint`` in ``train/resume.py``).
 
 Also here: batch-size warmup (:class:`BatchSizeSchedule`, which the loader asks for each batch's
-rows) and the helpers that reach the FlexBERT model inside training's wrappers.
+rows), the phase's length in rows that a mask-rate schedule runs over (:func:`phase_rows`), and the
+helpers that reach the FlexBERT model inside training's wrappers.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from composer.core import DataSpec
+from composer.core import DataSpec, Time, TimeUnit
 from composer.models import ComposerModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
@@ -46,6 +47,7 @@ from flexbert.data.loader import PackedMLMLoader, RankState
 from flexbert.data.packing import PackedBatch
 from flexbert.train.metrics import MaskedCrossEntropy, MaskedPerplexity, MaskedTokenAccuracy
 from flexbert.train.schedulers import parse_time
+from flexbert.typed_config import ConfigError
 
 
 @dataclass
@@ -83,6 +85,46 @@ class BatchSizeSchedule:
         # Whole microbatches on every rank, so no rank idles and microbatches stay full.
         step = self.microbatch_rows * self.world_size
         return max(1, self.global_rows_at(rows_so_far) // step) * self.microbatch_rows
+
+    def rows_in(self, batches: int) -> int:
+        """The global rows of the first ``batches`` batches."""
+        rows = 0
+        for done in range(batches):
+            size = self(rows) * self.world_size
+            if self.global_rows_at(rows) == self.global_rows:  # warmed up: every later batch is as large
+                return rows + size * (batches - done)
+            rows += size
+        return rows
+
+
+# What a phase's length may be given in for a schedule over its progress: epochs depend on the data.
+PHASE_UNITS = (TimeUnit.TOKEN, TimeUnit.SAMPLE, TimeUnit.BATCH)
+
+
+def phase_length(max_duration: str) -> Time:
+    """The phase's ``max_duration`` as a length that a mask-rate schedule can run over; one line if
+    it is not in tokens, samples (packed rows) or batches."""
+    length = parse_time(max_duration, "max_duration")
+    if length.unit not in PHASE_UNITS:
+        raise ConfigError(
+            "max_duration",
+            f"train_loader.masking.mlm_probability's schedule runs over the phase, whose length {max_duration!r} "
+            "does not give before training; give it in tokens (tok), samples (sp) or batches (ba)",
+        )
+    return length
+
+
+def phase_rows(max_duration: str, batches: BatchSizeSchedule) -> float:
+    """The phase's length in global rows, the measure batch-size warmup grows over. Composer counts
+    a phase in tokens by the real tokens of its batches, which fill a little less than their rows'
+    capacity: such a phase reaches its last row of capacity about as far before its end as packing
+    leaves rows unfilled (under 1% on real corpora), and a schedule holds its end value there."""
+    length = phase_length(max_duration)
+    if length.unit == TimeUnit.TOKEN:
+        return length.value / batches.row_tokens
+    if length.unit == TimeUnit.SAMPLE:
+        return length.value
+    return batches.rows_in(length.value)
 
 
 def split_rows(batch: dict, microbatch_rows: int) -> list[dict]:

@@ -19,6 +19,10 @@ Activation = Literal["gelu", "gelu_pytorch_tanh", "silu", "relu"]
 # Global layers attend across whole documents; local ones within a window.
 LayerType = Literal["global", "local"]
 
+# What the model learns to predict: "mlm", masked tokens from both sides (an encoder, ModernBERT);
+# "clm", every next token from the tokens before it (a decoder, as Ettin trains the same architecture).
+Objective = Literal["mlm", "clm"]
+
 # A registered block by name, or a mapping of its name and options of its own:
 # ``{name: swiglu, multiple_of: 256}``. Kept as written, so ``dataclasses.asdict`` gives back what
 # ``from_dict`` reads.
@@ -62,8 +66,9 @@ class FlexBertConfig:
     attention_probs_dropout: float = 0.0
     attention_output_dropout: float = 0.0
     mlp_dropout: float = 0.0
+    objective: Objective = "mlm"  # "clm" makes every attention layer causal: query i sees keys j <= i
     # Layer i attends globally iff i % global_attn_every_n_layers == 0; the others see a window of
-    # local_attention tokens: |i - j| <= local_attention // 2.
+    # local_attention tokens: |i - j| <= local_attention // 2 (and j <= i under clm).
     global_attn_every_n_layers: int = 3
     local_attention: int = 128
     global_rope_theta: float = 160_000.0
@@ -93,6 +98,10 @@ class FlexBertConfig:
 
     def is_global_layer(self, layer_idx: int) -> bool:
         return self.layer_type(layer_idx) == "global"
+
+    @property
+    def causal(self) -> bool:
+        return self.objective == "clm"
 
     @property
     def local_half_window(self) -> int:

@@ -99,7 +99,8 @@ class FlexBertModel(nn.Module):
             half_window = None if is_global else config.local_half_window
             theta = config.global_rope_theta if is_global else config.local_rope_theta
             cos, sin = self.rotary.lookup(layout.positions, layout.max_seqlen, theta)
-            contexts[layer_type] = AttentionContext(prepare(layout, half_window, scale), cos, sin)
+            attend = prepare(layout, half_window, scale, causal=config.causal)
+            contexts[layer_type] = AttentionContext(attend, cos, sin)
         return contexts
 
     def encode(

@@ -68,9 +68,13 @@ class LossFactory(Protocol):
 
 
 class AttentionBackend(Protocol):
-    """attend(q, k, v, dropout_p), each [T, heads, head_dim]"""
+    """attend(q, k, v, dropout_p), each [T, heads, head_dim]. Query i of a document sees key j of
+    the same document where ``|i - j| <= half_window`` (every j when None); ``causal`` keeps only
+    ``j <= i``, a decoder's mask."""
 
-    def __call__(self, layout: DocumentLayout, half_window: int | None, scale: float) -> Attend: ...
+    def __call__(
+        self, layout: DocumentLayout, half_window: int | None, scale: float, causal: bool = False
+    ) -> Attend: ...
 
 
 EMBEDDINGS = Registry("embeddings", EmbeddingsFactory, "token ids to the first hidden states")

@@ -1,7 +1,8 @@
 """Plain softmax attention: the definition that every other backend must reproduce.
 
 Document by document, every query is scored against every key of its document, local layers mask
-the scores beyond the window, and a softmax weighs the values. Nothing is fused or skipped, so it
+the scores beyond the window, a causal model masks the keys after the query, and a softmax weighs
+the values. Nothing is fused or skipped, so it
 is slow (and it reads the document boundaries on the host), but it is what the tests hold the fast
 kernels to.
 """
@@ -16,7 +17,7 @@ from flexbert.core.model.registries import ATTENTION_BACKENDS
 
 
 @ATTENTION_BACKENDS.register("eager")
-def prepare_eager(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
+def prepare_eager(layout: DocumentLayout, half_window: int | None, scale: float, causal: bool = False) -> Attend:
     """Softmax attention document by document with an explicit score matrix: the semantics, and the
     oracle of the tests."""
     bounds = layout.cu_seqlens.tolist()
@@ -26,10 +27,12 @@ def prepare_eager(layout: DocumentLayout, half_window: int | None, scale: float)
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
             qd, kd, vd = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [heads, L, head_dim]
             scores = (qd @ kd.transpose(1, 2)) * scale  # [heads, L queries, L keys]
+            position = torch.arange(end - start, device=q.device)
+            behind = position[:, None] - position[None, :]  # [L queries, L keys]: i - j
             if half_window is not None:
-                position = torch.arange(end - start, device=q.device)
-                far = (position[:, None] - position[None, :]).abs() > half_window
-                scores = scores.masked_fill(far, float("-inf"))
+                scores = scores.masked_fill(behind.abs() > half_window, float("-inf"))
+            if causal:
+                scores = scores.masked_fill(behind < 0, float("-inf"))
             probs = scores.softmax(-1)
             if dropout_p > 0:
                 probs = F.dropout(probs, dropout_p)

@@ -10,7 +10,7 @@ from flexbert.core.model.registries import ATTENTION_BACKENDS
 
 
 @ATTENTION_BACKENDS.register("flash3")
-def prepare_flash3(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
+def prepare_flash3(layout: DocumentLayout, half_window: int | None, scale: float, causal: bool = False) -> Attend:
     """FlashAttention-3's varlen kernel (Hopper), global and sliding-window alike; 16-bit only, so
     fp32 inputs are computed in bf16. It has no dropout."""
     if not flash3_available():
@@ -20,6 +20,6 @@ def prepare_flash3(layout: DocumentLayout, half_window: int | None, scale: float
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         if dropout_p > 0:
             raise ValueError("FlashAttention-3 cannot drop attention probabilities; use sdpa or flash")
-        return call_varlen(flash_attn_varlen_func, layout, half_window, scale, q, k, v)
+        return call_varlen(flash_attn_varlen_func, layout, half_window, scale, causal, q, k, v)
 
     return attend

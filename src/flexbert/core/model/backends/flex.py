@@ -20,13 +20,13 @@ _FLEX_BLOCK = 128
 
 
 @ATTENTION_BACKENDS.register("flex")
-def prepare_flex(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
-    """FlexAttention over the whole stream with a document (and sliding-window) block mask, built
-    block by block (see :func:`document_block_mask`), never query by key."""
+def prepare_flex(layout: DocumentLayout, half_window: int | None, scale: float, causal: bool = False) -> Attend:
+    """FlexAttention over the whole stream with a document (sliding-window, causal) block mask,
+    built block by block (see :func:`document_block_mask`), never query by key."""
     device = layout.doc_ids.device
     num_tokens = layout.num_tokens
     padded_len = -(-num_tokens // _FLEX_BLOCK) * _FLEX_BLOCK
-    block_mask = document_block_mask(layout, half_window, padded_len)
+    block_mask = document_block_mask(layout, half_window, padded_len, causal)
     kernel = _compiled_flex_attention() if device.type == "cuda" else flex_attention
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -42,9 +42,10 @@ def prepare_flex(layout: DocumentLayout, half_window: int | None, scale: float) 
     return attend
 
 
-def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_len: int):
-    """The block mask of "same document, and ``|i - j| <= half_window`` on local layers" over the
-    stream padded to ``padded_len`` (its tail padding is one more document, so no row is empty).
+def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_len: int, causal: bool = False):
+    """The block mask of "same document, and ``|i - j| <= half_window`` on local layers, and
+    ``j <= i`` when causal" over the stream padded to ``padded_len`` (its tail padding is one more
+    document, so no row is empty).
 
     ``create_block_mask`` finds the blocks by evaluating the mask for every (query, key) pair, a
     tokens x tokens tensor (10^10 elements for a 96 x 1024 microbatch) unless it is compiled. Here
@@ -53,7 +54,9 @@ def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_
     within the window of one of its queries). So each query block lists at most
     ``2 * max_seqlen / 128 + 3`` key blocks (``2 * half_window / 128 + 3`` on local layers): the cost
     grows with tokens times that reach, never with tokens squared, and no value is read on the host.
-    The mask is symmetric, so the query blocks of each key block are the same lists.
+    Without ``causal`` the mask is symmetric, so the query blocks of each key block are the same
+    lists; a causal mask is the lower triangle, whose key blocks of a query block reach no further
+    than that block, and whose query blocks of a key block start at it.
     """
     device = layout.doc_ids.device
     block = _FLEX_BLOCK
@@ -64,11 +67,13 @@ def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_
         bounds = torch.cat([bounds, torch.full((1,), padded_len, dtype=torch.long, device=device)])
     doc_ids = F.pad(layout.doc_ids, (0, padding), value=-1)
 
-    def same_document(b, h, q_idx, kv_idx):
-        return doc_ids[q_idx] == doc_ids[kv_idx]
-
-    def same_document_in_window(b, h, q_idx, kv_idx):
-        return (doc_ids[q_idx] == doc_ids[kv_idx]) & ((q_idx - kv_idx).abs() <= half_window)
+    def allowed(b, h, q_idx, kv_idx):
+        same = doc_ids[q_idx] == doc_ids[kv_idx]
+        if half_window is not None:
+            same = same & ((q_idx - kv_idx).abs() <= half_window)
+        if causal:
+            same = same & (kv_idx <= q_idx)
+        return same
 
     first = torch.arange(num_blocks, device=device) * block  # [blocks] each block's first token
     last = first + block - 1
@@ -78,6 +83,8 @@ def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_
     if half_window is not None:
         reach_start = torch.maximum(reach_start, first - half_window)
         reach_end = torch.minimum(reach_end, last + half_window + 1)
+    if causal:
+        reach_end = torch.minimum(reach_end, last + 1)
     lowest, highest = reach_start // block, (reach_end - 1) // block
     # Host arithmetic bounds the lists' width, so no list length is read back from the device: a
     # query block's reach spans at most its first and last documents and the block between them.
@@ -92,8 +99,11 @@ def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_
         (first_doc == last_doc)[:, None] & (kv_first_doc == kv_last_doc) & (kv_first_doc == first_doc[:, None])
     )
     full = listed & one_document
+    query_block = torch.arange(num_blocks, device=device)[:, None]
     if half_window is not None:
-        full &= ((candidates - torch.arange(num_blocks, device=device)[:, None]).abs() + 1) * block - 1 <= half_window
+        full &= ((candidates - query_block).abs() + 1) * block - 1 <= half_window
+    if causal:  # every key of an earlier block precedes every query; the diagonal block is partial
+        full &= candidates < query_block
     partial = listed & ~full
 
     def ordered(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,20 +112,31 @@ def document_block_mask(layout: DocumentLayout, half_window: int | None, padded_
         indices = candidates.gather(1, order).to(torch.int32)
         return chosen.sum(dim=1, dtype=torch.int32)[None, None], indices[None, None]
 
+    def transposed(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same pairs listed per key block: (count, query block indices) as [1, 1, blocks(, width)].
+        A key block is in at most ``width`` lists, as the symmetric mask it is a part of shows."""
+        key_block = torch.where(chosen, candidates, num_blocks).flatten()  # unchosen pairs sort last
+        order = torch.argsort(key_block * num_blocks + query_block.expand_as(candidates).flatten())
+        counts = torch.bincount(key_block, minlength=num_blocks + 1)[:num_blocks]
+        slots = (counts.cumsum(0) - counts)[:, None] + torch.arange(width, device=device)
+        query_of_pair = order.div(width, rounding_mode="floor")  # pair p is (query block p // width, ...)
+        indices = query_of_pair[slots.clamp(max=order.numel() - 1)]
+        indices = torch.where(torch.arange(width, device=device) < counts[:, None], indices, 0).to(torch.int32)
+        return counts.to(torch.int32)[None, None], indices[None, None]
+
     (partial_count, partial_indices), (full_count, full_indices) = ordered(partial), ordered(full)
-    mask_mod = same_document if half_window is None else same_document_in_window
+    by_key = (partial_count, partial_indices, full_count, full_indices)
+    if causal:
+        by_key = (*transposed(partial), *transposed(full))
     return BlockMask(
         (padded_len, padded_len),
         partial_count,
         partial_indices,
         full_count,
         full_indices,
-        partial_count,
-        partial_indices,
-        full_count,
-        full_indices,
+        *by_key,
         (block, block),
-        mask_mod,
+        allowed,
     )
 
 

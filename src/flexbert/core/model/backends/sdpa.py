@@ -63,7 +63,7 @@ GROUP_MIN_LENGTH = 64
 
 
 @ATTENTION_BACKENDS.register("sdpa")
-def prepare_sdpa(layout: DocumentLayout, half_window: int | None, scale: float) -> Attend:
+def prepare_sdpa(layout: DocumentLayout, half_window: int | None, scale: float, causal: bool = False) -> Attend:
     """PyTorch SDPA on grids with one document per row, so no key crosses a document boundary.
 
     One grid sized for the longest document would spend most of its cells on padding when lengths
@@ -76,9 +76,9 @@ def prepare_sdpa(layout: DocumentLayout, half_window: int | None, scale: float) 
     # A group of empty documents (the all-padding rows of a padded batch) has no token to attend.
     groups = [(tokens, group) for tokens, group in _length_groups(layout) if group.num_tokens > 0]
     if not groups or (len(groups) == 1 and groups[0][0] is None):
-        return _grid_sdpa(layout, half_window, scale)
+        return _grid_sdpa(layout, half_window, scale, causal)
     # Each group's grids are filled from the whole stream; their outputs come back in group order.
-    parts = [_grid_sdpa(group, half_window, scale, tokens) for tokens, group in groups]
+    parts = [_grid_sdpa(group, half_window, scale, causal, tokens) for tokens, group in groups]
     back_to_stream = torch.argsort(torch.cat([tokens for tokens, _ in groups]))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -111,27 +111,31 @@ def _length_groups(layout: DocumentLayout) -> list[tuple[torch.Tensor | None, Do
 
 
 def _grid_sdpa(
-    layout: DocumentLayout, half_window: int | None, scale: float, tokens: torch.Tensor | None = None
+    layout: DocumentLayout, half_window: int | None, scale: float, causal: bool, tokens: torch.Tensor | None = None
 ) -> Attend:
     """Attention over ``layout``'s documents, reading q, k and v from the stream where ``tokens``
     says they sit (the whole stream by default) and returning the layout's tokens in its order."""
     if half_window is not None and layout.max_seqlen >= BANDED_MIN_HALF_WINDOWS * half_window:
-        return _banded_sdpa(layout, half_window, scale, tokens)
-    return _full_sdpa(layout, half_window, scale, tokens)
+        return _banded_sdpa(layout, half_window, scale, causal, tokens)
+    return _full_sdpa(layout, half_window, scale, causal, tokens)
 
 
-def _full_sdpa(layout: DocumentLayout, half_window: int | None, scale: float, tokens: torch.Tensor | None) -> Attend:
+def _full_sdpa(
+    layout: DocumentLayout, half_window: int | None, scale: float, causal: bool, tokens: torch.Tensor | None
+) -> Attend:
     """Every query of a document scored against every key of it, with a mask where needed."""
     max_len = layout.max_seqlen
     device = layout.doc_ids.device
     grid = DocumentGrid(layout, max_len, tokens=tokens)
     mask = None
-    if half_window is not None or not grid.dense:
+    if half_window is not None or causal or not grid.dense:
         key_pos = torch.arange(max_len, device=device)
         allowed = (key_pos[None, :] < layout.lengths()[:, None])[:, None, :]  # [docs, 1, keys]
+        behind = key_pos[:, None] - key_pos[None, :]  # [queries, keys]: i - j
         if half_window is not None:
-            distance = (key_pos[:, None] - key_pos[None, :]).abs()
-            allowed = allowed & (distance <= half_window)[None]  # [docs, queries, keys]
+            allowed = allowed & (behind.abs() <= half_window)[None]  # [docs, queries, keys]
+        if causal:
+            allowed = allowed & (behind >= 0)[None]
         # Padding queries attend to themselves so that no row is empty (an empty row is NaN,
         # and NaN survives into the backward pass even where the output is discarded).
         allowed = allowed | torch.eye(max_len, dtype=torch.bool, device=device)[None]
@@ -149,7 +153,9 @@ def _full_sdpa(layout: DocumentLayout, half_window: int | None, scale: float, to
     return attend
 
 
-def _banded_sdpa(layout: DocumentLayout, half_window: int, scale: float, tokens: torch.Tensor | None) -> Attend:
+def _banded_sdpa(
+    layout: DocumentLayout, half_window: int, scale: float, causal: bool, tokens: torch.Tensor | None
+) -> Attend:
     """Sliding-window attention in blocks of ``half_window`` queries. A block's queries can only
     reach the keys from ``half_window`` before its first query to ``half_window`` after its last,
     so each block is scored against that span of 3·half_window keys alone.
@@ -169,6 +175,8 @@ def _banded_sdpa(layout: DocumentLayout, half_window: int, scale: float, tokens:
     )  # [blocks, 1, 1, span]
     lengths = layout.lengths().view(num_docs, 1, 1, 1, 1)
     allowed = ((key_pos - query_pos).abs() <= half_window) & (key_pos >= 0) & (key_pos < lengths)
+    if causal:  # (the span's keys after the block stay in the grid, masked: one shape for both kinds)
+        allowed = allowed & (key_pos <= query_pos)
     # As in the full grid, a padding query sees itself so that its row is never empty.
     mask = (allowed | (key_pos == query_pos)).flatten(0, 1)  # [docs * blocks, 1, block, span]
 
