@@ -163,3 +163,18 @@ def test_the_ettin_demo_recipes_train_a_decoder_export_it_and_continue_it_as_an_
     fresh = FlexBertForMaskedLM(encoder.config).state_dict()
     name = "model.layers.1.mlp.Wi.weight"
     assert (end[name] - start[name]).abs().mean() < (end[name] - fresh[name]).abs().mean() / 10
+
+
+@pytest.mark.xdist_group("streaming")  # builds streaming datasets before the export callback refuses
+def test_a_decoder_recipe_exporting_what_transformers_cannot_express_stops_in_one_line(
+    data, tmp_path, capsys, monkeypatch
+):
+    """hf_export in a recipe whose decoder transformers 4.x would compute differently: one line, and
+    no run folder."""
+    monkeypatch.chdir(ROOT)
+    runs = tmp_path / "runs"
+    unequal = ["model.global_rope_theta=160000.0", "hf_export.interval=1ba", f"run_root={runs}"]
+    assert cli_main(["train", *recipe(data, "ettin-decoder", *unequal)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "model.local_rope_theta=10000.0 differs from model.global_rope_theta" in err
+    assert not runs.exists()
