@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from conftest import ROOT, tiny_config
-from data_helpers import write_stream
+from train_helpers import write_demo_data
 
 from flexbert.cli import main as cli_main
 from flexbert.core.checkpoint import model_from_checkpoint
@@ -31,17 +31,8 @@ IGNORE = -100
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """The layout `make demo` writes under vars.data: a 4096-token tokenizer and three MDS streams."""
-    from flexbert.data.tokenizer_training import train_tokenizer
-
-    root = tmp_path_factory.mktemp("ettin") / "data"
-    text = root / "text.jsonl"
-    text.parent.mkdir()
-    text.write_text("".join(json.dumps({"text": f"document {i} of the demo corpus"}) + "\n" for i in range(50)))
-    train_tokenizer([text], root / "tokenizer", vocab_size=4096, show_progress=False)
-    for seed, name in enumerate(("web", "code", "science")):
-        write_stream(root / "mds", name, [60, 200, 35, 90, 150, 20] * 4, vocab=4096, seed=seed)
-    return root
+    """The layout `make demo` writes under vars.data."""
+    return write_demo_data(tmp_path_factory.mktemp("ettin") / "data")
 
 
 def test_the_loader_labels_every_token_with_the_next_one_of_its_piece(data):

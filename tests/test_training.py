@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import TOKENIZER, run_recipe, tiny_recipe, write_corpus, write_recipe
+from train_helpers import TOKENIZER, run_recipe, tiny_recipe, write_corpus, write_demo_data, write_recipe
 
 from flexbert.train.pretrain import TrainConfig
 from flexbert.typed_config import ConfigError
@@ -66,18 +66,8 @@ def test_recipes_validate_with_the_spec_numbers(name):
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
-    """The layout `make demo` writes under vars.data: a 4096-token tokenizer and three MDS streams."""
-    from data_helpers import write_stream
-
-    from flexbert.data.tokenizer_training import train_tokenizer
-
-    data = tmp_path_factory.mktemp("demo") / "data"
-    text = data / "text.jsonl"
-    text.parent.mkdir()
-    text.write_text("".join(json.dumps({"text": f"document {i} of the demo corpus"}) + "\n" for i in range(50)))
-    train_tokenizer([text], data / "tokenizer", vocab_size=4096, show_progress=False)
-    for seed, name in enumerate(("web", "code", "science")):
-        write_stream(data / "mds", name, [60, 200, 35, 90, 150, 20] * 8, vocab=4096, seed=seed)
+    """The layout `make demo` writes under vars.data, and a previous phase's checkpoint to name."""
+    data = write_demo_data(tmp_path_factory.mktemp("demo") / "data")
     (data / "previous-phase.pt").touch()
     return data
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,8 @@ import yaml
 from conftest import ROOT, TOKENIZER
 from data_helpers import random_lengths, write_stream
 
+from flexbert.data.tokenizer_training import train_tokenizer
+
 
 def write_corpus(root: Path, lengths: dict[str, list[int]] | None = None) -> Path:
     """Documents over 400 token ids only, so a tiny model's loss falls fast from ln(50368)."""
@@ -19,6 +22,18 @@ def write_corpus(root: Path, lengths: dict[str, list[int]] | None = None) -> Pat
     for seed, (name, stream_lengths) in enumerate(lengths.items()):
         write_stream(root, name, stream_lengths, vocab=400, seed=seed)
     return root
+
+
+def write_demo_data(data: Path) -> Path:
+    """The layout `make demo` writes under vars.data, at ``data``: a 4096-token tokenizer and three
+    MDS streams (web, code, science) of 48 documents each."""
+    text = data / "text.jsonl"
+    text.parent.mkdir(parents=True)
+    text.write_text("".join(json.dumps({"text": f"document {i} of the demo corpus"}) + "\n" for i in range(50)))
+    train_tokenizer([text], data / "tokenizer", vocab_size=4096, show_progress=False)
+    for seed, name in enumerate(("web", "code", "science")):
+        write_stream(data / "mds", name, [60, 200, 35, 90, 150, 20] * 8, vocab=4096, seed=seed)
+    return data
 
 
 def tiny_recipe(corpus: Path, run_root: Path, **overrides) -> dict:
